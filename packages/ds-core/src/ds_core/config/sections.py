@@ -1,0 +1,124 @@
+"""Core config sections (owned by ds-core), as pydantic models with DeepSpeed's names and defaults.
+
+Feature sections (``zero_optimization``, ``pipeline``, ``moe``, ...) are not here: the package that
+registers them through ``ds.features`` owns their model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Section",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "FP16Config",
+    "BF16Config",
+    "CommsLoggerConfig",
+    "ActivationCheckpointingConfig",
+    "CheckpointConfig",
+    "TensorBoardConfig",
+    "WandbConfig",
+    "CSVMonitorConfig",
+    "AioConfig",
+    "AUTO",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+]
+
+AUTO = "auto"
+Auto = Literal["auto"]
+
+OPTIMIZERS = ("Adam", "AdamW", "SGD", "Adagrad", "Lamb", "Lion")
+SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are rejected (with the nearest valid key)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class OptimizerConfig(Section):
+    type: str = Field(description=f"Optimizer name, one of {', '.join(OPTIMIZERS)} (any case).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments; values may be 'auto'.")
+
+
+class SchedulerConfig(Section):
+    type: str = Field(description=f"Scheduler name, one of {', '.join(SCHEDULERS)}.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Scheduler parameters.")
+
+
+class FP16Config(Section):
+    enabled: bool | Auto = Field(False, description="Train in fp16 with dynamic loss scaling.")
+    auto_cast: bool = Field(False, description="Cast inputs to fp16 in forward.")
+    loss_scale: float = Field(0.0, ge=0, description="0 means dynamic scaling; > 0 is a static scale.")
+    initial_scale_power: int = Field(16, ge=0, le=64, description="Dynamic scaling starts at 2**power.")
+    loss_scale_window: int = Field(1000, gt=0, description="Overflow-free steps before the scale doubles.")
+    hysteresis: int = Field(2, gt=0, description="Overflows tolerated before the scale halves.")
+    consecutive_hysteresis: bool = Field(False, description="Refill hysteresis after each good step.")
+    min_loss_scale: float = Field(1.0, gt=0, description="The scale never drops below this.")
+    fp16_master_weights_and_grads: bool = Field(False, description="Keep master weights in fp16.")
+
+
+class BF16Config(Section):
+    enabled: bool | Auto = Field(False, description="Train a bf16 model with fp32 master weights.")
+    immediate_grad_update: bool = Field(False, description="Accepted for compatibility.")
+
+
+class CommsLoggerConfig(Section):
+    enabled: bool = Field(False, description="Record every collective: count, bytes, latency, bandwidth.")
+    verbose: bool = Field(False, description="Print each collective as it happens.")
+    prof_all: bool = Field(True, description="Profile every op (else only prof_ops).")
+    debug: bool = Field(False, description="Record the caller of each op.")
+    prof_ops: list[str] = Field(default_factory=list, description="Ops to profile when prof_all is false.")
+
+
+class ActivationCheckpointingConfig(Section):
+    partition_activations: bool = Field(False, description="Split saved activations over tensor ranks.")
+    cpu_checkpointing: bool = Field(False, description="Keep checkpointed activations on the CPU.")
+    contiguous_memory_optimization: bool = Field(False, description="Copy saved activations into one buffer.")
+    number_checkpoints: int | None = Field(None, description="Checkpoints per step, for the contiguous buffer.")
+    synchronize_checkpoint_boundary: bool = Field(False, description="Synchronize at each checkpoint.")
+    profile: bool = Field(False, description="Time the checkpointed forward and recompute.")
+
+
+class CheckpointConfig(Section):
+    tag_validation: Literal["Ignore", "Warn", "Fail", "ignore", "warn", "fail"] = Field(
+        "Warn", description="What to do when ranks save under different tags."
+    )
+    load_universal: bool = Field(False, description="Load a checkpoint saved at another world size.")
+    use_node_local_storage: bool = Field(False, description="Each node writes to its own disk.")
+    parallel_write: dict[str, Any] = Field(default_factory=dict, description="Pipeline-stage parallel writes.")
+
+
+class TensorBoardConfig(Section):
+    enabled: bool = False
+    output_path: str = ""
+    job_name: str = "DeepSpeedJobName"
+
+
+class WandbConfig(Section):
+    enabled: bool = False
+    group: str | None = None
+    team: str | None = None
+    project: str = "deepspeed"
+
+
+class CSVMonitorConfig(Section):
+    enabled: bool = False
+    output_path: str = ""
+    job_name: str = "DeepSpeedJobName"
+
+
+class AioConfig(Section):
+    """Asynchronous I/O settings for NVMe offload (read by the ops and ZeRO packages)."""
+
+    block_size: int = Field(1048576, gt=0, description="Bytes per I/O request.")
+    queue_depth: int = Field(8, gt=0, description="Requests in flight per thread.")
+    thread_count: int = Field(1, gt=0, description="I/O threads.")
+    single_submit: bool = Field(False, description="Submit requests one at a time.")
+    overlap_events: bool = Field(True, description="Overlap submission and completion.")
+    use_gds: bool = Field(False, description="GPUDirect Storage (needs driver support).")

@@ -1,0 +1,177 @@
+"""Run a function on N ranks: real processes over gloo, or threads over torch's in-process group.
+
+Process mode forks workers from a forkserver that has torch preloaded (fast start, no inherited
+OpenMP state). Every rank's exception is returned with its traceback; a rank that does not finish
+within ``timeout`` seconds (a hung collective, usually) fails the run and all workers are killed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["run_distributed", "DistributedTestError", "free_port", "DEFAULT_TIMEOUT"]
+
+DEFAULT_TIMEOUT = float(os.environ.get("DS_TEST_TIMEOUT", 180))
+
+
+class DistributedTestError(AssertionError):
+    """One or more ranks failed or hung; the message holds each rank's traceback."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed"])
+    return ctx
+
+
+def _worker(fn, rank, world_size, port, backend, args, kwargs, env, conn, timeout):
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # N ranks share this machine's cores
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout))
+        result = fn(*args, **kwargs)
+        conn.send(("ok", result))
+    except BaseException as exc:  # report everything, including assertion errors
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        conn.close()
+
+
+def _run_processes(fn, world_size, args, kwargs, timeout, backend, env):
+    ctx = _context()
+    port = free_port()
+    pipes, procs = [], []
+    for rank in range(world_size):
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, name=f"rank{rank}",
+                           args=(fn, rank, world_size, port, backend, args, kwargs, env, child, timeout))
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(proc)
+
+    results: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    first_error_at: float | None = None
+    while len(results) < world_size and time.monotonic() < deadline:
+        for rank, pipe in enumerate(pipes):
+            if rank in results:
+                continue
+            if pipe.poll(0.05):
+                try:
+                    results[rank] = pipe.recv()
+                except EOFError:
+                    results[rank] = ("error", f"rank {rank} exited (code {procs[rank].exitcode}) "
+                                              f"without reporting")
+                if results[rank][0] == "error" and first_error_at is None:
+                    first_error_at = time.monotonic()
+            elif not procs[rank].is_alive() and not pipe.poll(0):
+                results[rank] = ("error", f"rank {rank} died with exit code {procs[rank].exitcode}")
+                first_error_at = first_error_at or time.monotonic()
+        # peers of a failed rank usually block in a collective: give them a moment, then stop
+        if first_error_at is not None and time.monotonic() - first_error_at > 5:
+            break
+    for proc in procs:
+        proc.join(timeout=2 if len(results) == world_size else 0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    return _collect(results, world_size, timeout, first_error_at is not None)
+
+
+def _collect(results, world_size, timeout, had_error):
+    errors = [f"--- rank {r} ---\n{payload}" for r, (status, payload) in sorted(results.items())
+              if status == "error"]
+    missing = [r for r in range(world_size) if r not in results]
+    if missing and not had_error:
+        errors.append(f"rank(s) {missing} did not finish within {timeout:.0f} s: a hung collective "
+                      f"(ranks disagreeing on the sequence of collectives) is the usual cause")
+    elif missing:
+        errors.append(f"rank(s) {missing} were stopped after another rank failed")
+    if errors:
+        raise DistributedTestError("\n".join(errors))
+    return [results[r][1] for r in range(world_size)]
+
+
+def _run_threads(fn, world_size, args, kwargs, timeout):
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.multi_threaded_pg import (
+        _install_threaded_pg,
+        _uninstall_threaded_pg,
+    )
+
+    torch._C._distributed_c10d._set_thread_isolation_mode(True)
+    world = _install_threaded_pg()
+    store = dist.HashStore()
+    results: dict[int, tuple[str, Any]] = {}
+
+    def worker(rank: int) -> None:
+        try:
+            dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store)
+            results[rank] = ("ok", fn(*args, **kwargs))
+        except BaseException as exc:
+            results[rank] = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        finally:
+            if world == dist.distributed_c10d._world and dist.is_initialized():
+                dist.destroy_process_group()
+
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(world_size)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        _uninstall_threaded_pg()
+        torch._C._distributed_c10d._set_thread_isolation_mode(False)
+    return _collect(results, world_size, timeout, any(s == "error" for s, _ in results.values()))
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int = 2, *, args: tuple = (),
+                    kwargs: dict[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT,
+                    backend: str = "gloo", mode: str = "process",
+                    env: dict[str, str] | None = None) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks and return each rank's result.
+
+    ``mode="process"``: real processes, a real gloo group, torchrun-style variables set (the default
+    and what proves distributed behaviour). ``mode="thread"``: threads over torch's in-process
+    group, for fast logic tests. ``fn`` must be importable (module level) in process mode.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size {world_size} must be >= 1")
+    kwargs = kwargs or {}
+    if mode == "process":
+        return _run_processes(fn, world_size, args, kwargs, timeout, backend, env or {})
+    if mode == "thread":
+        return _run_threads(fn, world_size, args, kwargs, timeout)
+    raise ValueError(f"mode {mode!r} must be 'process' or 'thread'")
+
+
+if sys.platform == "win32":  # pragma: no cover
+    raise ImportError("ds_core.testing needs a POSIX system (forkserver)")

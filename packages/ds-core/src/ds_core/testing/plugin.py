@@ -1,0 +1,57 @@
+"""pytest plugin (entry point ``pytest11``): run a test body on N ranks.
+
+    @pytest.mark.world_size(2)                 # 2 real processes over gloo
+    def test_all_reduce(): ...
+
+    @pytest.mark.world_size(4, mode="thread", timeout=30)
+    def test_logic(): ...
+
+The test function runs on every rank; fixtures it requests are resolved once in the pytest process
+and passed to every rank (so they must pickle: ``tmp_path`` does). The ``distributed`` fixture runs
+any module-level function on N ranks and returns the per-rank results.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "world_size(n, mode='process', timeout=None, backend='gloo'): run the test body on n ranks",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    marker = pyfuncitem.get_closest_marker("world_size")
+    if marker is None:
+        return None
+    from .harness import DEFAULT_TIMEOUT, run_distributed
+
+    world_size = marker.args[0] if marker.args else marker.kwargs.get("n", 2)
+    names = pyfuncitem._fixtureinfo.argnames
+    kwargs = {name: pyfuncitem.funcargs[name] for name in names}
+    run_distributed(
+        pyfuncitem.obj,
+        world_size,
+        kwargs=kwargs,
+        timeout=marker.kwargs.get("timeout") or DEFAULT_TIMEOUT,
+        backend=marker.kwargs.get("backend", "gloo"),
+        mode=marker.kwargs.get("mode", "process"),
+    )
+    return True
+
+
+class _Runner:
+    def run(self, fn, world_size=2, **options):
+        from .harness import run_distributed
+
+        return run_distributed(fn, world_size, **options)
+
+
+@pytest.fixture
+def distributed():
+    """``distributed.run(fn, world_size, args=..., kwargs=..., mode=..., timeout=...)``."""
+    return _Runner()
