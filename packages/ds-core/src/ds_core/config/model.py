@@ -228,9 +228,10 @@ def _validate(model: type[BaseModel], data: Any, where: str) -> BaseModel:
         ) from None
 
 
-def _check_choice(kind: str, name: str, allowed: tuple[str, ...]) -> None:
-    lowered = {a.lower(): a for a in allowed}
-    if name.lower() not in lowered:
+def _check_choice(kind: str, name: str, allowed: tuple[str, ...], any_case: bool) -> None:
+    # DeepSpeed matches optimizer names in any case but scheduler names exactly.
+    ok = name.lower() in {a.lower() for a in allowed} if any_case else name in allowed
+    if not ok:
         raise ConfigError(
             f"{kind}.type {name!r} is not supported{closest(name, allowed)}; choose one of "
             f"{', '.join(allowed)}, or pass your own {kind} object to initialize()"
@@ -286,9 +287,9 @@ def parse_config(source: Any, data_parallel_size: int | None = None) -> DSConfig
             f"disable one of them"
         )
     if config.optimizer is not None:
-        _check_choice("optimizer", config.optimizer.type, OPTIMIZERS)
+        _check_choice("optimizer", config.optimizer.type, OPTIMIZERS, any_case=True)
     if config.scheduler is not None:
-        _check_choice("scheduler", config.scheduler.type, SCHEDULERS)
+        _check_choice("scheduler", config.scheduler.type, SCHEDULERS, any_case=False)
     if isinstance(config.gradient_clipping, float) and config.gradient_clipping < 0:
         raise ConfigError(f"gradient_clipping {config.gradient_clipping} must be >= 0 (0 disables it)")
     if data_parallel_size is not None:

@@ -1,0 +1,112 @@
+"""Accelerator discovery through entry points, including a third-party plugin package.
+
+The plugin package lives in tests/ds_core/plugins/ds-test-accel and is installed by the nox sessions;
+its accelerators become active only when DS_TEST_ACCEL_ACTIVE names them.
+"""
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ds_core import plugins
+from ds_core.accelerator import Accelerator, get_accelerator, set_accelerator
+from ds_core.accelerator.builtin import CpuAccelerator, PrivateUse1Accelerator
+from ds_core.errors import AcceleratorError
+
+needs_plugin = pytest.mark.skipif(importlib.util.find_spec("ds_test_accel") is None,
+                                  reason="pip install tests/ds_core/plugins/ds-test-accel")
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.delenv("DS_TEST_ACCEL_ACTIVE", raising=False)
+    set_accelerator(None)
+    plugins.clear_cache()
+    yield
+    set_accelerator(None)
+    plugins.clear_cache()
+
+
+def test_cpu_is_default_here():
+    acc = get_accelerator()
+    assert acc.name == "cpu" and isinstance(acc, Accelerator)
+    assert acc.communication_backend() == "gloo"
+    assert get_accelerator() is acc  # resolved once
+
+
+def test_builtin_delegates_to_torch():
+    acc = CpuAccelerator()
+    assert acc.device() == torch.device("cpu")
+    assert acc.module is torch.cpu
+    assert acc.max_memory_allocated() > 0
+
+
+def test_privateuse1_inactive_without_backend():
+    assert PrivateUse1Accelerator().is_available() is False
+
+
+def test_unknown_name_lists_available(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cdua")
+    with pytest.raises(AcceleratorError, match=r"'cdua'.*did you mean 'cuda'.*available: .*cpu"):
+        get_accelerator()
+
+
+def test_named_but_unavailable(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("cuda is available on this machine")
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    with pytest.raises(AcceleratorError, match="probe reports it unavailable"):
+        get_accelerator()
+
+
+@needs_plugin
+def test_third_party_discovered_and_selected(monkeypatch):
+    monkeypatch.setenv("DS_TEST_ACCEL_ACTIVE", "testaccel")
+    with pytest.warns(RuntimeWarning, match="brokenaccel"):
+        acc = get_accelerator()
+    assert acc.name == "testaccel"
+    assert acc.communication_backend() == "testgloo"
+    assert any(name == "brokenaccel" for _, name, _ in plugins.failures())
+
+
+@needs_plugin
+def test_two_active_third_party_is_an_error(monkeypatch):
+    monkeypatch.setenv("DS_TEST_ACCEL_ACTIVE", "testaccel,testaccel2")
+    with pytest.warns(RuntimeWarning), pytest.raises(AcceleratorError, match="testaccel, testaccel2.*DS_ACCELERATOR"):
+        get_accelerator()
+
+
+@needs_plugin
+def test_env_override_imports_only_the_chosen(monkeypatch):
+    monkeypatch.setenv("DS_TEST_ACCEL_ACTIVE", "testaccel,testaccel2")
+    monkeypatch.setenv("DS_ACCELERATOR", "testaccel2")
+    assert get_accelerator().name == "testaccel2"
+    assert plugins.failures() == []  # the broken plugin was never imported
+
+
+@needs_plugin
+def test_plugin_backend_used_for_process_group(tmp_path):
+    """A fresh process: init_distributed takes the collective backend from the chosen plugin."""
+    script = textwrap.dedent("""
+        import torch, torch.distributed as dist
+        from ds_core.comm import init_distributed, all_reduce
+        init_distributed()
+        t = torch.ones(3)
+        all_reduce(t)
+        print(dist.get_backend(), t.tolist())
+    """)
+    env = {"DS_TEST_ACCEL_ACTIVE": "testaccel", "MASTER_PORT": "0", "PATH": "/usr/bin:/bin"}
+    from ds_core.testing import free_port
+
+    env["MASTER_PORT"] = str(free_port())
+    import os
+
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "testgloo"
