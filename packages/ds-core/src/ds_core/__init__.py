@@ -20,6 +20,7 @@ __all__ = [
     "errors",
     "ops",
     "plugins",
+    "initialize",
     "get_accelerator",
     "init_distributed",
     "parse_config",
@@ -29,10 +30,12 @@ __all__ = [
     "ConfigError",
 ]
 
-_SUBMODULES = {"accelerator", "comm", "config", "errors", "ops", "plugins", "testing"}
+_SUBMODULES = {"accelerator", "checkpointing", "comm", "config", "engine", "errors", "ops", "plugins",
+               "testing"}
 _ATTRS = {
+    "initialize": "engine",
     "get_accelerator": "accelerator",
-    "init_distributed": "comm",
+    "init_distributed": "engine",
     "Topology": "comm",
     "parse_config": "config",
     "DSConfig": "config",

@@ -1,0 +1,99 @@
+"""The default optimizer wrapper: master weights, loss-scale handling, clipping, then the step.
+
+It wraps any ``torch.optim.Optimizer`` built over the fp32 parameters it exposes (the model's own in
+fp32; flat master copies in bf16/fp16) and is what the engine calls at a gradient-accumulation
+boundary. ZeRO replaces it through the ``optimizer_wrapper`` component.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .. import comm
+from .precision import FlatGradients, LossScaler
+
+__all__ = ["MixedPrecisionOptimizer"]
+
+
+class MixedPrecisionOptimizer:
+    def __init__(self, params: list[torch.nn.Parameter], grads: FlatGradients, precision: str,
+                 scaler: LossScaler | None = None, clip: float = 0.0, group=None) -> None:
+        self.model_params = params
+        self.grads = grads
+        self.precision = precision
+        self.scaler = scaler
+        self.clip = clip
+        self.group = group
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.global_grad_norm: float | None = None
+        self.skipped_steps = 0
+        if precision == "fp32":
+            self.masters = {id(p): p for p in params}
+        else:
+            self.flat_master = torch.empty(grads.numel, dtype=torch.float32, device=grads.buffer.device)
+            self.masters = {}
+            for p, off in zip(grads.params, grads.offsets):
+                master = self.flat_master[off:off + p.numel()].view_as(p)
+                master.copy_(p.detach().float())
+                master = torch.nn.Parameter(master)
+                master.grad = grads.view_of(p)
+                self.masters[id(p)] = master
+
+    def master_of(self, p: torch.Tensor) -> torch.Tensor:
+        return self.masters[id(p)]
+
+    def param_groups_for_optimizer(self, groups: list[dict]) -> list[dict]:
+        """Translate param groups over model parameters into groups over the fp32 masters."""
+        return [{**g, "params": [self.master_of(p) for p in g["params"]]} for g in groups]
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler else 1.0
+
+    def _overflow(self) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(self.grads.buffer).all() else 1.0])
+        if comm.get_world_size(self.group) > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def step(self) -> bool:
+        """Unscale, check overflow, clip, step and copy back. Returns False if the step was skipped."""
+        buf = self.grads.buffer
+        if self.scaler is not None:
+            if self._overflow():
+                self.scaler.update(True)
+                self.skipped_steps += 1
+                self.global_grad_norm = float("inf")
+                return False
+            buf.mul_(1.0 / self.scaler.scale)
+        norm = float(torch.linalg.vector_norm(buf))
+        self.global_grad_norm = norm
+        if self.clip > 0 and math.isfinite(norm):
+            coef = self.clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
+            if coef < 1:
+                buf.mul_(coef)
+        self.optimizer.step()
+        if self.precision != "fp32":
+            with torch.no_grad():
+                for p in self.grads.params:
+                    p.copy_(self.masters[id(p)])
+        if self.scaler is not None:
+            self.scaler.update(False)
+        return True
+
+    def zero_grad(self) -> None:
+        self.grads.zero()
+
+    # The engine checkpoints these.
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
