@@ -71,18 +71,23 @@ class Topology:
 
         shape = tuple(self.sizes[d] for d in _MESH_DIMS)
         mesh = init_device_mesh(self.device_type, shape, mesh_dim_names=_MESH_DIMS)
-        mesh["expert_data", "expert"]._flatten("data")
+        # keep the flattened data mesh ourselves: slicing it back out of the root mesh is deprecated
+        self._data_mesh = mesh["expert_data", "expert"]._flatten("data")
         return mesh
+
+    def _axis_mesh(self, axis: str):
+        mesh = self.mesh
+        return self._data_mesh if axis == "data" else mesh[axis]
 
     def group(self, axis: str):
         """The process group of this rank along ``axis``."""
         self._check_axis(axis)
-        return self.mesh[axis].get_group()
+        return self._axis_mesh(axis).get_group()
 
     def rank(self, axis: str) -> int:
         """This rank's coordinate along ``axis``."""
         self._check_axis(axis)
-        return self.mesh[axis].get_local_rank()
+        return self._axis_mesh(axis).get_local_rank()
 
     def coordinates(self, global_rank: int) -> dict[str, int]:
         """Coordinates of any global rank, computed arithmetically (no process group needed)."""

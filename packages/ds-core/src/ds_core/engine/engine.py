@@ -256,7 +256,7 @@ class Engine:
             if self.global_rank == 0:
                 print("[ds] " + format_log_line(
                     self.global_steps, self.last_loss, self.get_lr()[0], self.get_global_grad_norm(),
-                    self.throughput.samples_per_sec(), self.throughput.tokens_per_sec()), flush=True)
+                    self.throughput.samples_per_sec, self.throughput.tokens_per_sec), flush=True)
                 if self.config.wall_clock_breakdown:
                     print("[ds] " + self.timers.log(["forward", "backward", "reduce", "step"]), flush=True)
             elif self.config.wall_clock_breakdown:

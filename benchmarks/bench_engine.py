@@ -1,0 +1,91 @@
+"""Engine step time vs plain PyTorch DDP: same GPT, same data, 2 gloo ranks, same run.
+
+    python benchmarks/bench_engine.py [--steps 30] [--dim 256] [--layers 4]
+
+Both loops do forward, backward (gradients averaged across ranks), gradient clipping and AdamW.
+Runs alternate (DDP, engine, DDP, engine, ...) so machine noise hits both; the ratio of medians is
+printed (target: engine / DDP <= 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import ds_core
+from ds_core.testing import run_distributed
+from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
+
+
+def _timed(step_fn, steps: int, warmup: int = 3) -> float:
+    for i in range(warmup):
+        step_fn(i)
+    dist.barrier()
+    start = time.perf_counter()
+    for i in range(steps):
+        step_fn(warmup + i)
+    dist.barrier()
+    return (time.perf_counter() - start) / steps
+
+
+def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, seq_len=128, dim=dim, layers=layers, heads=4)
+    rank = dist.get_rank()
+    batches = [synthetic_tokens(micro, cfg.seq_len, cfg.vocab_size, i, rank) for i in range(8)]
+    base = GPT(cfg)
+
+    ddp = DDP(copy.deepcopy(base))
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
+
+    def ddp_step(i):
+        x, y = batches[i % 8]
+        loss = ddp(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    engine, *_ = ds_core.initialize(model=copy.deepcopy(base), config={
+        "train_micro_batch_size_per_gpu": micro, "gradient_clipping": 1.0, "steps_per_print": 0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}})
+
+    def engine_step(i):
+        x, y = batches[i % 8]
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+
+    ddp_times, ds_times = [], []
+    for _ in range(rounds):
+        ddp_times.append(_timed(ddp_step, steps))
+        ds_times.append(_timed(engine_step, steps))
+    params = sum(p.numel() for p in base.parameters())
+    return params, statistics.median(ddp_times), statistics.median(ds_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--micro", type=int, default=8)
+    args = parser.parse_args()
+    results = run_distributed(_bench, 2, args=(args.steps, args.dim, args.layers, args.micro, args.rounds),
+                              timeout=1800)
+    params, ddp_t, ds_t = results[0]
+    print(f"model: GPT {params / 1e6:.2f}M params, micro-batch {args.micro} × seq 128, 2 gloo ranks, 1 thread each")
+    print(f"PyTorch DDP   step: {ddp_t * 1e3:8.1f} ms")
+    print(f"ds engine     step: {ds_t * 1e3:8.1f} ms")
+    print(f"ratio engine / DDP: {ds_t / ddp_t:.3f}  (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Import cost of ds_core over torch, `ds report` wall time, and what `pip install ds-core` pulls.
+
+    python benchmarks/bench_import.py
+
+Each figure is the median of several fresh interpreters (targets: +100 ms at most over
+`import torch`; `ds report` under 2 s).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _median_seconds(cmd: list[str], runs: int = 7) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    py = sys.executable
+    _median_seconds([py, "-c", "import torch"], runs=2)  # warm the file cache
+    torch_only = _median_seconds([py, "-c", "import torch"])
+    with_core = _median_seconds([py, "-c", "import torch, ds_core; ds_core.config; ds_core.comm"])
+    bare_core = _median_seconds([py, "-c", "import torch, ds_core"])
+    print(f"import torch                         : {torch_only * 1e3:7.0f} ms")
+    print(f"import torch, ds_core                : {bare_core * 1e3:7.0f} ms  (+{(bare_core - torch_only) * 1e3:.0f} ms)")
+    print(f"  + ds_core.config and ds_core.comm  : {with_core * 1e3:7.0f} ms  (+{(with_core - torch_only) * 1e3:.0f} ms, target <= +100 ms)")
+    ds = shutil.which("ds")
+    if ds:
+        report = _median_seconds([ds, "report"], runs=3)
+        print(f"ds report                            : {report * 1e3:7.0f} ms  (target < 2000 ms)")
+    requires = [r for r in (metadata.requires("ds-core") or []) if "extra ==" not in r]
+    print(f"ds-core requires                     : {', '.join(requires)}")
+    compiled = [str(f) for f in (metadata.files("ds-core") or []) if str(f).endswith((".so", ".pyd", ".c", ".cpp"))]
+    print(f"compiled files in the ds-core install: {len(compiled)}")
+
+
+if __name__ == "__main__":
+    main()
