@@ -56,7 +56,7 @@ def init_distributed(
     env = detect()
     if is_initialized():
         return env
-    if env.source != "torchrun":
+    if env.source not in ("torchrun", "single"):
         env.export()
     acc = get_accelerator()
     backend = dist_backend or acc.communication_backend()
@@ -66,9 +66,15 @@ def init_distributed(
         acc.set_device(env.local_rank)
     if verbose and env.rank == 0:
         print(f"[ds] init_distributed: backend={backend} world={env.world_size} from {env.source}")
+    # A one-process world needs no rendezvous: an in-memory store avoids claiming a port.
+    local_store = env.source == "single" and init_method is None and "MASTER_PORT" not in os.environ
     try:
-        dist.init_process_group(backend=backend, init_method=init_method or "env://",
-                                rank=env.rank, world_size=env.world_size, timeout=timeout)
+        if local_store:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method=init_method or "env://",
+                                    rank=env.rank, world_size=env.world_size, timeout=timeout)
     except ValueError as exc:
         raise CommError(f"backend {backend!r} (from accelerator {acc.name!r}) is not usable: {exc}; "
                         f"pass dist_backend= or pick another accelerator with DS_ACCELERATOR") from exc

@@ -14,7 +14,8 @@ is present in the config, the engine calls the factory instead of its default:
 - ``checkpoint_layout``: ``factory(engine) -> layout`` with ``save(engine, save_dir, tag, client_state)``
   and ``load(engine, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)``.
 
-Two features may not provide the same kind; that is a config error naming both.
+A factory may return ``None`` to keep the engine's default (e.g. ZeRO at stage 0). Two features
+may not provide the same kind; that is a config error naming both.
 """
 
 from __future__ import annotations

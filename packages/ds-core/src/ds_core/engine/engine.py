@@ -74,27 +74,37 @@ class Engine:
 
         self.param_groups = _param_groups(self.module, model_parameters)
         params = [p for g in self.param_groups for p in g["params"]]
-        self.grads = FlatGradients(params, self.device)
-        if "gradient_reducer" in components:
-            self.reducer = components["gradient_reducer"][1](self)
-        else:
+        # A component factory may return None to keep the default (e.g. ZeRO stage 0).
+        self.grads: FlatGradients | None = None
+        self.reducer = self._component(components, "gradient_reducer", self)
+        if self.reducer is None:
+            self.grads = FlatGradients(params, self.device)
             self.reducer = DataParallelReducer(
                 self.grads, self.dp_group, prescale=config.prescale_gradients,
                 predivide=config.gradient_predivide_factor, fp32_model=self.precision == "fp32")
-        if "optimizer_wrapper" in components:
-            self.optimizer = components["optimizer_wrapper"][1](self, optimizer)
-        else:
+        self.client_optimizer = optimizer
+        self.optimizer = self._component(components, "optimizer_wrapper", self, optimizer)
+        if self.optimizer is None:
             self.optimizer = self._default_optimizer(optimizer, params)
         self.lr_scheduler = self._scheduler(lr_scheduler)
-        self.checkpoint_layout = (components["checkpoint_layout"][1](self) if "checkpoint_layout" in components
-                                  else checkpoint_layout.DefaultLayout())
+        self.checkpoint_layout = (self._component(components, "checkpoint_layout", self)
+                                  or checkpoint_layout.DefaultLayout())
 
         self.timers = make_timers(config.wall_clock_breakdown, accelerator=self.accelerator)
         self.monitor = Monitor(config, rank=self.global_rank)
         self.throughput = Throughput(window=max(1, config.steps_per_print or 10), accelerator=self.accelerator)
 
     # -- construction helpers ------------------------------------------------------------------
+    @staticmethod
+    def _component(components: dict, kind: str, *args):
+        if kind not in components:
+            return None
+        return components[kind][1](*args)
+
     def _default_optimizer(self, client, params) -> MixedPrecisionOptimizer:
+        if self.grads is None:
+            raise DSError("a feature replaced the gradient reducer but not the optimizer wrapper; "
+                          "the default optimizer wrapper needs the default reducer's gradient buffer")
         clip = self.config.gradient_clipping
         scaler = LossScaler.from_config(self.config.fp16) if self.precision == "fp16" else None
         wrapper = MixedPrecisionOptimizer(params, self.grads, self.precision, scaler,
@@ -120,7 +130,6 @@ class Engine:
         else:
             raise DSError(f"optimizer {client!r} is neither a torch.optim.Optimizer nor a callable "
                           f"taking parameter groups")
-        self.client_optimizer = client
         return wrapper
 
     def _scheduler(self, client):
