@@ -164,3 +164,22 @@ def test_nan_loss_names_the_step():
     engine.step()
     with pytest.raises(ds_core.engine.NonFiniteLossError, match="loss is nan at optimizer step 1"):
         engine.backward(engine(torch.full((1, 2), float("nan"))).sum())
+
+
+@pytest.mark.world_size(2)
+def test_bf16_communication_close_to_fp32():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    ref, _ = _engine_losses(copy.deepcopy(model), 5, 4)
+    ours, engine = _engine_losses(model, 5, 4, communication_data_type="bf16")
+    assert engine.reducer.comm_dtype == torch.bfloat16
+    assert max(abs(a - b) for a, b in zip(ours, ref)) < 1e-2, (ours, ref)
+
+
+@pytest.mark.world_size(2)
+def test_prescale_and_predivide_match_plain_average():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    ref, _ = _engine_losses(copy.deepcopy(model), 5, 4)
+    ours, _ = _engine_losses(model, 5, 4, prescale_gradients=True, gradient_predivide_factor=4.0)
+    assert max(abs(a - b) for a, b in zip(ours, ref)) < 1e-5, (ours, ref)

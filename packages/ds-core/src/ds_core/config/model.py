@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
@@ -81,7 +81,8 @@ class DSConfig(Section):
     steps_per_print: int | None = Field(10, description="Log a line every N optimizer steps.")
     wall_clock_breakdown: bool = Field(False, description="Time forward, backward, reduce and step.")
     seed: int | None = Field(None, description="Seed torch, numpy and random on every rank.")
-    communication_data_type: str | None = Field(None, description="dtype for gradient all-reduce (fp32, bf16, fp16).")
+    communication_data_type: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None, description="dtype of the gradient all-reduce; fp32 accumulation either way.")
     optimizer: OptimizerConfig | None = None
     scheduler: SchedulerConfig | None = None
     fp16: FP16Config = Field(default_factory=FP16Config)

@@ -25,6 +25,8 @@ from .timers import make_timers
 
 __all__ = ["Engine", "NonFiniteLossError"]
 
+COMM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 class NonFiniteLossError(DSError, FloatingPointError):
     """The loss became NaN or Inf in a run without loss scaling."""
@@ -81,7 +83,8 @@ class Engine:
             self.grads = FlatGradients(params, self.device)
             self.reducer = DataParallelReducer(
                 self.grads, self.dp_group, prescale=config.prescale_gradients,
-                predivide=config.gradient_predivide_factor, fp32_model=self.precision == "fp32")
+                predivide=config.gradient_predivide_factor, fp32_model=self.precision == "fp32",
+                comm_dtype=COMM_DTYPES[config.communication_data_type] if config.communication_data_type else None)
         self.client_optimizer = optimizer
         self.optimizer = self._component(components, "optimizer_wrapper", self, optimizer)
         if self.optimizer is None:

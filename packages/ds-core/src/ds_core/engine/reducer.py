@@ -23,13 +23,17 @@ class DataParallelReducer:
     """Averages gradients over ``group``; ``prescale``/``predivide`` follow DeepSpeed's options."""
 
     def __init__(self, grads: FlatGradients, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 prescale: bool = False, predivide: float = 1.0, fp32_model: bool = True) -> None:
+                 prescale: bool = False, predivide: float = 1.0, fp32_model: bool = True,
+                 comm_dtype: torch.dtype | None = None) -> None:
         self.grads = grads
         self.group = group
         self.world = comm.get_world_size(group)
         self.prescale = prescale
         self.predivide = predivide
         self.fp32_model = fp32_model
+        # communication_data_type: all-reduce a 16-bit copy (half the bytes), accumulate in fp32.
+        self.comm_dtype = comm_dtype if comm_dtype not in (None, torch.float32) else None
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.buckets: list[tuple[int, int, list[int]]] = []  # (start, end, param indices)
         start, members = 0, []
         for i, p in enumerate(grads.params):
@@ -80,6 +84,10 @@ class DataParallelReducer:
         chunk = self.grads.buffer[start:end]
         if self.prescale:
             chunk.mul_(1.0 / self.predivide)
+        if self.comm_dtype is not None:
+            wire = chunk.to(self.comm_dtype)
+            self.copies.append((chunk, wire))
+            chunk = wire
         self.works.append(comm.all_reduce(chunk, group=self.group, async_op=True))
         self.launched[b] = True
 
@@ -94,6 +102,9 @@ class DataParallelReducer:
             if work is not None:
                 work.wait()
         self.works = []
+        for chunk, wire in self.copies:
+            chunk.copy_(wire)
+        self.copies = []
         buf = self.grads.buffer
         if self.prescale:
             if self.predivide != self.world:
