@@ -36,6 +36,10 @@ __all__ = [
 
 ReduceOp = dist.ReduceOp
 
+# torch 2.13 renamed the single-tensor forms; older releases only have the *_tensor names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -115,7 +119,7 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, op=ReduceOp.SUM, g
         raise CommError(f"reduce_scatter: input has {input.numel()} elements, expected "
                         f"{output.numel()} × {world} ranks = {output.numel() * world}")
     with comms_logger.record("reduce_scatter", _bytes(input), world, _sync()):
-        return dist.reduce_scatter_tensor(output, input, op=op, group=group, async_op=async_op)
+        return _reduce_scatter_single(output, input, op=op, group=group, async_op=async_op)
 
 
 def all_gather(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
@@ -125,7 +129,7 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, group=None, async_op: 
         raise CommError(f"all_gather: output has {output.numel()} elements, expected "
                         f"{input.numel()} × {world} ranks = {input.numel() * world}")
     with comms_logger.record("all_gather", _bytes(output), world, _sync()):
-        return dist.all_gather_into_tensor(output, input, group=group, async_op=async_op)
+        return _all_gather_single(output, input, group=group, async_op=async_op)
 
 
 def all_to_all(output: torch.Tensor, input: torch.Tensor, output_split_sizes=None,
