@@ -15,15 +15,17 @@ nox.options.reuse_existing_virtualenvs = False
 TORCH = "torch==2.13.0"
 PACKAGES = ["ds-core", "ds-ops", "ds-zero", "ds-pipe", "ds-moe", "ds-infer", "ds-compress"]
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
-TEST_DEPS = ["pytest>=8", "numpy"]
+TEST_DEPS = ["pytest>=8", "numpy", "tensorboard", "wandb"]  # the monitors' optional backends
+# Optional extras exercised by the tests: Triton kernels run on CPU under TRITON_INTERPRET=1.
+EXTRAS = {"ds-ops": "[cuda,bnb]"}
 
 
-def _install_all(session: nox.Session, editable: bool = True) -> None:
+def _install_all(session: nox.Session, editable: bool = True, extras: bool = True) -> None:
     session.install(TORCH)
     flag = ["-e"] if editable else []
     args: list[str] = []
     for package in PACKAGES:
-        args += [*flag, f"packages/{package}"]
+        args += [*flag, f"packages/{package}{EXTRAS.get(package, '') if extras else ''}"]
     session.install(*args)
 
 
@@ -42,7 +44,7 @@ def isolated(session: nox.Session, package: str) -> None:
     session.install(TORCH)
     session.install("packages/ds-core")
     if package != "ds-core":
-        session.install(f"packages/{package}")
+        session.install(f"packages/{package}{EXTRAS.get(package, '')}")
     session.install(*TEST_DEPS)
     if package == "ds-core":
         session.install(TEST_PLUGIN)
@@ -59,7 +61,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """The main job: train a small GPT on 2 CPU ranks."""
-    _install_all(session)
+    _install_all(session, extras=False)
     session.run("ds", "run", "--nproc", "2", "examples/train_gpt.py",
                 "--config", "examples/configs/gpt_cpu.json", *session.posargs)
 

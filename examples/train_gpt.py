@@ -91,6 +91,7 @@ def main() -> None:
     if args.save_dir:
         engine.save_checkpoint(args.save_dir)
     peaks = engine.throughput.peak_memory_per_rank()
+    engine.destroy()
     if rank == 0:
         head = sum(losses[:10]) / min(10, len(losses))
         tail = sum(losses[-10:]) / min(10, len(losses))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ds_core.cli.hostfile import filter_resources, parse_filter, parse_hostfile, read_hostfile
 from ds_core.errors import LaunchError
 

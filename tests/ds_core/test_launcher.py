@@ -15,8 +15,9 @@ import subprocess
 import sys
 import time
 
-import ds_core.cli.run as run_mod
 import pytest
+
+import ds_core.cli.run as run_mod
 from ds_core.cli.node import decode_world, encode_world, find_host, node_command, visible_devices
 from ds_core.cli.run import build_plan, exported_env, parse_args, run_processes
 from ds_core.errors import LaunchError

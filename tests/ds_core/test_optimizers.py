@@ -11,9 +11,10 @@ import copy
 import math
 from types import SimpleNamespace
 
-import ds_core.ops
 import pytest
 import torch
+
+import ds_core.ops
 from ds_core.config import OptimizerConfig, parse_config
 from ds_core.engine.lamb_lion import Lamb, Lion
 from ds_core.engine.optimizers import build_optimizer, describe, kernel_optimizer_class

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+
 from ds_core.config import SchedulerConfig, parse_config
 from ds_core.engine.schedulers import (
     LRRangeTest,

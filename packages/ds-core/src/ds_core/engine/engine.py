@@ -270,9 +270,15 @@ class Engine:
                     self.global_steps, self.last_loss, self.get_lr()[0], self.get_global_grad_norm(),
                     self.throughput.samples_per_sec, self.throughput.tokens_per_sec), flush=True)
                 if self.config.wall_clock_breakdown:
-                    print("[ds] " + self.timers.log(["forward", "backward", "reduce", "step"]), flush=True)
+                    print("[ds] " + self.timers.log(["forward", "backward", "reduce", "step"],
+                                                    normalizer=every), flush=True)
             elif self.config.wall_clock_breakdown:
                 self.timers.reset()
+
+    def destroy(self) -> None:
+        """Close the monitors (flushing TensorBoard and W&B) and remove the gradient hooks."""
+        self.monitor.close()
+        self.reducer.remove()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag: str | None = None, client_state: dict | None = None,
