@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from ds_ops import norm, quant
 from ds_ops import triton as ds_triton
 from ds_ops.fused_adam import FusedAdam

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
 from ds_core.errors import ConfigError
 from ds_ops import bnb
 

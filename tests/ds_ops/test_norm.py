@@ -7,6 +7,7 @@ reference on the same bf16 values within 2e-2 (bf16 keeps 8 bits of mantissa).
 import pytest
 import torch
 import torch.nn.functional as F
+
 from ds_ops.norm import LayerNorm, RMSNorm, layer_norm, rms_norm
 
 FP32 = dict(atol=1e-5, rtol=1e-5)

@@ -6,6 +6,7 @@ Stated bound: |x - dequantize(quantize(x))| <= absmax(block) / qmax / 2 per elem
 
 import pytest
 import torch
+
 from ds_ops.quant import (
     QMAX,
     dequantize_blockwise_reference,

@@ -11,9 +11,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any import of triton
 
 import importlib  # noqa: E402
 
-import ds_ops.triton  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import ds_ops.triton  # noqa: E402
 from ds_ops.fused_adam import FusedAdam, _fused_adam_cuda, fused_adam_reference  # noqa: E402
 
 SHAPES = [(7,), (33, 5), (300,), (2, 3, 4)]

@@ -8,10 +8,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any import of triton
 
 import importlib  # noqa: E402
 
-import ds_ops.triton  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+import ds_ops.triton  # noqa: E402
 from ds_ops import norm  # noqa: E402
 
 FP32 = dict(atol=1e-5, rtol=1e-5)

@@ -11,9 +11,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any import of triton
 
 import importlib  # noqa: E402
 
-import ds_ops.triton  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import ds_ops.triton  # noqa: E402
 from ds_ops.quant import (  # noqa: E402
     _dequantize_blockwise_cuda,
     _quantize_blockwise_cuda,

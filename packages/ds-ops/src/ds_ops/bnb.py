@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+
 from ds_core.errors import ConfigError, closest
 
 __all__ = ["BNB_OPTIMIZERS", "is_bnb_optimizer", "resolve_name", "build_optimizer", "from_config", "available"]
