@@ -179,6 +179,13 @@ class OpsProvider:
     def ops(self) -> list[str]:
         return sorted(set(_ops) | set(_unlisted_ops()))
 
+    @property
+    def optimizer_classes(self) -> dict[str, type]:
+        """CPU optimizers the engine's factory uses for fp32 CPU parameters (the kernel seam)."""
+        from .cpu_optim import DSCPUAdagrad, DSCPUAdam, DSCPULion
+
+        return {"adam": DSCPUAdam, "adamw": DSCPUAdam, "adagrad": DSCPUAdagrad, "lion": DSCPULion}
+
     def report_rows(self) -> list[tuple[str, str, str, str]]:
         """``(op, device, kernel, status)`` for every op and kernel; compiles nothing."""
         rows: list[tuple[str, str, str, str]] = []
