@@ -60,7 +60,9 @@ def init_distributed(
     env = detect()
     if is_initialized():
         return env
-    if env.source not in ("torchrun", "single"):
+    # A one-process world needs no rendezvous: an in-memory store avoids claiming a port.
+    local_store = env.source == "single" and init_method is None and "MASTER_PORT" not in os.environ
+    if env.source != "torchrun" and not local_store:
         env.export()
     acc = get_accelerator()
     backend = dist_backend or acc.communication_backend()
@@ -70,8 +72,6 @@ def init_distributed(
         acc.set_device(env.local_rank)
     if verbose and env.rank == 0:
         print(f"[ds] init_distributed: backend={backend} world={env.world_size} from {env.source}")
-    # A one-process world needs no rendezvous: an in-memory store avoids claiming a port.
-    local_store = env.source == "single" and init_method is None and "MASTER_PORT" not in os.environ
     try:
         if local_store:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
