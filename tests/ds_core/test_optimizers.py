@@ -20,6 +20,12 @@ from ds_core.engine.lamb_lion import Lamb, Lion
 from ds_core.engine.optimizers import build_optimizer, describe, kernel_optimizer_class
 from ds_core.errors import ConfigError
 
+
+@pytest.fixture(autouse=True)
+def no_installed_kernels(monkeypatch):
+    """These tests pin torch's implementations; tests of the kernel seam install fake providers."""
+    monkeypatch.setattr(ds_core.ops, "providers", dict)
+
 STEPS = 5
 
 
