@@ -18,7 +18,7 @@ from .collectives import (
 )
 from .env import DistEnv, detect, expand_nodelist
 from .logger import CommsLogger, comms_logger
-from .topology import AXES, Topology
+from .topology import AXES, Topology, ensure_topology, get_topology, set_topology
 
 __all__ = [
     "init_distributed",
@@ -39,6 +39,9 @@ __all__ = [
     "detect",
     "expand_nodelist",
     "Topology",
+    "get_topology",
+    "set_topology",
+    "ensure_topology",
     "AXES",
     "CommsLogger",
     "comms_logger",

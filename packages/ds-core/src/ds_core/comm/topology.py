@@ -14,7 +14,7 @@ from functools import cached_property
 
 from ..errors import CommError
 
-__all__ = ["Topology", "AXES"]
+__all__ = ["Topology", "AXES", "get_topology", "set_topology", "ensure_topology"]
 
 AXES = ("pipe", "data", "expert", "sequence", "tensor")
 _MESH_DIMS = ("pipe", "expert_data", "expert", "sequence", "tensor")
@@ -114,3 +114,37 @@ class Topology:
     @property
     def product(self) -> int:
         return math.prod(self.sizes[d] for d in _MESH_DIMS)
+
+
+_current: Topology | None = None
+
+
+def get_topology() -> Topology | None:
+    """The process-wide topology set by ``initialize`` or a feature (``None`` before either)."""
+    return _current
+
+
+def set_topology(topology: Topology | None) -> None:
+    global _current
+    _current = topology
+
+
+def ensure_topology(**sizes: int) -> Topology:
+    """The current topology, created from ``sizes`` over the whole world if none exists yet.
+
+    Features that need an axis (an MoE layer needs ``expert``) call this when they are built; a
+    conflicting request (``expert=2`` when the current topology has ``expert=4``) is an error.
+    """
+    from .collectives import get_world_size
+
+    global _current
+    if _current is None:
+        _current = Topology(get_world_size(), **sizes)
+        return _current
+    for axis, size in sizes.items():
+        if axis != "data" and _current.size(axis) != size:
+            raise CommError(
+                f"{axis}={size} was requested but the current topology has {axis}="
+                f"{_current.size(axis)} ({_current!r}); use one size per run or build the model "
+                f"before calling initialize with another topology")
+    return _current

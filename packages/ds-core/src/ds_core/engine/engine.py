@@ -16,6 +16,7 @@ import torch
 from .. import comm
 from ..accelerator import get_accelerator
 from ..errors import DSError
+from ..params import reduce_axis, shard_axis
 from . import checkpoint_layout
 from .mixed import MixedPrecisionOptimizer
 from .monitor import Monitor, Throughput, format_log_line
@@ -63,7 +64,12 @@ class Engine:
         if "model_wrapper" in components:
             module = components["model_wrapper"][1](self, module)
         self.module = module
-        broadcast_parameters(self.module, self.dp_group)
+        # Process groups of the axes tagged parameters use (ds_core.params); untagged use data.
+        axes = {reduce_axis(p) for p in self.module.parameters()} | {shard_axis(p) for p in self.module.parameters()}
+        axes.discard(None)
+        self.axis_groups = ({a: topology.group(a) for a in axes} if topology and comm.get_world_size() > 1
+                            else {})
+        broadcast_parameters(self.module, self.dp_group, axis_groups=self.axis_groups)
 
         self.global_steps = 0
         self.global_samples = 0
@@ -84,7 +90,8 @@ class Engine:
             self.reducer = DataParallelReducer(
                 self.grads, self.dp_group, prescale=config.prescale_gradients,
                 predivide=config.gradient_predivide_factor, fp32_model=self.precision == "fp32",
-                comm_dtype=COMM_DTYPES[config.communication_data_type] if config.communication_data_type else None)
+                comm_dtype=COMM_DTYPES[config.communication_data_type] if config.communication_data_type else None,
+                axis_groups=self.axis_groups)
         self.client_optimizer = optimizer
         self.optimizer = self._component(components, "optimizer_wrapper", self, optimizer)
         if self.optimizer is None:
@@ -111,7 +118,8 @@ class Engine:
         clip = self.config.gradient_clipping
         scaler = LossScaler.from_config(self.config.fp16) if self.precision == "fp16" else None
         wrapper = MixedPrecisionOptimizer(params, self.grads, self.precision, scaler,
-                                          clip if isinstance(clip, float) else 0.0, self.dp_group)
+                                          clip if isinstance(clip, float) else 0.0, self.dp_group,
+                                          shard_groups=self.axis_groups)
         groups = wrapper.param_groups_for_optimizer(self.param_groups)
         if client is None:
             if self.config.optimizer is None:

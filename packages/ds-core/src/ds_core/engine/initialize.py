@@ -62,15 +62,19 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
     components = select_components(cfg)
     if "engine_class" in components:  # a feature with its own training contract (e.g. pipeline)
         cls = components["engine_class"][1]()
+        others = {k: v for k, v in components.items() if k != "engine_class"}
         return cls.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                               training_data=training_data, lr_scheduler=lr_scheduler,
-                              collate_fn=collate_fn, config=cfg, dist_init_required=dist_init_required)
+                              collate_fn=collate_fn, config=cfg, dist_init_required=dist_init_required,
+                              components=others)
     # Check the batch triple against the launch's world size before touching process groups.
-    cfg.resolve_batch(world_env)
+    preset = comm.get_topology()
+    cfg.resolve_batch(preset.size("data") if preset else world_env)
     if dist_init_required is not False and not comm.is_initialized():
         comm.init_distributed()
-    world = comm.get_world_size()
-    topology = comm.Topology(world)
+    # A feature may have set the topology already (an MoE layer asks for an expert axis).
+    topology = comm.get_topology() or comm.Topology(comm.get_world_size())
+    comm.set_topology(topology)
     cfg.resolve_batch(topology.size("data"))
     comm.comms_logger.configure(cfg.comms_logger)
     if cfg.seed is not None:

@@ -20,13 +20,15 @@ __all__ = ["MixedPrecisionOptimizer"]
 
 class MixedPrecisionOptimizer:
     def __init__(self, params: list[torch.nn.Parameter], grads: FlatGradients, precision: str,
-                 scaler: LossScaler | None = None, clip: float = 0.0, group=None) -> None:
+                 scaler: LossScaler | None = None, clip: float = 0.0, group=None,
+                 shard_groups: dict | None = None) -> None:
         self.model_params = params
         self.grads = grads
         self.precision = precision
         self.scaler = scaler
         self.clip = clip
         self.group = group
+        self.shard_groups = shard_groups or {}  # axis -> group, for tagged (e.g. expert) parameters
         self.optimizer: torch.optim.Optimizer | None = None
         self.global_grad_norm: float | None = None
         self.skipped_steps = 0
@@ -54,10 +56,25 @@ class MixedPrecisionOptimizer:
         return self.scaler.scale if self.scaler else 1.0
 
     def _overflow(self) -> bool:
+        # Agreed over the whole world: ranks holding different experts or stages skip together.
         flag = torch.tensor([0.0 if torch.isfinite(self.grads.buffer).all() else 1.0])
-        if comm.get_world_size(self.group) > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if comm.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def _grad_norm(self) -> float:
+        """Global L2 norm; squared norms of sharded segments are summed over their shard axis."""
+        buf = self.grads.buffer
+        segments = self.grads.segments
+        if len(segments) <= 1 and (not segments or segments[0][1] is None):
+            return float(torch.linalg.vector_norm(buf))
+        total = 0.0
+        for _, shard, start, end in segments:
+            sq = torch.linalg.vector_norm(buf[start:end]).pow(2).reshape(1)
+            if shard is not None and comm.get_world_size(self.shard_groups.get(shard)) > 1:
+                dist.all_reduce(sq, group=self.shard_groups[shard])
+            total += float(sq)
+        return math.sqrt(total)
 
     def step(self) -> bool:
         """Unscale, check overflow, clip, step and copy back. Returns False if the step was skipped."""
@@ -69,7 +86,7 @@ class MixedPrecisionOptimizer:
                 self.global_grad_norm = float("inf")
                 return False
             buf.mul_(1.0 / self.scaler.scale)
-        norm = float(torch.linalg.vector_norm(buf))
+        norm = self._grad_norm()
         self.global_grad_norm = norm
         if self.clip > 0 and math.isfinite(norm):
             coef = self.clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule

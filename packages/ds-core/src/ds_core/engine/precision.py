@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..params import DEFAULT_AXIS, reduce_axis, shard_axis
 
 __all__ = ["FlatGradients", "LossScaler", "DTYPES"]
 
@@ -24,15 +25,22 @@ class FlatGradients:
 
     Parameters are laid out in reverse registration order, which is roughly the order backward
     produces their gradients, so buckets of consecutive slices become ready one after another.
+    Tagged parameters (see ``ds_core.params``) follow in segments of their own reduce axis.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], device: torch.device) -> None:
-        self.params = list(reversed(params))
+        # Parameters tagged with another reduce axis (experts) form their own contiguous segment.
+        self.params = sorted(reversed(params), key=lambda p: reduce_axis(p) != DEFAULT_AXIS)
         self.offsets: list[int] = []
+        self.segments: list[tuple[str, str | None, int, int]] = []  # (reduce axis, shard axis, start, end)
         total = 0
         for p in self.params:
+            key = (reduce_axis(p), shard_axis(p))
+            if not self.segments or self.segments[-1][:2] != key:
+                self.segments.append((*key, total, total))
             self.offsets.append(total)
             total += p.numel()
+            self.segments[-1] = (*key, self.segments[-1][2], total)
         self.numel = total
         self.buffer = torch.zeros(total, dtype=torch.float32, device=device)
         self.views = [self.buffer[o:o + p.numel()].view_as(p) for o, p in zip(self.offsets, self.params)]

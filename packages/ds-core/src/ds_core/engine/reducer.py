@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
+from ..errors import CommError
+from ..params import DEFAULT_AXIS, reduce_axis
 from .precision import FlatGradients
 
 __all__ = ["DataParallelReducer", "DEFAULT_BUCKET_BYTES"]
@@ -24,9 +26,10 @@ class DataParallelReducer:
 
     def __init__(self, grads: FlatGradients, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  prescale: bool = False, predivide: float = 1.0, fp32_model: bool = True,
-                 comm_dtype: torch.dtype | None = None) -> None:
+                 comm_dtype: torch.dtype | None = None, axis_groups: dict | None = None) -> None:
         self.grads = grads
-        self.group = group
+        # The process group of each reduce axis; ``group`` is the data axis's.
+        self.axis_groups = {DEFAULT_AXIS: group, **(axis_groups or {})}
         self.world = comm.get_world_size(group)
         self.prescale = prescale
         self.predivide = predivide
@@ -34,15 +37,22 @@ class DataParallelReducer:
         # communication_data_type: all-reduce a 16-bit copy (half the bytes), accumulate in fp32.
         self.comm_dtype = comm_dtype if comm_dtype not in (None, torch.float32) else None
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.buckets: list[tuple[int, int, list[int]]] = []  # (start, end, param indices)
-        start, members = 0, []
-        for i, p in enumerate(grads.params):
-            members.append(i)
-            end = grads.offsets[i] + p.numel()
-            if (end - start) * 4 >= bucket_bytes or i == len(grads.params) - 1:
-                self.buckets.append((start, end, members))
-                start, members = end, []
-        self.bucket_of = {i: b for b, (_, _, m) in enumerate(self.buckets) for i in m}
+        self.buckets: list[tuple[int, int, list[int], object]] = []  # (start, end, param indices, group)
+        for axis, _, seg_start, seg_end in grads.segments:
+            if axis not in self.axis_groups:
+                raise CommError(f"parameters are tagged to reduce over {axis!r} but the engine has no "
+                                f"process group for that axis; build the topology with that axis")
+            start, members = seg_start, []
+            for i, p in enumerate(grads.params):
+                off = grads.offsets[i]
+                if not seg_start <= off < seg_end:
+                    continue
+                members.append(i)
+                end = off + p.numel()
+                if (end - start) * 4 >= bucket_bytes or end == seg_end:
+                    self.buckets.append((start, end, members, self.axis_groups[axis]))
+                    start, members = end, []
+        self.bucket_of = {i: b for b, (_, _, m, _) in enumerate(self.buckets) for i in m}
         self.pending: list[int] = []
         self.works: list = []
         self.launched: list[bool] = []
@@ -58,8 +68,8 @@ class DataParallelReducer:
 
     def begin(self, sync: bool) -> None:
         """Called before backward: ``sync`` says whether this micro-step all-reduces."""
-        self.sync = sync and self.world > 1
-        self.pending = [len(m) for _, _, m in self.buckets]
+        self.sync = sync and any(comm.get_world_size(g) > 1 for *_, g in self.buckets)
+        self.pending = [len(m) for _, _, m, _ in self.buckets]
         self.launched = [False] * len(self.buckets)
         self.works = []
 
@@ -80,7 +90,7 @@ class DataParallelReducer:
                 self._launch(b)
 
     def _launch(self, b: int) -> None:
-        start, end, _ = self.buckets[b]
+        start, end, _, group = self.buckets[b]
         chunk = self.grads.buffer[start:end]
         if self.prescale:
             chunk.mul_(1.0 / self.predivide)
@@ -88,7 +98,7 @@ class DataParallelReducer:
             wire = chunk.to(self.comm_dtype)
             self.copies.append((chunk, wire))
             chunk = wire
-        self.works.append(comm.all_reduce(chunk, group=self.group, async_op=True))
+        self.works.append(comm.all_reduce(chunk, group=group, async_op=True))
         self.launched[b] = True
 
     def finish(self) -> None:
@@ -105,22 +115,30 @@ class DataParallelReducer:
         for chunk, wire in self.copies:
             chunk.copy_(wire)
         self.copies = []
-        buf = self.grads.buffer
-        if self.prescale:
-            if self.predivide != self.world:
-                buf.mul_(self.predivide / self.world)
-        else:
-            buf.div_(self.world)
+        for start, end, _, group in self.buckets:
+            world = comm.get_world_size(group)
+            chunk = self.grads.buffer[start:end]
+            if self.prescale:
+                if self.predivide != world:
+                    chunk.mul_(self.predivide / world)
+            else:
+                chunk.div_(world)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def broadcast_parameters(module: torch.nn.Module, group=None, src: int = 0) -> None:
-    """Make every rank start from rank ``src``'s parameters and buffers."""
-    if comm.get_world_size(group) == 1:
-        return
+def broadcast_parameters(module: torch.nn.Module, group=None, src: int = 0, axis_groups: dict | None = None) -> None:
+    """Make every rank start from the parameters and buffers of the first rank of its group.
+
+    Tagged parameters (experts) are broadcast only within their own reduce axis's group.
+    """
+    groups = {DEFAULT_AXIS: group, **(axis_groups or {})}
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=src, group=group)
+            g = groups.get(reduce_axis(t), group)
+            if comm.get_world_size(g) == 1:
+                continue
+            first = dist.get_global_rank(g, src) if g is not None else src
+            dist.broadcast(t.data, src=first, group=g)
