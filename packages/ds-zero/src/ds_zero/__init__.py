@@ -1,5 +1,42 @@
-"""ds-zero: ZeRO stages 1-3, CPU/NVMe offload, zero.Init, checkpoint consolidation."""
+"""ds-zero: ZeRO stages 1 and 2 (partitioned optimizer state and gradients) with CPU optimizer offload.
+
+Enabled by a ``zero_optimization`` section in a ds/DeepSpeed config; the engine picks up this
+package's components (gradient reducer, optimizer wrapper, checkpoint layout) through the feature
+seam, so nothing here needs to be imported to train. The names below are for inspection, memory
+accounting and tests. They are imported on first use, so validating a config stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.0.1"
 
-__all__: list[str] = []
+_EXPORTS = {
+    "ZeroConfig": "config",
+    "OffloadOptimizerConfig": "config",
+    "Partitions": "partition",
+    "GroupPartition": "partition",
+    "AllReduceGradients": "reduce",
+    "PartitionedGradientReducer": "reduce",
+    "ZeroOptimizer": "optimizer",
+    "ZeroCheckpointLayout": "checkpoint",
+    "estimate_memory": "memory",
+    "memory_report": "memory",
+    "format_memory_table": "memory",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ds_zero' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -65,7 +65,7 @@ class MixedPrecisionOptimizer:
     def _grad_norm(self) -> float:
         """Global L2 norm; squared norms of sharded segments are summed over their shard axis."""
         buf = self.grads.buffer
-        segments = self.grads.segments
+        segments = getattr(self.grads, "segments", None) or []
         if len(segments) <= 1 and (not segments or segments[0][1] is None):
             return float(torch.linalg.vector_norm(buf))
         total = 0.0

@@ -38,7 +38,9 @@ class DataParallelReducer:
         self.comm_dtype = comm_dtype if comm_dtype not in (None, torch.float32) else None
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.buckets: list[tuple[int, int, list[int], object]] = []  # (start, end, param indices, group)
-        for axis, _, seg_start, seg_end in grads.segments:
+        # Gradient buffers without tags (or from other layouts) are one data-axis segment.
+        segments = getattr(grads, "segments", None) or [(DEFAULT_AXIS, None, 0, grads.numel)]
+        for axis, _, seg_start, seg_end in segments:
             if axis not in self.axis_groups:
                 raise CommError(f"parameters are tagged to reduce over {axis!r} but the engine has no "
                                 f"process group for that axis; build the topology with that axis")
