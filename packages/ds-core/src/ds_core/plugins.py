@@ -96,7 +96,8 @@ class FeatureSpec:
 
     ``components`` maps a component kind the engine asks for (``optimizer_wrapper``,
     ``gradient_reducer``, ``model_wrapper``, ``checkpoint_layout``, ...) to the qualified name of a
-    factory; nothing is imported until :meth:`component` is called.
+    factory; nothing is imported until :meth:`component` is called. ``model_classes`` lets a feature
+    claim a model by type (a pipeline module selects the pipeline engine without a config section).
     """
 
     name: str
@@ -109,12 +110,21 @@ class FeatureSpec:
     devices: tuple[str, ...] = ()
     precisions: tuple[str, ...] = ()
     components: dict[str, str] = field(default_factory=dict)
+    model_classes: tuple[str, ...] = ()
     version: str | None = None
+
+    def claims_model(self, model: Any) -> bool:
+        """True if ``model`` is an instance of one of ``model_classes`` ("module:Qualname").
+
+        Compared by name over the model's class hierarchy, so nothing is imported to answer.
+        """
+        names = {f"{c.__module__}:{c.__qualname__}" for c in type(model).__mro__}
+        return any(name in names for name in self.model_classes)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], module: str, dist: str | None) -> FeatureSpec:
         known = {"name", "config_section", "description", "config_model", "capabilities",
-                 "devices", "precisions", "components"}
+                 "devices", "precisions", "components", "model_classes"}
         extra = set(data) - known
         if extra or "name" not in data:
             raise PluginError(
@@ -138,6 +148,7 @@ class FeatureSpec:
             devices=tuple(data.get("devices", ())),
             precisions=tuple(data.get("precisions", ())),
             components=dict(data.get("components", {})),
+            model_classes=tuple(data.get("model_classes", ())),
             version=version,
         )
 

@@ -30,13 +30,18 @@ __all__ = ["KINDS", "select_components"]
 KINDS = ("engine_class", "model_wrapper", "gradient_reducer", "optimizer_wrapper", "checkpoint_layout")
 
 
-def select_components(config) -> dict[str, tuple[str, Any]]:
-    """kind -> (feature name, factory) for the features whose sections the config uses."""
+def select_components(config, model=None) -> dict[str, tuple[str, Any]]:
+    """kind -> (feature name, factory) for the features whose sections the config uses, or that
+    claim the model's class (``model_classes`` in the feature description)."""
     chosen: dict[str, tuple[str, Any]] = {}
-    for section in config.features:
-        spec = plugins.feature_for_section(section)
-        if spec is None:
+    active = [plugins.feature_for_section(section) for section in config.features]
+    if model is not None:
+        active += [spec for spec in plugins.features().values() if spec.claims_model(model)]
+    seen: set[str] = set()
+    for spec in active:
+        if spec is None or spec.name in seen:
             continue
+        seen.add(spec.name)
         for kind in spec.components:
             if kind not in KINDS:
                 raise ConfigError(f"feature {spec.name!r} ({spec.dist}) declares component {kind!r}; "
@@ -44,6 +49,6 @@ def select_components(config) -> dict[str, tuple[str, Any]]:
             if kind in chosen:
                 raise ConfigError(
                     f"features {chosen[kind][0]!r} and {spec.name!r} both provide {kind!r}; remove "
-                    f"one of the sections {section!r} or the other feature's section")
+                    f"the config section of one of them")
             chosen[kind] = (spec.name, spec.component(kind))
     return chosen

@@ -59,7 +59,7 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
     source = _config_source(args, config, config_params)
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = parse_config(source)
-    components = select_components(cfg)
+    components = select_components(cfg, model)
     if "engine_class" in components:  # a feature with its own training contract (e.g. pipeline)
         cls = components["engine_class"][1]()
         others = {k: v for k, v in components.items() if k != "engine_class"}

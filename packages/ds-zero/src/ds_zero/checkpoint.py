@@ -1,0 +1,211 @@
+"""ZeRO checkpoints (the engine's ``checkpoint_layout`` component): partitions per rank, re-partitioned on load.
+
+ds-core's directory protocol is reused (``save_tree``/``load_tree``/``resolve_tag``: everything is
+written to ``.tag.partial`` and renamed only after every rank succeeded). Inside ``save_dir/tag/``:
+
+- ``model.safetensors`` (rank 0): the full module state (parameters are replicated after each step);
+- ``zero_rank{r}.safetensors`` (every rank): ``master.{g}`` — rank r's fp32 master partition of
+  group g — and ``optim.{g}.{key}`` — its optimizer state (``exp_avg``, ``exp_avg_sq``, ``step``...);
+- ``meta.json``: counters, scheduler, loss scaler, client state, and ``zero``: the layout (stage,
+  world size, and per group its numel, padded numel, partition numel and the name, shape and flat
+  offset of every parameter), plus the optimizer's param groups;
+- ``rng_rank{r}.*``: RNG states, and rank r's non-tensor optimizer state.
+
+Loading compares that layout with the model first and raises :class:`CheckpointError` listing the
+differences before anything changes. Because the unpadded flat order of a group does not depend on
+the world size, a checkpoint loads at any data-parallel size: each rank reads just the pieces of
+the saved partitions that overlap its new slice (``safe_open(...).get_slice``), which is the
+"universal checkpoint" re-partitioning. Elementwise state (masters, moments) is re-sliced; scalar
+state (``step``) is taken from rank 0.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ds_core.engine.checkpoint import (
+    CheckpointError,
+    load_tree,
+    resolve_tag,
+    rng_state,
+    save_tree,
+    set_rng_state,
+)
+from ds_core.engine.checkpoint_layout import check_model_tensors, split_client_state
+
+__all__ = ["ZeroCheckpointLayout", "build", "layout_differences"]
+
+SCALARS_KEY = "zero_optimizer_scalars"
+
+
+def _partition_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {f"master.{g}": m.detach() for g, m in enumerate(opt.masters)}
+    scalars: dict[str, dict] = {}
+    state = opt.optimizer.state_dict()
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def layout_differences(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between two ``Partitions.describe()`` layouts (world size aside)."""
+    diffs = []
+    if len(saved["groups"]) != len(current["groups"]):
+        return [f"{len(saved['groups'])} parameter groups in the checkpoint vs {len(current['groups'])} here"]
+    for g, (a, b) in enumerate(zip(saved["groups"], current["groups"])):
+        pa = [(p["name"], p["shape"]) for p in a["params"]]
+        pb = [(p["name"], p["shape"]) for p in b["params"]]
+        if pa == pb:
+            continue
+        if len(pa) != len(pb):
+            diffs.append(f"group {g}: {len(pa)} parameters in the checkpoint vs {len(pb)} here")
+        for i, (x, y) in enumerate(zip(pa, pb)):
+            if x != y:
+                diffs.append(f"group {g} position {i}: checkpoint {x[0]} {tuple(x[1])} vs model {y[0]} {tuple(y[1])}")
+                break
+    return diffs
+
+
+class ZeroCheckpointLayout:
+    """Save every rank's partition; load and re-partition to this run's data-parallel size."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    # -- save ------------------------------------------------------------------------------------
+    def save(self, engine, save_dir, tag: str, client_state: dict):
+        opt = engine.optimizer
+        part_tensors, opt_meta = _partition_tensors(opt)
+        client_tensors, client_meta = split_client_state(client_state)
+        meta = {
+            "config": engine.config.raw,
+            "global_steps": engine.global_steps,
+            "global_samples": engine.global_samples,
+            "micro_steps": engine.micro_steps,
+            "world_size": engine.world_size,
+            "dp_world_size": engine.dp_world_size,
+            "precision": engine.precision,
+            "skipped_steps": engine.skipped_steps,
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+            "loss_scaler": opt.scaler.state_dict() if opt.scaler else None,
+            "client_state": client_meta,
+            "zero": {"stage": opt.stage, **opt.parts.describe(), "param_groups": opt_meta["param_groups"]},
+        }
+        rng_tensors, rng_meta = rng_state()
+        files = {"model": engine.module.state_dict(), "client": client_tensors}
+        per_rank = {"files": {"rng": rng_tensors, "zero": part_tensors},
+                    "meta": {**rng_meta, SCALARS_KEY: opt_meta["scalars"]}}
+        return save_tree(save_dir, tag, {"files": files, "meta": meta}, per_rank, engine.global_rank)
+
+    # -- load ------------------------------------------------------------------------------------
+    def _check(self, path: Path, meta: dict, opt) -> None:
+        zero = meta.get("zero")
+        if zero is None:
+            raise CheckpointError(f"{path} was saved without ZeRO partitions (stage 0); load it with "
+                                  f"load_optimizer_states=False to take the model weights only, or load it "
+                                  f"in a run without zero_optimization")
+        diffs = layout_differences(zero, opt.parts.describe())
+        if diffs:
+            raise CheckpointError(f"checkpoint {path}: its ZeRO partition layout does not match this model's "
+                                  f"parameter groups:\n  " + "\n  ".join(diffs[:10]) +
+                                  "\n  load it with the same model and the same parameter groups (nothing "
+                                  "was changed)")
+        for r in range(zero["world_size"]):
+            file = path / f"zero_rank{r}.safetensors"
+            if not file.is_file():
+                raise CheckpointError(f"{file} is missing: the checkpoint was saved by {zero['world_size']} "
+                                      f"ranks and every rank's partition is needed to re-partition it")
+            with safe_open(str(file), framework="pt") as f:
+                for g, spec in enumerate(zero["groups"]):
+                    shape = f.get_slice(f"master.{g}").get_shape()
+                    if list(shape) != [spec["partition_numel"]]:
+                        raise CheckpointError(f"{file}: master.{g} has shape {shape}, the layout says "
+                                              f"[{spec['partition_numel']}]; the checkpoint is damaged")
+
+    def _repartition(self, path: Path, zero: dict, opt) -> tuple[list[torch.Tensor], dict[int, dict]]:
+        """This rank's new master slices and elementwise optimizer state, read from the saved partitions."""
+        world = zero["world_size"]
+        handles = [safe_open(str(path / f"zero_rank{r}.safetensors"), framework="pt") for r in range(world)]
+        keys = [k for k in handles[0].keys()]
+        masters, state = [], {}
+        for g, (spec, group) in enumerate(zip(zero["groups"], opt.parts.groups)):
+            saved_part, numel = spec["partition_numel"], spec["numel"]
+            lo, hi = group.lo, group.hi
+
+            def piece(key: str, lo=lo, hi=hi, saved_part=saved_part, numel=numel) -> torch.Tensor:
+                out = torch.zeros(hi - lo, dtype=handles[0].get_slice(key)[0:1].dtype)
+                for r in range(world):
+                    a, b = max(lo, r * saved_part), min(hi, (r + 1) * saved_part, numel)
+                    if a < b:
+                        out[a - lo:b - lo] = handles[r].get_slice(key)[a - r * saved_part:b - r * saved_part]
+                return out
+
+            masters.append(piece(f"master.{g}"))
+            entry = {}
+            for key in keys:
+                if not key.startswith(f"optim.{g}."):
+                    continue
+                name = key.split(".", 2)[2]
+                shape = handles[0].get_slice(key).get_shape()
+                entry[name] = piece(key) if list(shape) == [saved_part] else handles[0].get_tensor(key)
+            state[g] = entry
+        return masters, state
+
+    def load(self, engine, load_dir, tag, load_optimizer_states: bool, load_lr_scheduler_states: bool):
+        path = resolve_tag(load_dir, tag)
+        meta, files, (rng_tensors, rng_meta) = load_tree(path, engine.global_rank)
+        check_model_tensors(engine.module, files["model"], path)
+        opt = engine.optimizer
+        zero = meta.get("zero")
+        if zero is not None or load_optimizer_states:
+            self._check(path, meta, opt)
+        if zero is not None and load_optimizer_states and len(zero["param_groups"]) != len(opt.param_groups):
+            raise CheckpointError(f"{path}: optimizer has {len(zero['param_groups'])} parameter groups, this "
+                                  f"run has {len(opt.param_groups)}; pass load_optimizer_states=False")
+        if zero is not None and zero["world_size"] != opt.parts.world:
+            warnings.warn(f"{path} was saved by {zero['world_size']} data-parallel ranks and is loaded by "
+                          f"{opt.parts.world}: partitions are re-sliced exactly, per-rank random-number "
+                          f"streams restart from the saved ranks'", stacklevel=3)
+        # every check passed: from here on state changes
+        masters, state = self._repartition(path, zero, opt) if zero is not None else (None, None)
+        with torch.no_grad():
+            engine.module.load_state_dict(files["model"])
+            if masters is not None and self.cfg.load_from_fp32_weights:
+                for m, new in zip(opt.masters, masters):
+                    m.copy_(new)
+            else:
+                opt.reload_masters_from_model()
+        if load_optimizer_states and state is not None:
+            scalars = rng_meta.get(SCALARS_KEY, {})
+            for idx, entry in scalars.items():
+                state.setdefault(int(idx), {}).update(entry)
+            opt.optimizer.load_state_dict({"state": state, "param_groups": zero["param_groups"]})
+            if meta.get("loss_scaler") and opt.scaler is not None:
+                opt.scaler.load_state_dict(meta["loss_scaler"])
+            engine.global_steps = meta["global_steps"]
+            engine.global_samples = meta["global_samples"]
+            engine.micro_steps = meta["micro_steps"]
+            opt.skipped_steps = meta.get("skipped_steps", 0)
+        if load_lr_scheduler_states and meta.get("lr_scheduler") and engine.lr_scheduler is not None:
+            engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        set_rng_state(rng_tensors, {k: v for k, v in rng_meta.items() if k != SCALARS_KEY})
+        client = dict(meta["client_state"])
+        client.update(files.get("client", {}))
+        return str(path), client
+
+
+def build(engine):
+    """``checkpoint_layout`` factory: None at stage 0 (the engine's replicated layout)."""
+    cfg = engine.config.section("zero_optimization")
+    if cfg is None or cfg.stage == 0:
+        return None
+    return ZeroCheckpointLayout(cfg)
+

@@ -1,0 +1,200 @@
+"""The ``zero_optimization`` config section, with DeepSpeed's key names and defaults.
+
+Stages 1 and 2 of ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training
+Trillion Parameter Models") are implemented; stage 0 keeps the engine's plain data parallelism.
+Every stage-1/2 key DeepSpeed documents is accepted, as are the stage-3 keys (so a DeepSpeed config
+loads unchanged), which only take effect once stage 3 exists. Keys that would change behaviour we do
+not have (stage 3, parameter offload, NVMe, quantized or hierarchical partitioning) fail here, at
+config time, with the fix — before any process group, buffer or file is touched.
+
+Bucket sizes count elements, as in DeepSpeed; ``5e8`` written as a float is accepted, ``"auto"``
+means the default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ds_core.config.sections import Section
+
+__all__ = ["ZeroConfig", "OffloadOptimizerConfig", "OffloadParamConfig", "DEFAULT_BUCKET_ELEMENTS",
+           "STAGES_AVAILABLE"]
+
+DEFAULT_BUCKET_ELEMENTS = 500_000_000
+STAGES_AVAILABLE = (0, 1, 2)
+
+
+def _count(name: str, value: Any, default: int, allow_zero: bool = False) -> int:
+    """An element count: int, integral float (``5e8``) or ``"auto"`` (= ``default``)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{name} {value!r} must be a whole number of elements (e.g. 5e8) or 'auto'")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} {value!r} must be > 0 elements; DeepSpeed's default is {default:.0e}")
+    return int(value)
+
+
+class OffloadOptimizerConfig(Section):
+    """``zero_optimization.offload_optimizer``: where master weights and optimizer state live (ZeRO-Offload)."""
+
+    device: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="'cpu' keeps fp32 master weights and optimizer state in host memory and steps "
+                            "there; 'none' keeps them on the accelerator; 'nvme' is not available yet.")
+    nvme_path: str = Field("/local_nvme", description="Directory for NVMe offload (needs device 'nvme').")
+    buffer_count: int = Field(4, gt=0, description="NVMe staging buffers (NVMe offload only).")
+    pin_memory: bool = Field(False, description="Page-lock the host buffers for faster device copies "
+                                                "(only where the accelerator supports pinned memory).")
+    pipeline_read: bool = Field(False, description="Overlap NVMe reads with the step (NVMe offload only).")
+    pipeline_write: bool = Field(False, description="Overlap NVMe writes with the step (NVMe offload only).")
+    fast_init: bool = Field(False, description="Fast NVMe optimizer initialisation (NVMe offload only).")
+    ratio: float = Field(1.0, gt=0, le=1, description="Fraction of the optimizer step on the host; only 1.0 "
+                                                        "(all of it) is implemented.")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> Any:
+        if value is None:
+            return "none"
+        if isinstance(value, str) and value.lower() not in ("none", "cpu", "nvme"):
+            raise ValueError(f"offload device {value!r} is not one of 'none', 'cpu', 'nvme'")
+        return value.lower() if isinstance(value, str) else value
+
+
+class OffloadParamConfig(Section):
+    """``zero_optimization.offload_param``: parameter offload, a stage-3 feature (accepted, not available)."""
+
+    device: Literal["none", "cpu", "nvme"] = Field("none", description="Where stage 3 keeps parameters.")
+    nvme_path: str = Field("/local_nvme", description="Directory for NVMe parameter offload.")
+    buffer_count: int = Field(5, gt=0, description="Parameter staging buffers.")
+    buffer_size: int | float = Field(100_000_000, gt=0, description="Elements per parameter buffer.")
+    max_in_cpu: int | float = Field(1_000_000_000, ge=0, description="Parameters kept in host memory.")
+    pin_memory: bool = Field(False, description="Page-lock the host parameter buffers.")
+
+
+class ZeroConfig(Section):
+    """``zero_optimization``: partition optimizer state (stage 1) and gradients (stage 2) over data ranks."""
+
+    stage: int = Field(0, description="0: plain data parallelism; 1: partition fp32 master weights and "
+                                      "optimizer state; 2: also partition gradients; 3: not available yet.")
+    allgather_partitions: bool = Field(True, description="All-gather updated partitions into every rank's "
+                                                         "model after the step (the only mode implemented).")
+    allgather_bucket_size: int | float | str = Field(
+        DEFAULT_BUCKET_ELEMENTS, description="Elements all-gathered at a time after the step.")
+    overlap_comm: bool = Field(False, description="Stage 2: reduce gradient buckets asynchronously, "
+                                                  "overlapping backward.")
+    reduce_scatter: bool = Field(True, description="Stage 2: reduce each bucket only to the ranks that own "
+                                                   "it; false all-reduces whole buckets (always done on "
+                                                   "gloo, where it is faster).")
+    reduce_bucket_size: int | float | str = Field(
+        DEFAULT_BUCKET_ELEMENTS, description="Elements per gradient bucket (stage 1 all-reduce, stage 2 reduce).")
+    contiguous_gradients: bool = Field(True, description="Accepted: gradients are always copied into "
+                                                         "contiguous buckets and partitions here.")
+    round_robin_gradients: bool = Field(False, description="Accepted for compatibility (a DeepSpeed "
+                                                           "offload-copy ordering); no effect.")
+    load_from_fp32_weights: bool = Field(True, description="On load, restore fp32 master weights from the "
+                                                           "checkpoint's partitions (else from the model's "
+                                                           "16-bit weights).")
+    elastic_checkpoint: bool = Field(False, description="Accepted: checkpoints always re-partition to any "
+                                                        "data-parallel size on load.")
+    grad_hooks: bool = Field(True, description="Accepted: gradients are always collected by hooks.")
+    ignore_unused_parameters: bool = Field(True, description="Parameters without a gradient contribute "
+                                                             "zeros (always allowed).")
+    legacy_stage1: bool = Field(False, description="Accepted for compatibility; only false is implemented.")
+    sub_group_size: int | float | str = Field(1_000_000_000, description="Stage 3 / offload step granularity "
+                                                                         "(elements); accepted.")
+    cpu_offload: bool | None = Field(None, description="Deprecated DeepSpeed spelling of "
+                                                       "offload_optimizer.device 'cpu'.")
+    cpu_offload_params: bool | None = Field(None, description="Deprecated spelling of offload_param (stage 3).")
+    cpu_offload_use_pin_memory: bool | None = Field(None, description="Deprecated spelling of pin_memory.")
+    offload_optimizer: OffloadOptimizerConfig = Field(default_factory=OffloadOptimizerConfig,
+                                                      description="ZeRO-Offload of optimizer state.")
+    offload_param: OffloadParamConfig = Field(default_factory=OffloadParamConfig,
+                                              description="Stage-3 parameter offload (not available).")
+    # Stage-3 and later keys, accepted so DeepSpeed configs load; they act only with stage 3.
+    stage3_max_live_parameters: int | float | str = Field(1_000_000_000, description="Stage 3 only.")
+    stage3_max_reuse_distance: int | float | str = Field(1_000_000_000, description="Stage 3 only.")
+    stage3_prefetch_bucket_size: int | float | str = Field(50_000_000, description="Stage 3 only.")
+    stage3_param_persistence_threshold: int | float | str = Field(100_000, description="Stage 3 only.")
+    stage3_model_persistence_threshold: int | float | str = Field(2**63 - 1, description="Stage 3 only.")
+    stage3_gather_16bit_weights_on_model_save: bool = Field(False, description="Stage 3 only.")
+    stage3_gather_fp16_weights_on_model_save: bool = Field(False, description="Old name of the key above.")
+    stage3_module_granularity_threshold: int = Field(0, description="Stage 3 only.")
+    memory_efficient_linear: bool = Field(True, description="Stage 3 only.")
+    override_module_apply: bool = Field(True, description="Stage 3 only.")
+    use_all_reduce_for_fetch_params: bool = Field(False, description="Stage 3 only.")
+    log_trace_cache_warnings: bool = Field(False, description="Stage 3 only.")
+    pipeline_loading_checkpoint: bool = Field(False, description="Stage 3 only.")
+    zero_hpz_partition_size: int = Field(1, description="ZeRO++ hierarchical partitioning; only 1 (off).")
+    zero_quantized_weights: bool = Field(False, description="ZeRO++ quantized weights; only false.")
+    zero_quantized_nontrainable_weights: bool = Field(False, description="ZeRO++; only false.")
+    zero_quantized_gradients: bool = Field(False, description="ZeRO++ quantized gradients; only false.")
+    mics_shard_size: int = Field(-1, description="MiCS sharding; only -1 (off).")
+    mics_hierarchical_params_gather: bool = Field(False, description="MiCS; only false.")
+
+    @field_validator("stage")
+    @classmethod
+    def _stage(cls, value: int) -> int:
+        if value == 3:
+            raise ValueError("ZeRO stage 3 (parameter partitioning) is not available yet in this version "
+                             "of ds-zero; use stage 2 (gradients and optimizer state partitioned) or 1")
+        if value not in STAGES_AVAILABLE:
+            raise ValueError(f"stage {value} is not a ZeRO stage; use 0, 1 or 2 (3 is not available yet)")
+        return value
+
+    @field_validator("allgather_bucket_size", "reduce_bucket_size")
+    @classmethod
+    def _bucket(cls, value: Any, info) -> int:
+        return _count(info.field_name, value, DEFAULT_BUCKET_ELEMENTS)
+
+    @field_validator("sub_group_size", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+                     "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                     "stage3_model_persistence_threshold")
+    @classmethod
+    def _stage3_count(cls, value: Any, info) -> int:
+        default = cls.model_fields[info.field_name].default
+        return _count(info.field_name, value, default, allow_zero=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_cpu_offload(cls, data: Any) -> Any:
+        # DeepSpeed's old ``cpu_offload: true`` means ``offload_optimizer: {device: cpu}``.
+        if isinstance(data, dict) and data.get("cpu_offload") and "offload_optimizer" not in data:
+            data = dict(data, offload_optimizer={"device": "cpu",
+                                                 "pin_memory": bool(data.get("cpu_offload_use_pin_memory"))})
+        return data
+
+    @model_validator(mode="after")
+    def _rules(self) -> ZeroConfig:
+        off = self.offload_optimizer
+        if off.device == "nvme":
+            raise ValueError("offload_optimizer.device 'nvme' comes with ZeRO-Infinity (stage 3 with NVMe), "
+                             "which is not available yet; use device 'cpu' (host memory) or 'none'")
+        if off.device == "cpu" and self.stage == 0:
+            raise ValueError("offload_optimizer.device 'cpu' needs stage 1 or 2 (the offloaded state is "
+                             "the partitioned optimizer state); set stage to 1 or 2, or device to 'none'")
+        if off.ratio != 1.0:
+            raise ValueError(f"offload_optimizer.ratio {off.ratio} is not implemented (only 1.0: the whole "
+                             f"step on the host); remove ratio")
+        if self.offload_param.device != "none" or self.cpu_offload_params:
+            raise ValueError("offload_param (parameter offload) is part of ZeRO stage 3, which is not "
+                             "available yet; remove offload_param or set its device to 'none'")
+        unavailable = {"zero_hpz_partition_size": (self.zero_hpz_partition_size, 1),
+                       "zero_quantized_weights": (self.zero_quantized_weights, False),
+                       "zero_quantized_nontrainable_weights": (self.zero_quantized_nontrainable_weights, False),
+                       "zero_quantized_gradients": (self.zero_quantized_gradients, False),
+                       "mics_shard_size": (self.mics_shard_size, -1),
+                       "legacy_stage1": (self.legacy_stage1, False),
+                       "allgather_partitions": (self.allgather_partitions, True)}
+        for key, (value, default) in unavailable.items():
+            if value != default:
+                raise ValueError(f"{key} {value!r} is not implemented in ds-zero; remove it or set it to "
+                                 f"{default!r}")
+        return self
+
+    @property
+    def offload(self) -> bool:
+        """True when the optimizer step runs on the host (``offload_optimizer.device == 'cpu'``)."""
+        return self.offload_optimizer.device == "cpu"

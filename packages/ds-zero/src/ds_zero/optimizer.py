@@ -1,0 +1,189 @@
+"""The ZeRO optimizer wrapper (the engine's ``optimizer_wrapper`` component) for stages 1 and 2.
+
+Each rank keeps fp32 master weights and optimizer state for its own partition only — 1/N of them
+(P_os, Rajbhandari et al. 2020, section 5.1) — one flat master tensor per parameter group, so the
+group's hyper-parameters apply to every element of it. A step:
+
+1. takes this rank's averaged gradient partition from the reducer (a view of stage 1's full
+   gradient, or stage 2's partition; with offload, a copy into host memory);
+2. computes the global gradient norm from one all-reduce of the squared partition norms — an fp16
+   overflow anywhere makes that sum non-finite, so the same collective agrees on skipping the step;
+3. unscales and clips in one multiply (``clip / (norm + 1e-6)``, the rule of ``clip_grad_norm_``);
+4. steps the partition optimizer, copies the masters back in the model's dtype, and all-gathers the
+   updated partitions into every rank's model (``allgather_bucket_size`` elements at a time).
+
+With ``offload_optimizer.device: cpu`` (ZeRO-Offload, Ren et al. 2021) masters, their gradients and
+the optimizer state live in host memory and the optimizer is built for ``device_type="cpu"``, so
+ds-core's kernel seam picks a CPU optimizer kernel when one is installed (else torch's fused CPU
+AdamW). In fp32 without offload the masters are views of the model's own flat buffers: no copy.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.distributed as dist
+
+from ds_core.engine.optimizers import build_optimizer
+from ds_core.engine.precision import LossScaler
+from ds_core.errors import ConfigError, DSError
+
+from .partition import Partitions
+
+__all__ = ["ZeroOptimizer", "build"]
+
+
+class ZeroOptimizer:
+    """Steps this rank's partition of every parameter group; see the module docstring."""
+
+    def __init__(self, engine, cfg, parts: Partitions, reducer, client=None) -> None:
+        self.parts = parts
+        self.reducer = reducer
+        self.stage = cfg.stage
+        self.precision = engine.precision
+        self.offload = cfg.offload
+        self.allgather_bucket_numel = cfg.allgather_bucket_size
+        clip = engine.config.gradient_clipping
+        self.clip = clip if isinstance(clip, float) else 0.0
+        self.scaler = LossScaler.from_config(engine.config.fp16) if self.precision == "fp16" else None
+        self.global_grad_norm: float | None = None
+        self.skipped_steps = 0
+        self.master_device = torch.device("cpu") if self.offload else engine.device
+        self.comm_device = engine.device
+        pin = (cfg.offload_optimizer.pin_memory and self.offload and engine.device.type != "cpu"
+               and engine.accelerator.supports("pinned_memory"))
+        device_grads = reducer.grad_partitions()
+        self.masters: list[torch.nn.Parameter] = []
+        # aliased: the master is the model's own slice (fp32 on the device), nothing to copy back
+        self.aliased = self.precision == "fp32" and not self.offload
+        for gi, g in enumerate(parts.groups):
+            if self.aliased:
+                master = torch.nn.Parameter(g.own())
+            else:
+                master = torch.nn.Parameter(torch.empty(g.partition_numel, dtype=torch.float32,
+                                                        device=self.master_device, pin_memory=pin))
+                with torch.no_grad():
+                    master.copy_(g.own())
+            if not self.offload:  # the reducer's own partition: no copy at the step
+                master.grad = device_grads[gi]
+            else:
+                master.grad = torch.zeros(g.partition_numel, dtype=torch.float32, device=self.master_device,
+                                          pin_memory=pin)
+            self.masters.append(master)
+        self.optimizer = self._build_optimizer(engine, client)
+
+    def _build_optimizer(self, engine, client) -> torch.optim.Optimizer:
+        groups = [{**g.hyper, "params": [m]} for g, m in zip(self.parts.groups, self.masters)]
+        if client is None:
+            if engine.config.optimizer is None:
+                raise DSError("no optimizer: pass optimizer= to initialize() or add an 'optimizer' section "
+                              "to the config")
+            return build_optimizer(engine.config.optimizer, groups, device_type=self.master_device.type)
+        if isinstance(client, torch.optim.Optimizer):  # same class and hyper-parameters, over the partitions
+            return type(client)(groups, **_constructor_defaults(client))
+        if callable(client):
+            return client(groups)
+        raise ConfigError(f"optimizer {client!r} is neither a torch.optim.Optimizer nor a callable taking "
+                          f"parameter groups")
+
+    # -- the engine's optimizer-wrapper protocol -------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler else 1.0
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def _global_sq_norm(self) -> float:
+        """Sum over ranks of the squared norms of every gradient partition (inf/nan if any overflowed)."""
+        local = torch.zeros((), dtype=torch.float64, device=self.comm_device)
+        for m in self.masters:
+            local += torch.linalg.vector_norm(m.grad, dtype=torch.float32).to(local) ** 2
+        if self.parts.world > 1:
+            dist.all_reduce(local, group=self.parts.group)
+        return float(local)
+
+    def step(self) -> bool:
+        """Unscale, agree on overflow, clip, step the partitions, all-gather. False if skipped."""
+        self.reducer.partition_grads([m.grad for m in self.masters])
+        sq = self._global_sq_norm()
+        inv = 1.0
+        if self.scaler is not None:
+            if not math.isfinite(sq):
+                self.scaler.update(True)
+                self.skipped_steps += 1
+                self.global_grad_norm = float("inf")
+                return False
+            inv = 1.0 / self.scaler.scale
+        norm = math.sqrt(sq) * inv if math.isfinite(sq) else sq
+        self.global_grad_norm = norm
+        coef = inv
+        if self.clip > 0 and math.isfinite(norm):
+            clip_coef = self.clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
+            if clip_coef < 1:
+                coef *= clip_coef
+        if coef != 1.0:
+            for m in self.masters:
+                m.grad.mul_(coef)
+        self.optimizer.step()
+        if not self.aliased:
+            with torch.no_grad():
+                for g, m in zip(self.parts.groups, self.masters):
+                    g.own().copy_(m, non_blocking=True)
+        self.parts.all_gather(self.allgather_bucket_numel)
+        if self.scaler is not None:
+            self.scaler.update(False)
+        return True
+
+    def zero_grad(self) -> None:
+        self.reducer.zero()
+
+    def state_dict(self) -> dict:
+        """This rank's partition optimizer state (the checkpoint layout saves every rank's)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def reload_masters_from_model(self) -> None:
+        """Set the fp32 masters from the model's (possibly 16-bit) weights."""
+        if self.aliased:
+            return
+        with torch.no_grad():
+            for g, m in zip(self.parts.groups, self.masters):
+                m.copy_(g.own())
+
+
+def _constructor_defaults(client: torch.optim.Optimizer) -> dict:
+    """``client.defaults`` restricted to what its constructor takes (torch's AdamW records
+    ``decoupled_weight_decay`` in its defaults but does not accept it)."""
+    params = inspect.signature(type(client).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(client.defaults)
+    return {k: v for k, v in client.defaults.items() if k in params}
+
+
+def _groups_for(engine, client) -> list[dict]:
+    """The parameter groups to partition: the client optimizer's (keeping its hyper-parameters) or the engine's."""
+    if isinstance(client, torch.optim.Optimizer):
+        return [{**{k: v for k, v in g.items() if k != "params"},
+                 "params": [p for p in g["params"] if p.requires_grad]} for g in client.param_groups]
+    return engine.param_groups
+
+
+def build(engine, client=None):
+    """``optimizer_wrapper`` factory: None at stage 0, else a :class:`ZeroOptimizer` bound to the reducer."""
+    cfg = engine.config.section("zero_optimization")
+    if cfg is None or cfg.stage == 0:
+        return None
+    reducer = engine.reducer
+    if not hasattr(reducer, "bind"):
+        raise DSError(f"ZeRO stage {cfg.stage} needs ds-zero's gradient reducer, but the engine has "
+                      f"{type(reducer).__name__}; another feature replaced it — remove that feature's "
+                      f"section or use stage 0")
+    parts = Partitions(_groups_for(engine, client), engine.module, engine.dp_group, engine.dtype, engine.device)
+    reducer.bind(parts)
+    return ZeroOptimizer(engine, cfg, parts, reducer, client)

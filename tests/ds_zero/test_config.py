@@ -1,0 +1,72 @@
+"""The zero_optimization section: DeepSpeed keys and defaults accepted, bad values rejected at parse
+time (ConfigError naming the value and the fix), before any process group or buffer exists."""
+
+import pytest
+
+from ds_core.config import parse_config
+from ds_core.errors import ConfigError
+from ds_zero.config import ZeroConfig
+
+
+def _zero(section):
+    return parse_config({"train_batch_size": 2, "zero_optimization": section}).section("zero_optimization")
+
+
+def test_deepspeed_defaults_and_stage_2_example():
+    z = ZeroConfig()
+    assert (z.stage, z.allgather_bucket_size, z.reduce_bucket_size) == (0, 500_000_000, 500_000_000)
+    assert z.overlap_comm is False and z.reduce_scatter and z.contiguous_gradients and z.allgather_partitions
+    assert z.load_from_fp32_weights and z.offload_optimizer.device == "none"
+    z = _zero({"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8, "overlap_comm": True,
+               "reduce_scatter": True, "reduce_bucket_size": "auto", "contiguous_gradients": True,
+               "round_robin_gradients": True, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+               "sub_group_size": 1e9, "elastic_checkpoint": False, "stage3_prefetch_bucket_size": "auto",
+               "stage3_gather_16bit_weights_on_model_save": True})
+    assert z.allgather_bucket_size == 200_000_000 and z.reduce_bucket_size == 500_000_000
+    assert z.offload and z.offload_optimizer.pin_memory
+    assert _zero({"stage": 1, "cpu_offload": True}).offload  # DeepSpeed's deprecated spelling
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"stage": 3}, "stage 3 .* not available yet"),
+    ({"stage": 4}, "stage 4 is not a ZeRO stage"),
+    ({"stage": -1}, "stage -1"),
+    ({"stage": 2, "reduce_bucket_size": 0}, "reduce_bucket_size 0 must be > 0"),
+    ({"stage": 2, "allgather_bucket_size": -5}, "allgather_bucket_size -5"),
+    ({"stage": 2, "reduce_bucket_size": 1.5}, "whole number"),
+    ({"stage": 2, "offload_optimizer": {"device": "gpu"}}, "offload device 'gpu'"),
+    ({"stage": 2, "offload_optimizer": {"device": "nvme"}}, "nvme.*ZeRO-Infinity"),
+    ({"stage": 0, "offload_optimizer": {"device": "cpu"}}, "needs stage 1 or 2"),
+    ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload_param.*stage 3"),
+    ({"stage": 2, "zero_quantized_gradients": True}, "not implemented"),
+    ({"stage": 2, "reduce_bucket": 5}, "did you mean 'reduce_bucket_size'"),
+])
+def test_bad_input_is_a_config_error(section, message):
+    with pytest.raises(ConfigError, match=message):
+        _zero(section)
+
+
+def test_bad_config_fails_before_any_state():
+    import torch
+
+    import ds_core
+
+    model = torch.nn.Linear(2, 2)
+    before = model.weight.detach().clone()
+    with pytest.raises(ConfigError, match="stage 3"):
+        ds_core.initialize(model=model, config={"train_batch_size": 2, "zero_optimization": {"stage": 3},
+                                                "optimizer": {"type": "SGD", "params": {"lr": 1.0}}})
+    assert torch.equal(model.weight, before)
+
+
+def test_tagged_expert_parameters_are_refused():
+    import torch
+
+    import ds_core
+    from ds_core.params import tag_params
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    tag_params(model[1].parameters(), reduce_axis="expert_data", shard_axis="expert")
+    with pytest.raises(ConfigError, match=r"1\.weight is tagged to reduce over 'expert_data'.*use stage 0"):
+        ds_core.initialize(model=model, config={"train_batch_size": 1, "zero_optimization": {"stage": 2},
+                                                "optimizer": {"type": "SGD", "params": {"lr": 1.0}}})
