@@ -183,3 +183,16 @@ def test_prescale_and_predivide_match_plain_average():
     ref, _ = _engine_losses(copy.deepcopy(model), 5, 4)
     ours, _ = _engine_losses(model, 5, 4, prescale_gradients=True, gradient_predivide_factor=4.0)
     assert max(abs(a - b) for a, b in zip(ours, ref)) < 1e-5, (ours, ref)
+
+
+def test_client_optimizer_rebuilt_over_bf16_masters():
+    model = torch.nn.Linear(4, 2)
+    client = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.05)
+    engine, opt, *_ = ds_core.initialize(model=model, optimizer=client, config={
+        "train_micro_batch_size_per_gpu": 1, "steps_per_print": 0, "bf16": {"enabled": True}})
+    inner = opt.optimizer
+    assert type(inner) is torch.optim.AdamW and inner is not client
+    assert inner.param_groups[0]["weight_decay"] == 0.05
+    assert all(p.dtype == torch.float32 for p in inner.param_groups[0]["params"])
+    engine.backward(engine(torch.ones(1, 4)).float().sum())
+    engine.step()

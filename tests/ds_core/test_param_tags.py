@@ -69,3 +69,50 @@ def test_conflicting_topology_request():
     with pytest.raises(CommError, match="expert=2 was requested but the current topology has expert=1"):
         ensure_topology(expert=2)
     set_topology(None)
+
+
+class Experts(torch.nn.Module):
+    """Experts named by global index: rank r of E expert ranks holds expert r (of E)."""
+
+    def __init__(self, ids):
+        super().__init__()
+        self.shared = torch.nn.Linear(2, 2)
+        self.experts = torch.nn.ModuleDict({str(i): torch.nn.Linear(2, 1) for i in ids})
+        for e in self.experts.values():
+            torch.nn.init.constant_(e.weight, 10.0 + int([k for k, v in self.experts.items() if v is e][0]))
+            tag_params(e.parameters(), reduce_axis="expert_data", shard_axis="expert")
+
+    def forward(self, x):
+        h = self.shared(x)
+        return sum(e(h).sum() for e in self.experts.values())
+
+
+_CFG = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01}}}
+
+
+def _save_two_expert_ranks(path):
+    set_topology(None)
+    ensure_topology(expert=2)
+    engine, *_ = ds_core.initialize(model=Experts([dist.get_rank()]), config=_CFG)
+    engine.backward(engine(torch.ones(1, 2)))
+    engine.step()
+    engine.save_checkpoint(path, tag="t")
+    same, *_ = ds_core.initialize(model=Experts([dist.get_rank()]), config=_CFG)
+    same.load_checkpoint(path, tag="t")  # same layout: optimizer state follows
+    assert torch.equal(same.module.experts[str(dist.get_rank())].weight,
+                       engine.module.experts[str(dist.get_rank())].weight)
+    return {k: v.clone() for k, v in engine.module.state_dict().items()}
+
+
+def test_sharded_parameters_reload_under_another_layout(distributed, tmp_path):
+    states = distributed.run(_save_two_expert_ranks, 2, args=(str(tmp_path),))
+    set_topology(None)
+    both, *_ = ds_core.initialize(model=Experts([0, 1]), config=_CFG)
+    with pytest.raises(ds_core.engine.checkpoint.CheckpointError, match="load_optimizer_states=False"):
+        both.load_checkpoint(tmp_path, tag="t")
+    both.load_checkpoint(tmp_path, tag="t", load_optimizer_states=False)
+    for rank in (0, 1):
+        assert torch.equal(both.module.experts[str(rank)].weight, states[rank][f"experts.{rank}.weight"])
+    assert torch.equal(both.module.shared.weight, states[0]["shared.weight"])
+    set_topology(None)

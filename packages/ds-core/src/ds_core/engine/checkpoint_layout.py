@@ -10,7 +10,9 @@ import json
 import warnings
 
 import torch
+from safetensors.torch import load_file
 
+from ..params import shard_axis
 from .checkpoint import (
     CheckpointError,
     join_optimizer_state,
@@ -36,11 +38,15 @@ def split_client_state(client_state: dict) -> tuple[dict[str, torch.Tensor], dic
     return tensors, rest
 
 
-def check_model_tensors(module: torch.nn.Module, saved: dict[str, torch.Tensor], where) -> None:
-    """Raise listing every missing, unexpected or differently shaped tensor."""
+def check_model_tensors(module: torch.nn.Module, saved: dict[str, torch.Tensor], where,
+                        other_ranks: set[str] = frozenset()) -> None:
+    """Raise listing every missing, unexpected or differently shaped tensor.
+
+    ``other_ranks`` are sharded tensors saved by other ranks (experts this rank does not hold).
+    """
     current = module.state_dict()
     missing = sorted(set(current) - set(saved))
-    unexpected = sorted(set(saved) - set(current))
+    unexpected = sorted(set(saved) - set(current) - set(other_ranks))
     shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(current[k].shape)}"
               for k in sorted(set(current) & set(saved)) if saved[k].shape != current[k].shape]
     if missing or unexpected or shapes:
@@ -55,12 +61,25 @@ def check_model_tensors(module: torch.nn.Module, saved: dict[str, torch.Tensor],
         raise CheckpointError("\n".join(lines))
 
 
+def sharded_names(module: torch.nn.Module) -> set[str]:
+    """Names of parameters that differ across ranks (tagged with a shard axis, e.g. experts)."""
+    return {name for name, p in module.named_parameters() if shard_axis(p) is not None}
+
+
 class DefaultLayout:
+    """Replicated state from rank 0; sharded parameters (experts) and, when there are any, each
+    rank's optimizer state in per-rank files. Sharded parameters are stored under their module
+    names, so a model that names experts by their global index reloads under another expert layout.
+    """
+
     def save(self, engine, save_dir, tag: str, client_state: dict):
         opt = engine.optimizer
         opt_tensors, opt_meta = split_optimizer_state(opt.state_dict())
         client_tensors, client_meta = split_client_state(client_state)
-        files = {"model": engine.module.state_dict(), "optimizer": opt_tensors, "client": client_tensors}
+        state = engine.module.state_dict()
+        sharded = sharded_names(engine.module)
+        files = {"model": {k: v for k, v in state.items() if k not in sharded},
+                 "optimizer": opt_tensors, "client": client_tensors}
         if getattr(opt, "precision", "fp32") != "fp32":
             files["master"] = {"flat": opt.flat_master}
         meta = {
@@ -72,27 +91,53 @@ class DefaultLayout:
             "dp_world_size": engine.dp_world_size,
             "precision": engine.precision,
             "optimizer": opt_meta,
+            "sharded": sorted(sharded),
             "skipped_steps": engine.skipped_steps,
             "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
             "loss_scaler": opt.scaler.state_dict() if getattr(opt, "scaler", None) else None,
             "client_state": client_meta,
         }
         rng_tensors, rng_meta = rng_state()
+        per_rank = {"rng": rng_tensors}
+        if sharded:  # every rank holds state nobody else has
+            per_rank["model"] = {k: state[k] for k in sharded}
+            per_rank["optimizer"] = opt_tensors
+            per_rank["master"] = files.get("master", {})
+            rng_meta = {**rng_meta, "optimizer": opt_meta}
         return save_tree(save_dir, tag, {"files": files, "meta": meta},
-                         {"files": {"rng": rng_tensors}, "meta": rng_meta}, engine.global_rank)
+                         {"files": per_rank, "meta": rng_meta}, engine.global_rank)
 
     def load(self, engine, load_dir, tag, load_optimizer_states: bool, load_lr_scheduler_states: bool):
         path = resolve_tag(load_dir, tag)
         meta, files, (rng_tensors, rng_meta) = load_tree(path, engine.global_rank)
-        check_model_tensors(engine.module, files["model"], path)
+        saved = dict(files["model"])
+        other_ranks: set[str] = set()
+        for shard_file in sorted(path.glob("model_rank*.safetensors")):
+            shard = load_file(str(shard_file))
+            other_ranks |= set(shard)
+            saved.update(shard)
+        check_model_tensors(engine.module, saved, path, other_ranks)
+        own = sharded_names(engine.module)
+        same_layout = meta["world_size"] == engine.world_size and set(meta.get("sharded", [])) <= other_ranks
         if meta["world_size"] != engine.world_size:
             warnings.warn(f"{path} was saved by {meta['world_size']} ranks and is loaded by "
-                          f"{engine.world_size}: model and optimizer state are replicated so they load "
-                          f"exactly, but per-rank random-number streams restart from rank 0's", stacklevel=3)
+                          f"{engine.world_size}: replicated state loads exactly, but per-rank random-number "
+                          f"streams restart from rank 0's", stacklevel=3)
+        if own and load_optimizer_states and not same_layout:
+            raise CheckpointError(f"{path}: sharded parameters (experts) were saved by {meta['world_size']} "
+                                  f"ranks; optimizer state cannot follow them to {engine.world_size} ranks: "
+                                  f"pass load_optimizer_states=False to load the parameters only")
+        rank_file = path / f"optimizer_rank{engine.global_rank}.safetensors"
+        if own and same_layout:
+            files["optimizer"] = load_file(str(rank_file))
+            meta["optimizer"] = rng_meta["optimizer"]
+            master_file = path / f"master_rank{engine.global_rank}.safetensors"
+            if "master" in files and master_file.exists():
+                files["master"] = load_file(str(master_file))
         opt = engine.optimizer
         with torch.no_grad():
-            engine.module.load_state_dict(files["model"])
-            if "master" in files and getattr(opt, "precision", "fp32") != "fp32":
+            engine.module.load_state_dict({k: v for k, v in saved.items() if k in engine.module.state_dict()})
+            if "master" in files and (not own or same_layout) and getattr(opt, "precision", "fp32") != "fp32":
                 opt.flat_master.copy_(files["master"]["flat"])
             elif getattr(opt, "precision", "fp32") != "fp32":
                 for p in opt.grads.params:

@@ -7,6 +7,7 @@ only sequences them: forward, backward with accumulation boundaries, step, loggi
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 from typing import Any
@@ -67,8 +68,8 @@ class Engine:
         # Process groups of the axes tagged parameters use (ds_core.params); untagged use data.
         axes = {reduce_axis(p) for p in self.module.parameters()} | {shard_axis(p) for p in self.module.parameters()}
         axes.discard(None)
-        self.axis_groups = ({a: topology.group(a) for a in axes} if topology and comm.get_world_size() > 1
-                            else {})
+        multi = topology is not None and comm.get_world_size() > 1
+        self.axis_groups = {a: topology.group(a) if multi else None for a in axes}
         broadcast_parameters(self.module, self.dp_group, axis_groups=self.axis_groups)
 
         self.global_steps = 0
@@ -135,7 +136,9 @@ class Engine:
             else:  # rebuild the same optimizer over the fp32 masters, keeping its hyper-parameters
                 mapped = [{**{k: v for k, v in g.items() if k != "params"},
                            "params": [wrapper.master_of(p) for p in g["params"]]} for g in client.param_groups]
-                wrapper.optimizer = type(client)(mapped, **client.defaults)
+                accepted = inspect.signature(type(client)).parameters
+                defaults = {k: v for k, v in client.defaults.items() if k in accepted}
+                wrapper.optimizer = type(client)(mapped, **defaults)
         elif callable(client):
             wrapper.optimizer = client(groups)
         else:

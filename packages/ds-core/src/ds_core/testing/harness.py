@@ -53,6 +53,9 @@ def _worker(fn, rank, world_size, port, backend, args, kwargs, env, conn, timeou
                                 timeout=datetime.timedelta(seconds=timeout))
         result = fn(*args, **kwargs)
         conn.send(("ok", result))
+        # Tensors travel as shared memory served by this process: stay until the parent has them.
+        if conn.poll(60):
+            conn.recv()
     except BaseException as exc:  # report everything, including assertion errors
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -66,7 +69,7 @@ def _run_processes(fn, world_size, args, kwargs, timeout, backend, env):
     port = free_port()
     pipes, procs = [], []
     for rank in range(world_size):
-        parent, child = ctx.Pipe(duplex=False)
+        parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(target=_worker, name=f"rank{rank}",
                            args=(fn, rank, world_size, port, backend, args, kwargs, env, child, timeout))
         proc.start()
@@ -84,6 +87,7 @@ def _run_processes(fn, world_size, args, kwargs, timeout, backend, env):
             if pipe.poll(0.05):
                 try:
                     results[rank] = pipe.recv()
+                    pipe.send("received")
                 except EOFError:
                     results[rank] = ("error", f"rank {rank} exited (code {procs[rank].exitcode}) "
                                               f"without reporting")
