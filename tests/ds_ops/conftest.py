@@ -1,8 +1,15 @@
-"""Every ds_ops test session builds into its own kernel cache (DS_OPS_CACHE), never ~/.cache."""
+"""Every ds_ops test session builds into its own kernel cache (DS_OPS_CACHE), never ~/.cache;
+Triton kernels are tested under the interpreter."""
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import pytest
+
+# Triton kernels run on CPU tensors through the interpreter; it must be chosen before triton loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,3 +34,18 @@ def fresh_build():
     build.reset()
     yield build
     build.reset()
+
+
+@pytest.fixture
+def triton_kernels():
+    """``triton_kernels("quant")`` imports ``ds_ops.triton.quant``, or skips saying why it cannot run."""
+    import ds_ops.triton
+
+    def load(name: str):
+        if not ds_ops.triton.available():
+            pytest.skip(f"Triton kernels not tested: {ds_ops.triton.unavailable_reason()}")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton kernels run on CPU only with TRITON_INTERPRET=1 (set before triton is imported)")
+        return importlib.import_module(f"ds_ops.triton.{name}")
+
+    return load

@@ -9,12 +9,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any import of triton
 
-import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import ds_ops.triton  # noqa: E402
 from ds_ops.fused_adam import FusedAdam, _fused_adam_cuda, fused_adam_reference  # noqa: E402
 
 SHAPES = [(7,), (33, 5), (300,), (2, 3, 4)]
@@ -22,12 +20,8 @@ HP = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
 
 
 @pytest.fixture
-def kernel():
-    if not ds_ops.triton.available():
-        pytest.skip(f"Triton kernels not tested: {ds_ops.triton.unavailable_reason()}")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton kernels run on CPU only with TRITON_INTERPRET=1 (set before triton is imported)")
-    return importlib.import_module("ds_ops.triton.adam")
+def kernel(triton_kernels):
+    return triton_kernels("adam")
 
 
 def _state(seed=0, grad_dtype=torch.float32):

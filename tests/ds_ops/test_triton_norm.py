@@ -6,13 +6,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any import of triton
 
-import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import ds_ops.triton  # noqa: E402
 from ds_ops import norm  # noqa: E402
 
 FP32 = dict(atol=1e-5, rtol=1e-5)
@@ -20,12 +18,8 @@ BF16 = dict(atol=2e-2, rtol=2e-2)
 
 
 @pytest.fixture
-def kernel():
-    if not ds_ops.triton.available():
-        pytest.skip(f"Triton kernels not tested: {ds_ops.triton.unavailable_reason()}")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton kernels run on CPU only with TRITON_INTERPRET=1 (set before triton is imported)")
-    return importlib.import_module("ds_ops.triton.norm")
+def kernel(triton_kernels):
+    return triton_kernels("norm")
 
 
 def _case(rows, n, dtype, seed=0):

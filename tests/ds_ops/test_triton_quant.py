@@ -9,12 +9,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any import of triton
 
-import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import ds_ops.triton  # noqa: E402
 from ds_ops.quant import (  # noqa: E402
     _dequantize_blockwise_cuda,
     _quantize_blockwise_cuda,
@@ -24,12 +22,8 @@ from ds_ops.quant import (  # noqa: E402
 
 
 @pytest.fixture
-def kernel():
-    if not ds_ops.triton.available():
-        pytest.skip(f"Triton kernels not tested: {ds_ops.triton.unavailable_reason()}")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton kernels run on CPU only with TRITON_INTERPRET=1 (set before triton is imported)")
-    return importlib.import_module("ds_ops.triton.quant")
+def kernel(triton_kernels):
+    return triton_kernels("quant")
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -19,7 +19,6 @@ default". Every choice is recorded on the optimizer for the engine's log: see :f
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 
 from .. import ops
 from ..config.sections import AUTO, OPTIMIZERS, OptimizerConfig
+from ..config.values import finite_number
 from ..errors import ConfigError, closest
 from .lamb_lion import Lamb, Lion
 
@@ -223,16 +223,8 @@ def _resolve_params(display: str, name: str, given: dict[str, Any]) -> dict[str,
     return values
 
 
-def _number(display: str, key: str, value: Any) -> float:
-    # JSON configs written by other tools sometimes carry numbers as strings ("1e-08").
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"optimizer {display}: {key} {value!r} must be a finite number")
-    return float(value)
+def _number(owner: str, key: str, value: Any) -> float:
+    return finite_number(f"optimizer {owner}", key, value)
 
 
 def _check_value(display: str, key: str, value: Any) -> Any:

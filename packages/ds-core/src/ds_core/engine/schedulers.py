@@ -30,6 +30,7 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from ..config.sections import AUTO, SCHEDULERS, SchedulerConfig
+from ..config.values import finite_number
 from ..errors import ConfigError, closest
 
 __all__ = [
@@ -141,14 +142,7 @@ class DeepSpeedSchedule(LRScheduler):
 
 
 def _number(owner: str, key: str, value: Any) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"scheduler {owner}: {key} {value!r} must be a finite number")
-    return float(value)
+    return finite_number(f"scheduler {owner}", key, value)
 
 
 def _integer(owner: str, key: str, value: Any, minimum: int) -> int:
