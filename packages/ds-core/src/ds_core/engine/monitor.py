@@ -28,6 +28,7 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
+from .. import comm
 from ..config.sections import CSVMonitorConfig, TensorBoardConfig, WandbConfig
 from ..errors import ConfigError, closest
 
@@ -366,8 +367,11 @@ class Throughput:
         mine = self.peak_memory()
         if not (dist.is_available() and dist.is_initialized()):
             return [mine]
-        out: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(out, mine, group=group)
+        import torch
+
+        # a tensor collective: all_gather_object needs numpy, which ds-core does not depend on
+        out = torch.zeros(dist.get_world_size(group), dtype=torch.int64)
+        comm.all_gather(out, torch.tensor([mine], dtype=torch.int64), group=group)
         return [int(v) for v in out]
 
     def events(self, step: int, prefix: str = "Train/Samples") -> list[Event]:
