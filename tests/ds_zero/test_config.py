@@ -59,14 +59,20 @@ def test_bad_config_fails_before_any_state():
     assert torch.equal(model.weight, before)
 
 
-def test_tagged_expert_parameters_are_refused():
+def test_tagged_parameters_need_a_group_for_their_axis():
+    """Tagged (expert) parameters are partitioned over their own axis; an axis without a group is an error."""
     import torch
 
-    import ds_core
     from ds_core.params import tag_params
+    from ds_zero.partition import Partitions
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     tag_params(model[1].parameters(), reduce_axis="expert_data", shard_axis="expert")
-    with pytest.raises(ConfigError, match=r"1\.weight is tagged to reduce over 'expert_data'.*use stage 0"):
-        ds_core.initialize(model=model, config={"train_batch_size": 1, "zero_optimization": {"stage": 2},
-                                                "optimizer": {"type": "SGD", "params": {"lr": 1.0}}})
+    groups = [{"params": list(model.parameters())}]
+    with pytest.raises(ConfigError, match=r"1\.weight is tagged with axis 'expert_data' but ZeRO was given no "
+                                          r"process group for it"):
+        Partitions(groups, model, None, torch.float32, torch.device("cpu"))
+    parts = Partitions(groups, model, None, torch.float32, torch.device("cpu"),
+                       axis_groups={"expert_data": None, "expert": None})
+    assert [(g.axis, g.shard, g.source) for g in parts.groups] == [("data", None, 0), ("expert_data", "expert", 0)]
+    assert parts.groups[1].names == ["1.bias", "1.weight"]

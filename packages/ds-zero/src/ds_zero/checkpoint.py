@@ -17,6 +17,13 @@ the world size, a checkpoint loads at any data-parallel size: each rank reads ju
 the saved partitions that overlap its new slice (``safe_open(...).get_slice``), which is the
 "universal checkpoint" re-partitioning. Elementwise state (masters, moments) is re-sliced; scalar
 state (``step``) is taken from rank 0.
+
+Groups of tagged parameters (experts, partitioned over ``expert_data``; see ``partition.py``) differ
+per expert rank: their parameters go to ``model_rank{r}.safetensors`` under their module names (as in
+ds-core's default layout, so a model naming experts by global index reloads under another expert
+layout), and each rank records its tagged groups' layout in ``rng_rank{r}.json``. Their masters and
+optimizer state reload only under the same layout (same world size and tagged groups); otherwise
+``load_optimizer_states=False`` loads the weights and rebuilds the masters from them.
 """
 
 from __future__ import annotations
@@ -35,11 +42,21 @@ from ds_core.engine.checkpoint import (
     save_tree,
     set_rng_state,
 )
-from ds_core.engine.checkpoint_layout import check_model_tensors, split_client_state
+from ds_core.engine.checkpoint_layout import check_model_tensors, sharded_names, split_client_state
 
 __all__ = ["ZeroCheckpointLayout", "build", "layout_differences"]
 
 SCALARS_KEY = "zero_optimizer_scalars"
+TAGGED_KEY = "zero_tagged_groups"
+
+
+def _tagged(parts) -> list[tuple[int, object]]:
+    """(index, group) of the groups partitioned over another axis than data."""
+    return [(i, g) for i, g in enumerate(parts.groups) if g.axis != "data"]
+
+
+def _data_only(layout: dict) -> dict:
+    return {**layout, "groups": [g for g in layout["groups"] if "axis" not in g]}
 
 
 def _partition_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
@@ -100,9 +117,14 @@ class ZeroCheckpointLayout:
             "zero": {"stage": opt.stage, **opt.parts.describe(), "param_groups": opt_meta["param_groups"]},
         }
         rng_tensors, rng_meta = rng_state()
-        files = {"model": engine.module.state_dict(), "client": client_tensors}
+        state = engine.module.state_dict()
+        sharded = sharded_names(engine.module)
+        files = {"model": {k: v for k, v in state.items() if k not in sharded}, "client": client_tensors}
         per_rank = {"files": {"rng": rng_tensors, "zero": part_tensors},
-                    "meta": {**rng_meta, SCALARS_KEY: opt_meta["scalars"]}}
+                    "meta": {**rng_meta, SCALARS_KEY: opt_meta["scalars"],
+                             TAGGED_KEY: [g.describe() for _, g in _tagged(opt.parts)]}}
+        if sharded:
+            per_rank["files"]["model"] = {k: state[k] for k in sharded}
         return save_tree(save_dir, tag, {"files": files, "meta": meta}, per_rank, engine.global_rank)
 
     # -- load ------------------------------------------------------------------------------------
@@ -112,7 +134,7 @@ class ZeroCheckpointLayout:
             raise CheckpointError(f"{path} was saved without ZeRO partitions (stage 0); load it with "
                                   f"load_optimizer_states=False to take the model weights only, or load it "
                                   f"in a run without zero_optimization")
-        diffs = layout_differences(zero, opt.parts.describe())
+        diffs = layout_differences(_data_only(zero), _data_only(opt.parts.describe()))
         if diffs:
             raise CheckpointError(f"checkpoint {path}: its ZeRO partition layout does not match this model's "
                                   f"parameter groups:\n  " + "\n  ".join(diffs[:10]) +
@@ -125,22 +147,44 @@ class ZeroCheckpointLayout:
                                       f"ranks and every rank's partition is needed to re-partition it")
             with safe_open(str(file), framework="pt") as f:
                 for g, spec in enumerate(zero["groups"]):
+                    if "axis" in spec:
+                        continue  # tagged groups are checked against this rank's own layout
                     shape = f.get_slice(f"master.{g}").get_shape()
                     if list(shape) != [spec["partition_numel"]]:
                         raise CheckpointError(f"{file}: master.{g} has shape {shape}, the layout says "
                                               f"[{spec['partition_numel']}]; the checkpoint is damaged")
 
-    def _repartition(self, path: Path, zero: dict, opt) -> tuple[list[torch.Tensor], dict[int, dict]]:
-        """This rank's new master slices and elementwise optimizer state, read from the saved partitions."""
-        world = zero["world_size"]
-        handles = [safe_open(str(path / f"zero_rank{r}.safetensors"), framework="pt") for r in range(world)]
-        keys = [k for k in handles[0].keys()]
-        masters, state = [], {}
-        for g, (spec, group) in enumerate(zip(zero["groups"], opt.parts.groups)):
-            saved_part, numel = spec["partition_numel"], spec["numel"]
+    def _repartition(self, path: Path, zero: dict, opt, tagged_ranks: dict[int, list[int]] | None
+                     ) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
+        """This rank's new master slices and elementwise optimizer state, read from the saved partitions.
+
+        Data-axis groups are re-sliced from every saved rank; a tagged group ``g`` is read from the
+        saved ranks ``tagged_ranks[g]`` of its own axis group (same layout only), or skipped.
+        """
+        opened: dict[int, object] = {}
+
+        def handle(r: int):
+            if r not in opened:
+                opened[r] = safe_open(str(path / f"zero_rank{r}.safetensors"), framework="pt")
+            return opened[r]
+
+        keys = list(handle(0).keys())
+        masters, state = {}, {}
+        for g, group in enumerate(opt.parts.groups):
+            if group.axis == "data":
+                spec = zero["groups"][g]
+                ranks = list(range(zero["world_size"]))
+                saved_part, numel = spec["partition_numel"], spec["numel"]
+            elif tagged_ranks and g in tagged_ranks:
+                ranks, saved_part, numel = tagged_ranks[g], group.partition_numel, group.numel
+            else:
+                continue
+            handles = [handle(r) for r in ranks]
+            world = len(ranks)
             lo, hi = group.lo, group.hi
 
-            def piece(key: str, lo=lo, hi=hi, saved_part=saved_part, numel=numel) -> torch.Tensor:
+            def piece(key: str, lo=lo, hi=hi, saved_part=saved_part, numel=numel, handles=handles,
+                      world=world) -> torch.Tensor:
                 out = torch.zeros(hi - lo, dtype=handles[0].get_slice(key)[0:1].dtype)
                 for r in range(world):
                     a, b = max(lo, r * saved_part), min(hi, (r + 1) * saved_part, numel)
@@ -148,7 +192,7 @@ class ZeroCheckpointLayout:
                         out[a - lo:b - lo] = handles[r].get_slice(key)[a - r * saved_part:b - r * saved_part]
                 return out
 
-            masters.append(piece(f"master.{g}"))
+            masters[g] = piece(f"master.{g}")
             entry = {}
             for key in keys:
                 if not key.startswith(f"optim.{g}."):
@@ -162,8 +206,28 @@ class ZeroCheckpointLayout:
     def load(self, engine, load_dir, tag, load_optimizer_states: bool, load_lr_scheduler_states: bool):
         path = resolve_tag(load_dir, tag)
         meta, files, (rng_tensors, rng_meta) = load_tree(path, engine.global_rank)
-        check_model_tensors(engine.module, files["model"], path)
+        saved = dict(files["model"])
+        other_ranks: set[str] = set()
+        for shard_file in sorted(path.glob("model_rank*.safetensors")):
+            with safe_open(str(shard_file), framework="pt") as f:
+                shard = {k: f.get_tensor(k) for k in f.keys()}
+            other_ranks |= set(shard)
+            saved.update(shard)
+        check_model_tensors(engine.module, saved, path, other_ranks)
+        own = engine.module.state_dict()
         opt = engine.optimizer
+        tagged = _tagged(opt.parts)
+        tagged_ranks = None
+        if tagged:
+            same = (meta["world_size"] == engine.world_size and engine.topology is not None
+                    and rng_meta.get(TAGGED_KEY) == [g.describe() for _, g in tagged])
+            if same:
+                tagged_ranks = {i: engine.topology.ranks_along(g.axis, engine.global_rank) for i, g in tagged}
+            elif load_optimizer_states:
+                raise CheckpointError(f"{path}: partitions of tagged (expert) parameters were saved under another "
+                                      f"layout ({meta['world_size']} ranks) than this run's ({engine.world_size} "
+                                      f"ranks); their optimizer state cannot follow: pass "
+                                      f"load_optimizer_states=False to load the weights only")
         zero = meta.get("zero")
         if zero is not None or load_optimizer_states:
             self._check(path, meta, opt)
@@ -175,14 +239,14 @@ class ZeroCheckpointLayout:
                           f"{opt.parts.world}: partitions are re-sliced exactly, per-rank random-number "
                           f"streams restart from the saved ranks'", stacklevel=3)
         # every check passed: from here on state changes
-        masters, state = self._repartition(path, zero, opt) if zero is not None else (None, None)
+        masters, state = (self._repartition(path, zero, opt, tagged_ranks) if zero is not None
+                          else (None, None))
         with torch.no_grad():
-            engine.module.load_state_dict(files["model"])
+            engine.module.load_state_dict({k: v for k, v in saved.items() if k in own})
+            opt.reload_masters_from_model()
             if masters is not None and self.cfg.load_from_fp32_weights:
-                for m, new in zip(opt.masters, masters):
-                    m.copy_(new)
-            else:
-                opt.reload_masters_from_model()
+                for g, new in masters.items():
+                    opt.masters[g].copy_(new)
         if load_optimizer_states and state is not None:
             scalars = rng_meta.get(SCALARS_KEY, {})
             for idx, entry in scalars.items():

@@ -8,6 +8,8 @@ group's hyper-parameters apply to every element of it. A step:
    gradient, or stage 2's partition; with offload, a copy into host memory);
 2. computes the global gradient norm from one all-reduce of the squared partition norms — an fp16
    overflow anywhere makes that sum non-finite, so the same collective agrees on skipping the step;
+   groups partitioned over another axis (experts) sum over their own group and then over their shard
+   axis (the other experts), so every rank ends with the same total;
 3. unscales and clips in one multiply (``clip / (norm + 1e-6)``, the rule of ``clip_grad_norm_``);
 4. steps the partition optimizer, copies the masters back in the model's dtype, and all-gathers the
    updated partitions into every rank's model (``allgather_bucket_size`` elements at a time).
@@ -26,6 +28,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from ds_core import comm
 from ds_core.engine.optimizers import build_optimizer
 from ds_core.engine.precision import LossScaler
 from ds_core.errors import ConfigError, DSError
@@ -99,12 +102,18 @@ class ZeroOptimizer:
 
     def _global_sq_norm(self) -> float:
         """Sum over ranks of the squared norms of every gradient partition (inf/nan if any overflowed)."""
-        local = torch.zeros((), dtype=torch.float64, device=self.comm_device)
-        for m in self.masters:
+        sums: dict[tuple, torch.Tensor] = {}
+        for g, m in zip(self.parts.groups, self.masters):
+            local = sums.setdefault((g.axis, g.shard), torch.zeros((), dtype=torch.float64, device=self.comm_device))
             local += torch.linalg.vector_norm(m.grad, dtype=torch.float32).to(local) ** 2
-        if self.parts.world > 1:
-            dist.all_reduce(local, group=self.parts.group)
-        return float(local)
+        total = 0.0
+        for (axis, shard), local in sums.items():
+            for name in (axis, shard):
+                group = self.parts.axis_groups.get(name) if name is not None else None
+                if name is not None and comm.get_world_size(group) > 1:
+                    dist.all_reduce(local, group=group)
+            total += float(local)
+        return total
 
     def step(self) -> bool:
         """Unscale, agree on overflow, clip, step the partitions, all-gather. False if skipped."""
@@ -184,6 +193,7 @@ def build(engine, client=None):
         raise DSError(f"ZeRO stage {cfg.stage} needs ds-zero's gradient reducer, but the engine has "
                       f"{type(reducer).__name__}; another feature replaced it — remove that feature's "
                       f"section or use stage 0")
-    parts = Partitions(_groups_for(engine, client), engine.module, engine.dp_group, engine.dtype, engine.device)
+    parts = Partitions(_groups_for(engine, client), engine.module, engine.dp_group, engine.dtype, engine.device,
+                       axis_groups=getattr(engine, "axis_groups", None))
     reducer.bind(parts)
     return ZeroOptimizer(engine, cfg, parts, reducer, client)

@@ -7,6 +7,13 @@ hyper-parameters), laid out in reverse registration order — roughly the order 
 gradients — and padded with zeros to a multiple of N. Rank r owns the contiguous slice
 ``[r·P, (r+1)·P)`` with ``P = padded / N``.
 
+Parameters tagged with another reduce axis (``ds_core.params``: the experts of a mixture-of-experts
+layer reduce over ``expert_data`` and differ across ``expert``) are split out of their group into a
+group of their own, partitioned over *their* axis's process group: N is then the size of that group,
+and rank r is the rank in it (DeepSpeed-MoE keeps expert partitions on the expert-data-parallel group
+the same way). These groups come after every data-axis group, so a model's data-axis layout does not
+depend on its expert layout.
+
 The model's parameters become views of these buffers (``param.data`` is re-pointed, the
 ``Parameter`` objects stay the same), so all-gathering updated partitions writes straight into the
 model with no copies, and a ``Fragment`` maps any slice back to the parameters it covers.
@@ -48,7 +55,9 @@ class GroupPartition:
     """One parameter group's flat buffer (model dtype) and this rank's slice of it."""
 
     def __init__(self, params: list[torch.nn.Parameter], names: list[str], hyper: dict, world: int,
-                 rank: int, dtype: torch.dtype, device: torch.device) -> None:
+                 rank: int, dtype: torch.dtype, device: torch.device, axis: str = DEFAULT_AXIS,
+                 shard: str | None = None, group=None, source: int = 0) -> None:
+        self.axis, self.shard, self.group, self.source = axis, shard, group, source
         order = list(reversed(range(len(params))))
         self.params = [params[i] for i in order]
         self.names = [names[i] for i in order]
@@ -82,6 +91,10 @@ class GroupPartition:
         """This rank's slice of the flat buffer (a view: writing it writes the model)."""
         return self.flat[self.lo:self.hi]
 
+    def global_rank(self, r: int) -> int:
+        """The global rank of rank ``r`` of this group's process group."""
+        return r if self.group is None else dist.get_global_rank(self.group, r)
+
     def fragments(self, lo: int, hi: int) -> list[Fragment]:
         """The pieces of parameters that fall in flat range ``[lo, hi)`` (padding excluded)."""
         out = []
@@ -93,17 +106,23 @@ class GroupPartition:
 
     def describe(self) -> dict:
         """JSON metadata of this group's layout (checkpoints compare it before loading anything)."""
-        return {"numel": self.numel, "padded": self.padded, "partition_numel": self.partition_numel,
+        out = {} if self.axis == DEFAULT_AXIS else {"axis": self.axis, "shard": self.shard, "world": self.world}
+        return {**out, "numel": self.numel, "padded": self.padded, "partition_numel": self.partition_numel,
                 "params": [{"name": n, "shape": list(p.shape), "offset": o}
                            for n, p, o in zip(self.names, self.params, self.offsets)]}
 
 
 class Partitions:
-    """Every group's partition plus the data-parallel group they are split over."""
+    """Every group's partition plus the data-parallel group they are split over.
+
+    ``axis_groups`` maps the other reduce axes tagged parameters use (and their shard axes) to process
+    groups; a tagged parameter whose axis is missing there is an error naming the axis.
+    """
 
     def __init__(self, groups: list[dict], module: torch.nn.Module, group, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, axis_groups: dict | None = None) -> None:
         self.group = group
+        self.axis_groups = {**(axis_groups or {}), DEFAULT_AXIS: group}
         self.world = comm.get_world_size(group)
         self.rank = comm.get_rank(group)
         names = {}
@@ -118,19 +137,34 @@ class Partitions:
                 if id(p) not in names:
                     raise ConfigError(f"a parameter of shape {tuple(p.shape)} in group {g} is not a parameter "
                                       f"of the model; ZeRO partitions only the model's own parameters")
-                if reduce_axis(p) != DEFAULT_AXIS or shard_axis(p) is not None:
-                    raise ConfigError(
-                        f"parameter {names[id(p)]} is tagged to reduce over {reduce_axis(p)!r} (shard axis "
-                        f"{shard_axis(p)!r}), e.g. an expert of a mixture-of-experts layer; ZeRO stages 1-2 "
-                        f"in this version partition only data-parallel replicated parameters: use stage 0 "
-                        f"for this model")
+                for axis in (reduce_axis(p), shard_axis(p)):
+                    if axis is not None and axis not in self.axis_groups:
+                        raise ConfigError(
+                            f"parameter {names[id(p)]} is tagged with axis {axis!r} but ZeRO was given no "
+                            f"process group for it (it has {sorted(self.axis_groups)}); build the topology "
+                            f"with that axis (ds_core.comm.ensure_topology) before initialize")
                 seen[id(p)] = g
-        self.groups = [GroupPartition(list(spec["params"]), [names[id(p)] for p in spec["params"]],
-                                      {k: v for k, v in spec.items() if k != "params"}, self.world,
-                                      self.rank, dtype, device) for spec in groups]
+        split: list[tuple[int, tuple, list]] = []  # (source group, (axis, shard), params): data axis first
+        for g, spec in enumerate(groups):
+            keys: dict[tuple, list] = {}
+            for p in spec["params"]:
+                keys.setdefault((reduce_axis(p), shard_axis(p)), []).append(p)
+            split += [(g, key, ps) for key, ps in (keys or {(DEFAULT_AXIS, None): []}).items()]
+        split.sort(key=lambda item: item[1] != (DEFAULT_AXIS, None))  # stable: keeps group order
+        self.groups = []
+        for g, (axis, shard), ps in split:
+            pg = self.axis_groups[axis]
+            self.groups.append(GroupPartition(
+                ps, [names[id(p)] for p in ps], {k: v for k, v in groups[g].items() if k != "params"},
+                comm.get_world_size(pg), comm.get_rank(pg), dtype, device, axis, shard, pg, g))
 
     def global_rank(self, r: int) -> int:
         return r if self.group is None else torch.distributed.get_global_rank(self.group, r)
+
+    @property
+    def tagged(self) -> bool:
+        """True when some group is partitioned over another axis than data (e.g. experts)."""
+        return any(g.axis != DEFAULT_AXIS for g in self.groups)
 
     def all_gather(self, bucket_numel: int) -> None:
         """Give every rank the updated parameters: all-gather each group's partitions into its flat buffer.
@@ -138,33 +172,33 @@ class Partitions:
         At most ``bucket_numel`` elements per rank go in one collective (DeepSpeed's
         ``allgather_bucket_size``); a partition that fits is gathered in place.
         """
-        if self.world == 1:
-            return
-        if GLOO_GATHER_BY_SUM and dist.get_backend(self.group) == "gloo":
-            self._all_gather_by_sum(bucket_numel)
-            return
         for g in self.groups:
+            if g.world == 1:
+                continue
+            if GLOO_GATHER_BY_SUM and dist.get_backend(g.group) == "gloo":
+                self._all_gather_by_sum(g, bucket_numel)
+                continue
             part = g.partition_numel
             if part <= bucket_numel:
-                comm.all_gather(g.flat, g.own().clone(), group=self.group)
+                comm.all_gather(g.flat, g.own().clone(), group=g.group)
                 continue
-            grid = g.flat.view(self.world, part)
+            grid = g.flat.view(g.world, part)
             for c0 in range(0, part, bucket_numel):
                 c1 = min(part, c0 + bucket_numel)
-                out = torch.empty(self.world * (c1 - c0), dtype=g.flat.dtype, device=g.flat.device)
-                comm.all_gather(out, grid[self.rank, c0:c1].contiguous(), group=self.group)
-                grid[:, c0:c1].copy_(out.view(self.world, c1 - c0))
+                out = torch.empty(g.world * (c1 - c0), dtype=g.flat.dtype, device=g.flat.device)
+                comm.all_gather(out, grid[g.rank, c0:c1].contiguous(), group=g.group)
+                grid[:, c0:c1].copy_(out.view(g.world, c1 - c0))
 
-    def _all_gather_by_sum(self, bucket_numel: int) -> None:
+    @staticmethod
+    def _all_gather_by_sum(g: GroupPartition, bucket_numel: int) -> None:
         """gloo's all-reduce is much faster than its all-gather (44 MB on 2 CPU ranks: 41 ms vs 87 ms),
         so there every rank zeroes what it does not own and the flat buffer is summed. Adding zeros is
         exact in every dtype."""
-        for g in self.groups:
-            g.flat[:g.lo].zero_()
-            g.flat[g.hi:].zero_()
-            step = bucket_numel * self.world
-            for c0 in range(0, g.padded, step):
-                comm.all_reduce(g.flat[c0:c0 + step], group=self.group)
+        g.flat[:g.lo].zero_()
+        g.flat[g.hi:].zero_()
+        step = bucket_numel * g.world
+        for c0 in range(0, g.padded, step):
+            comm.all_reduce(g.flat[c0:c0 + step], group=g.group)
 
     def describe(self) -> dict:
         return {"world_size": self.world, "groups": [g.describe() for g in self.groups]}

@@ -14,6 +14,9 @@
   gradient, and no full-size gradient buffer exists. Buckets are launched in a fixed order on every
   rank, so collectives always match.
 
+Groups of tagged parameters (experts; see ``partition.py``) are reduced over their own axis's process
+group and averaged by its size, exactly as ds-core's default reducer treats them at stage 0.
+
 Both are built without knowing the parameter layout; the optimizer wrapper, which decides the
 parameter groups, calls :meth:`bind` with the :class:`~ds_zero.partition.Partitions`.
 """
@@ -54,7 +57,9 @@ class PartitionAlignedGradients(FlatGradients):
             self.offsets += [base + o for o in g.offsets]
             base += g.padded
         self.numel = base
-        self.segments = [(DEFAULT_AXIS, None, 0, base)]  # one data-axis segment (tagged params are refused)
+        # one segment per group: the reducer all-reduces each over its group's axis
+        self.segments = [(g.axis, g.shard, b, b + g.padded) for b, g in zip(self.bases, parts.groups)
+                         if g.padded] or [(DEFAULT_AXIS, None, 0, base)]
         self.buffer = torch.zeros(base, dtype=torch.float32, device=device)
         self.views = [self.buffer[o:o + p.numel()].view_as(p) for o, p in zip(self.offsets, self.params)]
         self.index = {id(p): i for i, p in enumerate(self.params)}
@@ -77,7 +82,8 @@ class AllReduceGradients:
         self.inner = DataParallelReducer(
             self.grads, parts.group, bucket_bytes=self.bucket_numel * 4, prescale=cfg.prescale_gradients,
             predivide=cfg.gradient_predivide_factor, fp32_model=self.engine.precision == "fp32",
-            comm_dtype=COMM_DTYPES.get(cfg.communication_data_type or ""))
+            comm_dtype=COMM_DTYPES.get(cfg.communication_data_type or ""),
+            axis_groups={a: g for a, g in parts.axis_groups.items() if a != DEFAULT_AXIS})
 
     def begin(self, sync: bool) -> None:
         self.inner.begin(sync)
@@ -125,7 +131,6 @@ class PartitionedGradientReducer:
 
     def bind(self, parts: Partitions) -> None:
         self.parts = parts
-        self.world = parts.world
         self.grads = [torch.zeros(g.partition_numel, dtype=torch.float32, device=self.device)
                       for g in parts.groups]
         self.buckets: list[tuple[int, int, int, int]] = []  # (group, flat lo, flat hi, #params)
@@ -184,15 +189,16 @@ class PartitionedGradientReducer:
             chunk.mul_(1.0 / self.predivide)
         wire = chunk.to(self.comm_dtype) if self.comm_dtype is not None else chunk
         works = []
-        if self.world > 1:
+        g = self.parts.groups[gi]
+        if g.world > 1:
             if self.reduce_scatter:
-                part = self.parts.groups[gi].partition_numel
+                part = g.partition_numel
                 for r in range(lo // part, (hi - 1) // part + 1):
                     a, c = max(lo, r * part), min(hi, (r + 1) * part)
-                    works.append(dist.reduce(wire[a - lo:c - lo], dst=self.parts.global_rank(r),
-                                             group=self.parts.group, async_op=True))
+                    works.append(dist.reduce(wire[a - lo:c - lo], dst=g.global_rank(r),
+                                             group=g.group, async_op=True))
             else:
-                works.append(comm.all_reduce(wire, group=self.parts.group, async_op=True))
+                works.append(comm.all_reduce(wire, group=g.group, async_op=True))
         self.in_flight.append((b, wire, works))
         limit = MAX_IN_FLIGHT if self.overlap else 0
         while len(self.in_flight) > limit:
@@ -206,7 +212,7 @@ class PartitionedGradientReducer:
         g = self.parts.groups[gi]
         a, c = max(lo, g.lo), min(hi, g.hi)
         if a < c:
-            scale = self.predivide / self.world if self.prescale else 1.0 / self.world
+            scale = self.predivide / g.world if self.prescale else 1.0 / g.world
             self.grads[gi][a - g.lo:c - g.lo].add_(wire[a - lo:c - lo], alpha=scale)
         self.staging[b] = None
 
