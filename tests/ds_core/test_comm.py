@@ -42,6 +42,12 @@ def test_collectives_two_ranks():
 
 
 @pytest.mark.world_size(2)
+def test_all_gather_strings():
+    texts = comm.all_gather_strings("" if dist.get_rank() == 0 else "rank one: é")
+    assert texts == ["", "rank one: é"]
+
+
+@pytest.mark.world_size(2)
 def test_comms_logger_records_bandwidth():
     from ds_core.comm import comms_logger
     from ds_core.config import CommsLoggerConfig

@@ -164,9 +164,8 @@ class PipelineEngine:
         self.core.optimizer.zero_grad()
         self.core.reducer.attach_grads()
         self.link.reset_links()
-        messages = [None] * comm.get_world_size()
         if comm.get_world_size() > 1:
-            dist.all_gather_object(messages, st.error)
+            messages = comm.all_gather_strings(st.error or "")
         else:
             messages = [st.error]
         first = next(r for r, m in enumerate(messages) if m)
@@ -219,7 +218,7 @@ class PipelineEngine:
 
     # -- the step --------------------------------------------------------------------------------
     def _flat_grads(self) -> FlatGradients:
-        grads = self.core.grads if self.core.grads is not None else getattr(self.core.reducer, "grads", None)
+        grads = self.core.flat_grads
         if not isinstance(grads, FlatGradients):
             raise DSError(f"the gradient reducer {type(self.core.reducer).__name__} keeps no full gradient "
                           f"buffer, which tied weights and the pipeline gradient norm need; use the default "
@@ -255,11 +254,8 @@ class PipelineEngine:
         core.reducer.attach_grads()
         if applied and core.lr_scheduler is not None:
             core.lr_scheduler.step()
-        core.global_steps += 1
-        core.global_samples += core.train_batch_size()
         core.micro_steps += self.micro_batches
-        core._loss_sum, core._loss_count = loss, 1  # the log line prints this batch's loss
-        core._after_step()
+        core.finish_step(loss)  # counters, throughput, monitors and the log line for this batch
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag: str | None = None, client_state: dict | None = None,

@@ -59,9 +59,9 @@ def _load(engine, st: BatchState, i: int, data_iter) -> None:
                             f"{' of length ' + str(len(batch)) if isinstance(batch, (tuple, list)) else ''}")
     inputs, labels = batch
     if engine.is_first_stage():
-        st.inputs[i] = tuple(engine.core._cast(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
+        st.inputs[i] = tuple(engine.core.cast_inputs(inputs if isinstance(inputs, (tuple, list)) else (inputs,)))
     if engine.is_last_stage():
-        st.labels[i] = engine.core._cast(labels)
+        st.labels[i] = engine.core.cast_inputs(labels)
 
 
 def _forward(engine, st: BatchState, i: int) -> None:

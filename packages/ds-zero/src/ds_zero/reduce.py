@@ -212,7 +212,10 @@ class PartitionedGradientReducer:
         g = self.parts.groups[gi]
         a, c = max(lo, g.lo), min(hi, g.hi)
         if a < c:
-            scale = self.predivide / g.world if self.prescale else 1.0 / g.world
+            # mean over the global batch: divide by the data-axis size for every group (see
+            # ds_core.engine.reducer), experts included
+            world = self.parts.world
+            scale = self.predivide / world if self.prescale else 1.0 / world
             self.grads[gi][a - g.lo:c - g.lo].add_(wire[a - lo:c - lo], alpha=scale)
         self.staging[b] = None
 

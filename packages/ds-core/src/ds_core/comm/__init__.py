@@ -3,6 +3,7 @@
 from .collectives import (
     ReduceOp,
     all_gather,
+    all_gather_strings,
     all_reduce,
     all_to_all,
     barrier,
@@ -34,6 +35,7 @@ __all__ = [
     "send",
     "recv",
     "barrier",
+    "all_gather_strings",
     "ReduceOp",
     "DistEnv",
     "detect",

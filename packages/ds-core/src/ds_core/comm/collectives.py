@@ -16,6 +16,7 @@ from ..accelerator import get_accelerator
 from ..errors import CommError
 from .env import DistEnv, detect
 from .logger import comms_logger
+from .topology import set_topology
 
 __all__ = [
     "init_distributed",
@@ -31,6 +32,7 @@ __all__ = [
     "send",
     "recv",
     "barrier",
+    "all_gather_strings",
     "ReduceOp",
 ]
 
@@ -79,6 +81,7 @@ def init_distributed(
         else:
             dist.init_process_group(backend=backend, init_method=init_method or "env://",
                                     rank=env.rank, world_size=env.world_size, timeout=timeout)
+        set_topology(None)  # a topology's groups belong to the process group they were built on
     except ValueError as exc:
         raise CommError(f"backend {backend!r} (from accelerator {acc.name!r}) is not usable: {exc}; "
                         f"pass dist_backend= or pick another accelerator with DS_ACCELERATOR") from exc
@@ -157,3 +160,18 @@ def recv(tensor: torch.Tensor, src: int | None = None, group=None):
 def barrier(group=None):
     with comms_logger.record("barrier", 0, get_world_size(group), None):
         return dist.barrier(group=group)
+
+
+def all_gather_strings(text: str, group=None) -> list[str]:
+    """Every rank's ``text``, in rank order: tensors only (torch's *_object collectives need numpy)."""
+    world = get_world_size(group)
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    sizes = torch.zeros(world, dtype=torch.int64)
+    all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64), group=group)
+    width = max(1, int(sizes.max()))
+    padded = torch.zeros(width, dtype=torch.uint8)
+    padded[:data.numel()] = data
+    out = torch.empty(world * width, dtype=torch.uint8)
+    all_gather(out, padded, group=group)
+    rows = out.view(world, width)
+    return [bytes(rows[r, :int(sizes[r])].tolist()).decode() for r in range(world)]

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .. import comm
 from ..errors import DSError
 
-__all__ = ["CheckpointError", "save_tree", "load_tree", "write_atomic_text", "rng_state", "set_rng_state",
+__all__ = ["CheckpointError", "all_agree", "save_tree", "load_tree", "write_atomic_text", "rng_state", "set_rng_state",
            "tensors_to_safetensors"]
 
 FORMAT = "ds-checkpoint-1"
@@ -131,7 +131,7 @@ def _tupled(obj):
 
 # -- the directory protocol ----------------------------------------------------------------------
 
-def _agree(ok: bool, group=None) -> bool:
+def all_agree(ok: bool, group=None) -> bool:
     """True only if every rank says ok."""
     if comm.get_world_size(group) == 1:
         return ok
@@ -158,7 +158,7 @@ def save_tree(save_dir: str | os.PathLike, tag: str, shared: dict[str, Any], per
             partial.mkdir()
         except OSError as exc:
             error = f"cannot write checkpoint directory {root}: {exc}"
-    if not _agree(not error):
+    if not all_agree(not error):
         raise CheckpointError((error or f"rank 0 cannot write checkpoint directory {root}") +
                               "; choose a writable save_dir (nothing was changed)")
     try:
@@ -172,7 +172,7 @@ def save_tree(save_dir: str | os.PathLike, tag: str, shared: dict[str, Any], per
             (partial / "meta.json").write_text(json.dumps(meta, indent=1))
     except (OSError, RuntimeError, TypeError, ValueError) as exc:
         error = f"rank {rank} failed writing {partial}: {exc}"
-    if not _agree(not error):
+    if not all_agree(not error):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError((error or "another rank failed writing the checkpoint") +

@@ -24,7 +24,7 @@ from .checkpoint import (
     split_optimizer_state,
 )
 
-__all__ = ["DefaultLayout", "check_model_tensors", "split_client_state"]
+__all__ = ["DefaultLayout", "check_model_tensors", "split_client_state", "sharded_names"]
 
 
 def split_client_state(client_state: dict) -> tuple[dict[str, torch.Tensor], dict]:

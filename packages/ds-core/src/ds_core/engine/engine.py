@@ -207,14 +207,15 @@ class Engine:
             self._sync_enabled = previous
 
     # -- the training contract -----------------------------------------------------------------
-    def _cast(self, x: Any) -> Any:
+    def cast_inputs(self, x: Any) -> Any:
+        """Move inputs to the device; floating tensors take the model's dtype in bf16/fp16."""
         if isinstance(x, torch.Tensor):
             x = x.to(self.device, non_blocking=True)
             return x.to(self.dtype) if x.is_floating_point() and self.dtype != torch.float32 else x
         if isinstance(x, (list, tuple)):
-            return type(x)(self._cast(v) for v in x)
+            return type(x)(self.cast_inputs(v) for v in x)
         if isinstance(x, dict):
-            return {k: self._cast(v) for k, v in x.items()}
+            return {k: self.cast_inputs(v) for k, v in x.items()}
         return x
 
     def forward(self, *inputs, **kwargs):
@@ -222,7 +223,7 @@ class Engine:
         if isinstance(first, torch.Tensor) and first.dim() >= 2 and not first.is_floating_point():
             self._tokens += first.numel()
         with self.timers("forward"):
-            return self.module(*self._cast(inputs), **self._cast(kwargs))
+            return self.module(*self.cast_inputs(inputs), **self.cast_inputs(kwargs))
 
     __call__ = forward
 
@@ -254,16 +255,26 @@ class Engine:
                 self.reducer.attach_grads()
                 if applied and self.lr_scheduler is not None:
                     self.lr_scheduler.step()
-            self.global_steps += 1
-            self.global_samples += self.train_batch_size()
-            self._after_step()
+            self.finish_step()
         self.micro_steps += 1
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
         self.reducer.attach_grads()
 
-    def _after_step(self) -> None:
+    @property
+    def flat_grads(self):
+        """The flat fp32 gradient buffer of every trainable parameter, when the reducer keeps one
+        (the default reducer and ZeRO stage 1; ``None`` under ZeRO stage 2)."""
+        return self.grads if self.grads is not None else getattr(self.reducer, "grads", None)
+
+    def finish_step(self, loss: float | None = None) -> None:
+        """Count an applied optimizer step and log it. Engines that drive the optimizer themselves
+        (the pipeline engine) call this after their step; ``loss`` overrides the averaged loss."""
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+        if loss is not None:
+            self._loss_sum, self._loss_count = loss, 1
         self.last_loss = self._loss_sum / max(1, self._loss_count)
         tokens = self._tokens * self.dp_world_size
         self._loss_sum, self._loss_count, self._tokens = 0.0, 0, 0

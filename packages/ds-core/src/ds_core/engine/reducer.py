@@ -117,14 +117,15 @@ class DataParallelReducer:
         for chunk, wire in self.copies:
             chunk.copy_(wire)
         self.copies = []
-        for start, end, _, group in self.buckets:
-            world = comm.get_world_size(group)
-            chunk = self.grads.buffer[start:end]
-            if self.prescale:
-                if self.predivide != world:
-                    chunk.mul_(self.predivide / world)
-            else:
-                chunk.div_(world)
+        # The gradient of the mean loss over the global batch: every bucket is divided by the
+        # data-axis size, whichever group summed it. An expert's gradient already sums the tokens
+        # its expert ranks routed to it, so its expert_data sum covers the whole batch too.
+        world = self.world
+        if self.prescale:
+            if self.predivide != world:
+                self.grads.buffer.mul_(self.predivide / world)
+        else:
+            self.grads.buffer.div_(world)
 
     def remove(self) -> None:
         for h in self.handles:
