@@ -16,16 +16,12 @@ Written into ``save_dir/.tag.partial`` and renamed into place only after every r
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
-from ds_core import comm
 from ds_core.engine.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -35,7 +31,7 @@ from ds_core.engine.checkpoint import (
     set_rng_state,
     split_optimizer_state,
     tensors_to_safetensors,
-    write_atomic_text,
+    writing_checkpoint,
 )
 from ds_core.engine.checkpoint_layout import split_client_state
 
@@ -44,14 +40,6 @@ __all__ = ["save", "load", "layer_file"]
 
 def layer_file(idx: int) -> str:
     return f"layer_{idx:02d}-model_states.safetensors"
-
-
-def _all_ok(ok: bool) -> bool:
-    if comm.get_world_size() == 1:
-        return ok
-    flag = torch.tensor([0.0 if ok else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
 
 
 def _layer_states(module) -> dict[int, dict[str, torch.Tensor]]:
@@ -70,21 +58,9 @@ def _coords(engine) -> tuple[int, int]:
 
 
 def save(engine, save_dir, tag: str, client_state: dict):
-    root = Path(save_dir)
-    final, partial = root / tag, root / f".{tag}.partial"
     rank, (stage, data) = engine.global_rank, _coords(engine)
-    error = ""
-    if rank == 0:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir()
-        except OSError as exc:
-            error = f"cannot write checkpoint directory {root}: {exc}"
-    if not _all_ok(not error):
-        raise CheckpointError((error or f"rank 0 cannot write {root}") + "; choose a writable save_dir")
     opt, module, core = engine.optimizer, engine.module, engine.core
-    try:
+    with writing_checkpoint(save_dir, tag, rank) as partial:
         if data == 0:
             for idx, state in _layer_states(module).items():
                 tensors_to_safetensors(state, partial / layer_file(idx))
@@ -109,23 +85,7 @@ def save(engine, save_dir, tag: str, client_state: dict):
                     "lr_scheduler": core.lr_scheduler.state_dict() if core.lr_scheduler is not None else None,
                     "client_state": client_meta}
             (partial / "meta.json").write_text(json.dumps(meta, indent=1))
-    except (OSError, RuntimeError, TypeError, ValueError) as exc:
-        error = f"rank {rank} failed writing {partial}: {exc}"
-    if not _all_ok(not error):
-        if rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointError((error or "another rank failed writing the checkpoint") +
-                              "; the previous checkpoint is untouched")
-    if rank == 0:
-        old = root / f".{tag}.old"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
-        write_atomic_text(root / "latest", tag)
-    if comm.get_world_size() > 1:
-        dist.barrier()
-    return final
+    return Path(save_dir) / tag
 
 
 def _load_layers(module, path: Path) -> None:

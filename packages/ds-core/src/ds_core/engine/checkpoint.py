@@ -15,6 +15,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .. import comm
 from ..errors import DSError
 
-__all__ = ["CheckpointError", "all_agree", "save_tree", "load_tree", "write_atomic_text", "rng_state", "set_rng_state",
+__all__ = ["CheckpointError", "all_agree", "writing_checkpoint", "save_tree", "load_tree", "write_atomic_text", "rng_state", "set_rng_state",
            "tensors_to_safetensors"]
 
 FORMAT = "ds-checkpoint-1"
@@ -140,12 +142,14 @@ def all_agree(ok: bool, group=None) -> bool:
     return flag.item() == 0.0
 
 
-def save_tree(save_dir: str | os.PathLike, tag: str, shared: dict[str, Any], per_rank: dict[str, Any],
-              rank: int) -> Path:
-    """Write a checkpoint atomically.
+@contextmanager
+def writing_checkpoint(save_dir: str | os.PathLike, tag: str, rank: int) -> Iterator[Path]:
+    """The atomic directory protocol, for any layout: yields ``save_dir/.tag.partial`` to every rank.
 
-    ``shared`` (written by rank 0): ``files`` = {name: tensors} and ``meta`` = JSON dict.
-    ``per_rank`` (written by every rank): {name: tensors} and ``meta`` = JSON dict.
+    Rank 0 prepares the directory (every rank fails alike if it cannot); each rank writes its files
+    inside the ``with`` block; only when every rank succeeded is the directory renamed to
+    ``save_dir/tag`` and ``latest`` updated. Any write error on any rank raises
+    :class:`CheckpointError` on all of them and leaves the previous checkpoint untouched.
     """
     root = Path(save_dir)
     final, partial = root / tag, root / f".{tag}.partial"
@@ -162,14 +166,7 @@ def save_tree(save_dir: str | os.PathLike, tag: str, shared: dict[str, Any], per
         raise CheckpointError((error or f"rank 0 cannot write checkpoint directory {root}") +
                               "; choose a writable save_dir (nothing was changed)")
     try:
-        for name, tensors in per_rank.get("files", {}).items():
-            tensors_to_safetensors(tensors, partial / f"{name}_rank{rank}.safetensors")
-        (partial / f"rng_rank{rank}.json").write_text(json.dumps(per_rank.get("meta", {})))
-        if rank == 0:
-            meta = dict(shared["meta"], format=FORMAT, aliases={})
-            for name, tensors in shared["files"].items():
-                meta["aliases"][name] = tensors_to_safetensors(tensors, partial / f"{name}.safetensors")
-            (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        yield partial
     except (OSError, RuntimeError, TypeError, ValueError) as exc:
         error = f"rank {rank} failed writing {partial}: {exc}"
     if not all_agree(not error):
@@ -186,7 +183,25 @@ def save_tree(save_dir: str | os.PathLike, tag: str, shared: dict[str, Any], per
         write_atomic_text(root / "latest", tag)
     if comm.get_world_size() > 1:
         dist.barrier()
-    return final
+
+
+def save_tree(save_dir: str | os.PathLike, tag: str, shared: dict[str, Any], per_rank: dict[str, Any],
+              rank: int) -> Path:
+    """Write a checkpoint atomically (see :func:`writing_checkpoint`).
+
+    ``shared`` (written by rank 0): ``files`` = {name: tensors} and ``meta`` = JSON dict.
+    ``per_rank`` (written by every rank): {name: tensors} and ``meta`` = JSON dict.
+    """
+    with writing_checkpoint(save_dir, tag, rank) as partial:
+        for name, tensors in per_rank.get("files", {}).items():
+            tensors_to_safetensors(tensors, partial / f"{name}_rank{rank}.safetensors")
+        (partial / f"rng_rank{rank}.json").write_text(json.dumps(per_rank.get("meta", {})))
+        if rank == 0:
+            meta = dict(shared["meta"], format=FORMAT, aliases={})
+            for name, tensors in shared["files"].items():
+                meta["aliases"][name] = tensors_to_safetensors(tensors, partial / f"{name}.safetensors")
+            (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+    return Path(save_dir) / tag
 
 
 def resolve_tag(load_dir: str | os.PathLike, tag: str | None) -> Path:
