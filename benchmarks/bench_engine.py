@@ -12,26 +12,15 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+from _common import ddp_step as ddp_step_for
+from _common import timed
 
 import ds_core
 from ds_core.testing import run_distributed
 from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
-
-
-def _timed(step_fn, steps: int, warmup: int = 3) -> float:
-    for i in range(warmup):
-        step_fn(i)
-    dist.barrier()
-    start = time.perf_counter()
-    for i in range(steps):
-        step_fn(warmup + i)
-    dist.barrier()
-    return (time.perf_counter() - start) / steps
 
 
 def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
@@ -41,16 +30,7 @@ def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
     batches = [synthetic_tokens(micro, cfg.seq_len, cfg.vocab_size, i, rank) for i in range(8)]
     base = GPT(cfg)
 
-    ddp = DDP(copy.deepcopy(base))
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
-
-    def ddp_step(i):
-        x, y = batches[i % 8]
-        loss = ddp(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
+    ddp_step = ddp_step_for(base, batches)
 
     engine, *_ = ds_core.initialize(model=copy.deepcopy(base), config={
         "train_micro_batch_size_per_gpu": micro, "gradient_clipping": 1.0, "steps_per_print": 0,
@@ -64,8 +44,8 @@ def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
 
     ddp_times, ds_times = [], []
     for _ in range(rounds):
-        ddp_times.append(_timed(ddp_step, steps))
-        ds_times.append(_timed(engine_step, steps))
+        ddp_times.append(timed(ddp_step, steps))
+        ds_times.append(timed(engine_step, steps))
     params = sum(p.numel() for p in base.parameters())
     return params, statistics.median(ddp_times), statistics.median(ds_times)
 

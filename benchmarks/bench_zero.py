@@ -15,28 +15,17 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+from _common import ddp_step as ddp_step_for
+from _common import timed
 
 import ds_core
 from ds_core.testing import run_distributed
 from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
 
 BUCKET = 25 * 1024 * 1024 // 4  # elements: DDP's 25 MB
-
-
-def _timed(step_fn, steps: int, warmup: int = 2) -> float:
-    for i in range(warmup):
-        step_fn(i)
-    dist.barrier()
-    start = time.perf_counter()
-    for i in range(steps):
-        step_fn(warmup + i)
-    dist.barrier()
-    return (time.perf_counter() - start) / steps
 
 
 def _engine_step(base, micro, batches, zero):
@@ -61,16 +50,7 @@ def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
     batches = [synthetic_tokens(micro, cfg.seq_len, cfg.vocab_size, i, rank) for i in range(8)]
     base = GPT(cfg)
 
-    ddp = DDP(copy.deepcopy(base))
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
-
-    def ddp_step(i):
-        x, y = batches[i % 8]
-        loss = ddp(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
+    ddp_step = ddp_step_for(base, batches)
 
     stage2 = {"stage": 2, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET, "overlap_comm": True}
     runs = {"ddp": ddp_step,
@@ -80,7 +60,7 @@ def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
-            times[name].append(_timed(fn, steps))
+            times[name].append(timed(fn, steps))
     params = sum(p.numel() for p in base.parameters())
     return params, {k: statistics.median(v) for k, v in times.items()}
 
