@@ -80,8 +80,11 @@ def entries(group: str) -> tuple[PluginRef, ...]:
 
 
 def report_failure(ref: PluginRef | None, group: str, name: str, error: BaseException) -> None:
-    """Remember and warn about a plugin that could not be used; callers then skip it."""
-    _failures.append((group, name, str(error)))
+    """Remember and warn about a plugin that could not be used (once); callers then skip it."""
+    entry = (group, name, str(error))
+    if entry in _failures:
+        return
+    _failures.append(entry)
     warnings.warn(str(error), RuntimeWarning, stacklevel=3)
 
 

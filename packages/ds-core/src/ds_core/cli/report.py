@@ -86,8 +86,10 @@ def _print(info: dict) -> None:
     print("\nops")
     if not info["ops"]:
         print("  no kernel package installed (pip install ds-ops); PyTorch defaults are used")
-    for row in info["ops"]:
-        print("  " + "  ".join(f"{c:<18}" for c in row[1:]))
+    rows = [row[1:] for row in info["ops"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)] if rows else []
+    for row in rows:
+        print("  " + "  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + "  " + row[-1])
     print(f"\nds subcommands from plugins: {', '.join(info['cli']) or 'none'}")
     for group, name, reason in info["plugin_failures"]:
         print(f"plugin failure: {group} {name}: {reason}")
