@@ -1,9 +1,11 @@
-"""ds-zero: ZeRO stages 1 and 2 (partitioned optimizer state and gradients) with CPU optimizer offload.
+"""ds-zero: ZeRO stages 1-3 (partitioned optimizer state, gradients and parameters) with CPU optimizer offload.
 
 Enabled by a ``zero_optimization`` section in a ds/DeepSpeed config; the engine picks up this
 package's components (gradient reducer, optimizer wrapper, checkpoint layout) through the feature
 seam, so nothing here needs to be imported to train. The names below are for inspection, memory
-accounting and tests. They are imported on first use, so validating a config stays cheap.
+accounting and tests — except :class:`Init` and :class:`GatheredParameters`, the stage-3 contexts
+for building a partitioned model and touching its full parameters. They are imported on first use,
+so validating a config stays cheap.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ _EXPORTS = {
     "estimate_memory": "memory",
     "memory_report": "memory",
     "format_memory_table": "memory",
+    "Stage3Partitions": "stage3",
+    "Stage3GradientReducer": "reduce3",
+    "GatheredParameters": "gathered",
+    "ModifiedOnNonModifierRankError": "gathered",
+    "Init": "init_context",
+    "is_zero_init_parameter": "init_context",
+    "zero_to_fp32": "consolidate",
+    "gathered_state_dict": "checkpoint3",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -271,5 +271,9 @@ def build(engine):
     cfg = engine.config.section("zero_optimization")
     if cfg is None or cfg.stage == 0:
         return None
+    if cfg.stage == 3:
+        from .checkpoint3 import Stage3CheckpointLayout
+
+        return Stage3CheckpointLayout(cfg)
     return ZeroCheckpointLayout(cfg)
 

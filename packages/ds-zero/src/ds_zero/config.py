@@ -1,11 +1,10 @@
 """The ``zero_optimization`` config section, with DeepSpeed's key names and defaults.
 
-Stages 1 and 2 of ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training
+Stages 1, 2 and 3 of ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training
 Trillion Parameter Models") are implemented; stage 0 keeps the engine's plain data parallelism.
-Every stage-1/2 key DeepSpeed documents is accepted, as are the stage-3 keys (so a DeepSpeed config
-loads unchanged), which only take effect once stage 3 exists. Keys that would change behaviour we do
-not have (stage 3, parameter offload, NVMe, quantized or hierarchical partitioning) fail here, at
-config time, with the fix — before any process group, buffer or file is touched.
+Every key DeepSpeed documents is accepted (so a DeepSpeed config loads unchanged). Keys that would
+change behaviour we do not have (parameter/NVMe offload, quantized or hierarchical partitioning)
+fail here, at config time, with the fix — before any process group, buffer or file is touched.
 
 Bucket sizes count elements, as in DeepSpeed; ``5e8`` written as a float is accepted, ``"auto"``
 means the default.
@@ -23,7 +22,7 @@ __all__ = ["ZeroConfig", "OffloadOptimizerConfig", "OffloadParamConfig", "DEFAUL
            "STAGES_AVAILABLE"]
 
 DEFAULT_BUCKET_ELEMENTS = 500_000_000
-STAGES_AVAILABLE = (0, 1, 2)
+STAGES_AVAILABLE = (0, 1, 2, 3)
 
 
 def _count(name: str, value: Any, default: int, allow_zero: bool = False) -> int:
@@ -64,7 +63,7 @@ class OffloadOptimizerConfig(Section):
 
 
 class OffloadParamConfig(Section):
-    """``zero_optimization.offload_param``: parameter offload, a stage-3 feature (accepted, not available)."""
+    """``zero_optimization.offload_param``: where stage 3 keeps the parameter shards ('cpu': host memory)."""
 
     device: Literal["none", "cpu", "nvme"] = Field("none", description="Where stage 3 keeps parameters.")
     nvme_path: str = Field("/local_nvme", description="Directory for NVMe parameter offload.")
@@ -78,7 +77,8 @@ class ZeroConfig(Section):
     """``zero_optimization``: partition optimizer state (stage 1) and gradients (stage 2) over data ranks."""
 
     stage: int = Field(0, description="0: plain data parallelism; 1: partition fp32 master weights and "
-                                      "optimizer state; 2: also partition gradients; 3: not available yet.")
+                                      "optimizer state; 2: also partition gradients; 3: also partition the "
+                                      "parameters, gathered around the modules that use them.")
     allgather_partitions: bool = Field(True, description="All-gather updated partitions into every rank's "
                                                          "model after the step (the only mode implemented).")
     allgather_bucket_size: int | float | str = Field(
@@ -112,14 +112,18 @@ class ZeroConfig(Section):
     offload_optimizer: OffloadOptimizerConfig = Field(default_factory=OffloadOptimizerConfig,
                                                       description="ZeRO-Offload of optimizer state.")
     offload_param: OffloadParamConfig = Field(default_factory=OffloadParamConfig,
-                                              description="Stage-3 parameter offload (not available).")
+                                              description="Stage-3 parameter offload: shards in host memory.")
     # Stage-3 and later keys, accepted so DeepSpeed configs load; they act only with stage 3.
     stage3_max_live_parameters: int | float | str = Field(1_000_000_000, description="Stage 3 only.")
     stage3_max_reuse_distance: int | float | str = Field(1_000_000_000, description="Stage 3 only.")
     stage3_prefetch_bucket_size: int | float | str = Field(50_000_000, description="Stage 3 only.")
-    stage3_param_persistence_threshold: int | float | str = Field(100_000, description="Stage 3 only.")
+    stage3_param_persistence_threshold: int | float | str = Field(
+        100_000, description="Stage 3: parameters of at most this many elements stay whole on every rank "
+                             "(their optimizer state is still partitioned).")
     stage3_model_persistence_threshold: int | float | str = Field(2**63 - 1, description="Stage 3 only.")
-    stage3_gather_16bit_weights_on_model_save: bool = Field(False, description="Stage 3 only.")
+    stage3_gather_16bit_weights_on_model_save: bool = Field(
+        False, description="Stage 3: also write the gathered model weights (model dtype) as one "
+                           "consolidated model.safetensors when saving a checkpoint.")
     stage3_gather_fp16_weights_on_model_save: bool = Field(False, description="Old name of the key above.")
     stage3_module_granularity_threshold: int = Field(0, description="Stage 3 only.")
     memory_efficient_linear: bool = Field(True, description="Stage 3 only.")
@@ -137,11 +141,8 @@ class ZeroConfig(Section):
     @field_validator("stage")
     @classmethod
     def _stage(cls, value: int) -> int:
-        if value == 3:
-            raise ValueError("ZeRO stage 3 (parameter partitioning) is not available yet in this version "
-                             "of ds-zero; use stage 2 (gradients and optimizer state partitioned) or 1")
         if value not in STAGES_AVAILABLE:
-            raise ValueError(f"stage {value} is not a ZeRO stage; use 0, 1 or 2 (3 is not available yet)")
+            raise ValueError(f"stage {value} is not a ZeRO stage; use 0, 1, 2 or 3")
         return value
 
     @field_validator("allgather_bucket_size", "reduce_bucket_size")
@@ -164,6 +165,9 @@ class ZeroConfig(Section):
         if isinstance(data, dict) and data.get("cpu_offload") and "offload_optimizer" not in data:
             data = dict(data, offload_optimizer={"device": "cpu",
                                                  "pin_memory": bool(data.get("cpu_offload_use_pin_memory"))})
+        if isinstance(data, dict) and data.get("cpu_offload_params") and "offload_param" not in data:
+            data = dict(data, offload_param={"device": "cpu",
+                                             "pin_memory": bool(data.get("cpu_offload_use_pin_memory"))})
         return data
 
     @model_validator(mode="after")
@@ -173,14 +177,22 @@ class ZeroConfig(Section):
             raise ValueError("offload_optimizer.device 'nvme' comes with ZeRO-Infinity (stage 3 with NVMe), "
                              "which is not available yet; use device 'cpu' (host memory) or 'none'")
         if off.device == "cpu" and self.stage == 0:
-            raise ValueError("offload_optimizer.device 'cpu' needs stage 1 or 2 (the offloaded state is "
-                             "the partitioned optimizer state); set stage to 1 or 2, or device to 'none'")
+            raise ValueError("offload_optimizer.device 'cpu' needs stage 1 or 2 (or 3): the offloaded state "
+                             "is the partitioned optimizer state; set stage to 1, 2 or 3, or device to 'none'")
         if off.ratio != 1.0:
             raise ValueError(f"offload_optimizer.ratio {off.ratio} is not implemented (only 1.0: the whole "
                              f"step on the host); remove ratio")
-        if self.offload_param.device != "none" or self.cpu_offload_params:
-            raise ValueError("offload_param (parameter offload) is part of ZeRO stage 3, which is not "
-                             "available yet; remove offload_param or set its device to 'none'")
+        par = self.offload_param.device
+        if par != "none" and self.stage != 3:
+            raise ValueError(f"offload_param.device {par!r} needs stage 3 (only there are parameters "
+                             f"partitioned); set stage to 3 or remove offload_param")
+        if par == "nvme":
+            raise ValueError("offload_param.device 'nvme' (ZeRO-Infinity parameter offload) is not implemented "
+                             "yet in ds-zero; use device 'cpu' (host memory) or 'none'")
+        if par == "cpu" and off.device != "cpu":
+            raise ValueError("offload_param.device 'cpu' needs offload_optimizer.device 'cpu' too in ds-zero "
+                             "(the host shards are what the host optimizer steps); add "
+                             "\"offload_optimizer\": {\"device\": \"cpu\"}")
         unavailable = {"zero_hpz_partition_size": (self.zero_hpz_partition_size, 1),
                        "zero_quantized_weights": (self.zero_quantized_weights, False),
                        "zero_quantized_nontrainable_weights": (self.zero_quantized_nontrainable_weights, False),

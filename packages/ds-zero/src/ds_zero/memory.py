@@ -87,7 +87,7 @@ def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 def memory_report(engine) -> dict:
     """Measured bytes on this rank: ``params``, ``gradients``, ``optimizer_states``, ``host``, ``total``.
 
-    Works for ZeRO engines (stages 1-2) and the engine's default (stage 0). Optimizer state counts fp32
+    Works for ZeRO engines (stages 1-3) and the engine's default (stage 0). Optimizer state counts fp32
     master weights (when they are not the model's own parameters) and every per-element state tensor;
     it is measured after the first step, when optimizers have created their state. With CPU offload
     the optimizer state and the host gradient copy are reported under ``host``.
@@ -96,6 +96,8 @@ def memory_report(engine) -> dict:
     parts = getattr(opt, "parts", None)
     if parts is not None:  # ZeRO
         params = _nbytes(g.flat for g in parts.groups)
+        # stage 3: parameters kept whole (persistence threshold) are full copies besides their shards
+        params += _nbytes(s.param.data for g in parts.groups for s in getattr(g, "sharded", ()) if s.persistent)
         grads = engine.reducer.buffer_bytes()
         masters = [] if opt.aliased else list(opt.masters)
         state = _nbytes(masters + _state_tensors(opt.optimizer))

@@ -193,7 +193,33 @@ def build(engine, client=None):
         raise DSError(f"ZeRO stage {cfg.stage} needs ds-zero's gradient reducer, but the engine has "
                       f"{type(reducer).__name__}; another feature replaced it — remove that feature's "
                       f"section or use stage 0")
+    if cfg.stage == 3:
+        return _build_stage3(engine, cfg, reducer, client)
+    if any(getattr(p, "ds_shard", None) is not None for p in engine.module.parameters()):
+        raise ConfigError(f"the model was built under ds_zero.Init (its parameters are partitioned) but "
+                          f"zero_optimization.stage is {cfg.stage}; set stage to 3 or build the model "
+                          f"without Init")
     parts = Partitions(_groups_for(engine, client), engine.module, engine.dp_group, engine.dtype, engine.device,
                        axis_groups=getattr(engine, "axis_groups", None))
     reducer.bind(parts)
     return ZeroOptimizer(engine, cfg, parts, reducer, client)
+
+
+def _build_stage3(engine, cfg, reducer, client) -> ZeroOptimizer:
+    """Stage 3: shard every parameter (``stage3.py``), install the gather hooks (``gather.py``), and
+    step the shards with the same :class:`ZeroOptimizer` as stages 1 and 2."""
+    from .gather import ParameterCoordinator
+    from .stage3 import Stage3Partitions
+
+    offload = cfg.offload_param.device == "cpu"
+    pin = (offload and cfg.offload_param.pin_memory and engine.device.type != "cpu"
+           and engine.accelerator.supports("pinned_memory"))
+    parts = Stage3Partitions(_groups_for(engine, client), engine.module, engine.dp_group, engine.dtype,
+                             engine.device, cfg.stage3_param_persistence_threshold,
+                             shard_device=torch.device("cpu") if offload else None, pin=pin)
+    coordinator = ParameterCoordinator(parts, engine.module)
+    reducer.bind(parts, coordinator)
+    opt = ZeroOptimizer(engine, cfg, parts, reducer, client)
+    parts.optimizer = opt
+    parts.coordinator = coordinator
+    return opt

@@ -259,6 +259,10 @@ def build(engine):
         return None
     if cfg.stage == 1:
         return AllReduceGradients(engine, cfg.reduce_bucket_size)
+    if cfg.stage == 3:
+        from .reduce3 import Stage3GradientReducer
+
+        return Stage3GradientReducer(engine, cfg.overlap_comm)
     reduce_scatter = cfg.reduce_scatter
     if engine.dp_world_size > 1 and GLOO_PREFERS_ALL_REDUCE and dist.get_backend(engine.dp_group) == "gloo":
         reduce_scatter = False

@@ -1,0 +1,169 @@
+"""Consolidate a ZeRO checkpoint (stage 0-3, any world size) into one plain safetensors state dict.
+
+The counterpart of DeepSpeed's ``zero_to_fp32.py``: the fp32 master partitions every rank saved are
+stitched back into full parameters, which a plain PyTorch model loads with
+``safetensors.torch.load_file`` — no ds, no process group. Nothing is loaded whole: the output
+header is computed from the saved layout first, then one tensor at a time is assembled from the
+pieces of the rank files that hold it (``safe_open(...).get_slice``) and streamed to the file, so
+memory stays at the largest single tensor.
+
+Layouts (see ``checkpoint.py`` and ``checkpoint3.py``):
+
+- stages 1-2: a group's parameters lie end to end in one flat buffer split into equal partitions,
+  so a parameter may span several ranks' ``master.{g}``;
+- stage 3: each parameter is split on its own; rank r holds its shard at ``offset`` in ``master.{g}``;
+- stage 0 (no partitions), and tensors that are not partitioned (buffers, frozen parameters,
+  experts): taken from ``model.safetensors`` (``model_rank*.safetensors``) as saved.
+
+Partitioned parameters come out in fp32 (the masters); other tensors keep their saved dtype. Every
+name of a tied parameter is written (as separate copies), so the result is an ordinary state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ds_core.engine.checkpoint import CheckpointError, resolve_tag
+
+__all__ = ["zero_to_fp32", "consolidated_tensors", "write_safetensors_streaming"]
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+_FROM_NAME = {v: k for k, v in _DTYPES.items()}
+
+Producer = Callable[[], torch.Tensor]
+
+
+def _resolve(checkpoint_dir, tag: str | None) -> Path:
+    path = Path(checkpoint_dir)
+    if tag is None and (path / "meta.json").is_file():
+        return path
+    return resolve_tag(path, tag)
+
+
+def _slice_dtype(sl) -> torch.dtype:
+    return _FROM_NAME[sl.get_dtype()]
+
+
+def consolidated_tensors(checkpoint_dir, tag: str | None = None
+                         ) -> Iterator[tuple[str, torch.dtype, tuple[int, ...], Producer]]:
+    """``(name, dtype, shape, produce)`` for every tensor of the consolidated state dict, in order.
+
+    ``produce()`` assembles that one tensor on demand (reading only its pieces).
+    """
+    path = _resolve(checkpoint_dir, tag)
+    meta = json.loads((path / "meta.json").read_text())
+    zero = meta.get("zero")
+    aliases: dict[str, str] = dict((meta.get("aliases") or {}).get("model", {}))
+    model_files = [path / "model.safetensors"] + sorted(path.glob("model_rank*.safetensors"))
+    handles: dict[Path, object] = {}
+
+    def handle(file: Path):
+        if file not in handles:
+            handles[file] = safe_open(str(file), framework="pt")
+        return handles[file]
+
+    partitioned: dict[str, tuple[tuple[int, ...], Producer]] = {}
+    if zero is not None:
+        world = zero["world_size"]
+        ranks = [path / f"zero_rank{r}.safetensors" for r in range(world)]
+        for file in ranks:
+            if not file.is_file():
+                raise CheckpointError(f"{file} is missing: the checkpoint was saved by {world} ranks and "
+                                      f"every rank's partition is needed to consolidate it")
+        per_param = zero.get("layout") == "per_parameter"
+        aliases.update(zero.get("aliases", {}))
+        for g, spec in enumerate(zero["groups"]):
+            if "axis" in spec:  # expert groups: their weights are in model_rank*.safetensors
+                continue
+            key = f"master.{g}"
+            for p in spec["params"]:
+                numel = 1
+                for d in p["shape"]:
+                    numel *= d
+                shape = tuple(p["shape"])
+                if per_param:
+                    def produce(p=p, numel=numel, shape=shape, key=key):
+                        pieces = [handle(f).get_slice(key)[p["offset"]:p["offset"] + p["part"]] for f in ranks]
+                        return torch.cat(pieces)[:numel].view(shape)
+                else:
+                    part = spec["partition_numel"]
+
+                    def produce(p=p, numel=numel, shape=shape, key=key, part=part):
+                        out = torch.empty(numel, dtype=torch.float32)
+                        lo, hi = p["offset"], p["offset"] + numel
+                        for r in range(lo // part, (hi - 1) // part + 1 if numel else 0):
+                            a, b = max(lo, r * part), min(hi, (r + 1) * part)
+                            out[a - lo:b - lo] = handle(ranks[r]).get_slice(key)[a - r * part:b - r * part]
+                        return out.view(shape)
+                partitioned[p["name"]] = (shape, produce)
+    produced: dict[str, tuple[torch.dtype, tuple[int, ...], Producer]] = {}
+    for file in model_files:
+        if not file.is_file():
+            continue
+        f = handle(file)
+        for name in f.keys():
+            if name in partitioned:
+                shape, produce = partitioned.pop(name)
+                produced[name] = (torch.float32, shape, produce)
+            else:
+                sl = f.get_slice(name)
+                produced[name] = (_slice_dtype(sl), tuple(sl.get_shape()),
+                                  lambda f=f, name=name: f.get_tensor(name))
+            yield name, *produced[name]
+    for name, (shape, produce) in partitioned.items():  # stage 3: parameters are not in model.safetensors
+        produced[name] = (torch.float32, shape, produce)
+        yield name, *produced[name]
+    for alias, target in aliases.items():  # tied names: the same tensor under every name
+        if alias in produced:
+            continue
+        if target not in produced:
+            raise CheckpointError(f"{path}: tied name {alias!r} points at {target!r}, which the checkpoint "
+                                  f"does not hold; the checkpoint is damaged")
+        yield alias, *produced[target]
+
+
+def write_safetensors_streaming(entries, out_path, metadata: dict[str, str] | None = None) -> int:
+    """Write ``(name, dtype, shape, produce)`` entries as one safetensors file, one tensor in memory at
+    a time (the header is computed from shapes and dtypes first). Returns the number of tensors."""
+    entries = list(entries)
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, dtype, shape, _ in entries:
+        size = torch.empty((), dtype=dtype).element_size()
+        for d in shape:
+            size *= d
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, dtype, shape, produce in entries:
+            t = produce().to(dtype).contiguous().reshape(-1)
+            expected = 1
+            for d in shape:
+                expected *= d
+            if t.numel() != expected:
+                raise CheckpointError(f"{name}: assembled {t.numel()} elements, expected shape {shape}")
+            f.write(t.view(torch.uint8).numpy().tobytes())
+    tmp.replace(out_path)
+    return len(entries)
+
+
+def zero_to_fp32(checkpoint_dir, output_file, tag: str | None = None) -> int:
+    """Consolidate ``checkpoint_dir`` (a save_dir with ``latest``, or one tag's directory) into
+    ``output_file`` (safetensors); returns the number of tensors written."""
+    path = _resolve(checkpoint_dir, tag)
+    return write_safetensors_streaming(consolidated_tensors(path), output_file,
+                                       {"format": "pt", "source": str(path)})

@@ -1,0 +1,218 @@
+"""The stage-3 layout: every parameter split into N equal shards, one kept per rank.
+
+ZeRO stage 3 (P_os+g+p, Rajbhandari et al. 2020, section 5.3) partitions the parameters themselves:
+each rank keeps 1/N of every parameter and the full tensor exists only while the module that uses it
+runs (``gather.py`` does the gathering). Unlike stages 1 and 2, where a group's parameters are laid
+end to end and split once, here each parameter is flattened, padded to a multiple of N and split on
+its own, as DeepSpeed does: rank r keeps elements ``[r·P, (r+1)·P)`` of it, so gathering one
+parameter is one all-gather of equal pieces and needs no other parameter.
+
+A rank's shards of one parameter group are laid end to end in one flat tensor (:meth:`Stage3Group.own`),
+which is what the optimizer steps (``optimizer.py``'s :class:`ZeroOptimizer` works on it exactly as
+on a stage-1/2 partition), so the group's hyper-parameters apply to every element.
+
+While a parameter is released its ``data`` is a *placeholder*: one NaN expanded to the full shape
+(no memory, ``param.shape`` still right, and any computation that forgot to gather shows NaN rather
+than silently wrong numbers; writing into it fails). Parameters of at most
+``stage3_param_persistence_threshold`` elements stay whole on every rank (they are cheap to keep and
+costly to gather one by one); their optimizer state is still partitioned and they are re-gathered
+after every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ds_core import comm
+from ds_core.errors import ConfigError
+from ds_core.params import DEFAULT_AXIS, reduce_axis, shard_axis
+
+from .partition import padded_numel
+
+__all__ = ["ShardedParameter", "Stage3Group", "Stage3Partitions", "placeholder", "gather_shards"]
+
+
+def placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A released parameter's data: one NaN expanded to ``shape`` (no storage beyond one element)."""
+    return torch.full((), float("nan"), dtype=dtype, device=device).expand(shape)
+
+
+class ShardedParameter:
+    """One parameter's shard on this rank, and whether (and by how many users) it is gathered.
+
+    ``source`` is the shard :class:`~ds_zero.init_context.Init` made while the model was built: its
+    values are taken over (cast to ``shard``'s dtype) instead of reading the parameter's data.
+    """
+
+    def __init__(self, param: torch.nn.Parameter, name: str, world: int, rank: int, shard: torch.Tensor,
+                 persistent: bool, group=None, owner=None, source: ShardedParameter | None = None) -> None:
+        self.param, self.name = param, name
+        self.shape = source.shape if source is not None else param.shape
+        self.numel = source.numel if source is not None else param.numel()
+        self.padded = padded_numel(self.numel, world)
+        self.part = self.padded // world
+        self.world, self.rank, self.group, self.owner = world, rank, group, owner
+        self.shard = shard
+        self.device = param.device  # where the gathered tensor lives; the shard may be in host memory
+        self.persistent = persistent
+        self.users = 0          # forward modules / GatheredParameters contexts holding it gathered
+        self.held_for_backward = False
+        self.gathered = source is None or source.gathered  # full data present in ``param.data``
+        with torch.no_grad():
+            if source is not None:
+                if source.world != world:
+                    raise ConfigError(f"parameter {name} was partitioned by ds_zero.Init over {source.world} "
+                                      f"ranks but the engine's data-parallel group has {world}; pass the same "
+                                      f"group to Init (data_parallel_group=...)")
+                shard.copy_(source.shard)
+                if source.gathered:
+                    param.data = param.data.to(shard.dtype)
+                else:
+                    param.data = placeholder(self.shape, shard.dtype, self.device)
+            else:
+                flat = param.detach().reshape(-1)
+                lo = min(self.numel, rank * self.part)
+                hi = min(self.numel, lo + self.part)
+                shard.zero_()
+                shard[:hi - lo].copy_(flat[lo:hi])
+        param.ds_shard = self
+
+    def release(self) -> None:
+        """Drop the full tensor (persistent parameters stay whole)."""
+        if self.persistent or not self.gathered:
+            return
+        if self.owner is None:  # built under Init, not yet adopted by an engine: DeepSpeed's empty tensor
+            self.param.data = torch.empty(0, dtype=self.shard.dtype, device=self.device)
+        else:
+            self.param.data = placeholder(self.shape, self.shard.dtype, self.device)
+        self.gathered = False
+
+
+def gather_shards(items: list[ShardedParameter], group) -> None:
+    """All-gather the full tensors of ``items`` in one collective (every rank passes the same list)."""
+    if not items:
+        return
+    world = items[0].world
+    total = sum(s.part for s in items)
+    dtype, device = items[0].shard.dtype, items[0].device
+    with torch.no_grad():
+        send = torch.cat([s.shard for s in items]) if len(items) > 1 else items[0].shard
+        send = send.to(device, non_blocking=True)  # from host memory under offload_param
+        if world == 1:
+            grid = send.view(1, total)
+        else:
+            out = torch.empty(world * total, dtype=dtype, device=device)
+            comm.all_gather(out, send.contiguous(), group=group)
+            grid = out.view(world, total)
+        off = 0
+        for s in items:
+            full = grid[:, off:off + s.part].reshape(-1)[:s.numel].view(s.shape)
+            off += s.part
+            if s.persistent and s.gathered:
+                s.param.data.copy_(full)
+            else:
+                s.param.data = full
+            s.gathered = True
+
+
+class Stage3Group:
+    """One parameter group's shards on this rank: the flat tensor the optimizer steps (``own()``).
+
+    Offers what :class:`~ds_zero.optimizer.ZeroOptimizer` and the checkpoint layout use of a
+    stage-1/2 :class:`~ds_zero.partition.GroupPartition` (``own``, ``partition_numel``, ``hyper``,
+    ``axis``, ``describe``...).
+    """
+
+    axis, shard, source = DEFAULT_AXIS, None, 0
+
+    def __init__(self, params: list[torch.nn.Parameter], names: list[str], hyper: dict, world: int,
+                 rank: int, dtype: torch.dtype, device: torch.device, threshold: int, group, owner=None,
+                 pin: bool = False) -> None:
+        self.params, self.names, self.hyper = list(params), list(names), hyper
+        self.world, self.rank, self.group = world, rank, group
+        sources = [getattr(p, "ds_shard", None) for p in self.params]
+        numels = [s.numel if s is not None else p.numel() for p, s in zip(self.params, sources)]
+        parts = [padded_numel(n, world) // world for n in numels]
+        self.offsets = [sum(parts[:i]) for i in range(len(parts))]
+        self.partition_numel = max(1, sum(parts))
+        self.numel = sum(numels)
+        self.padded = self.partition_numel * world
+        self.flat = torch.zeros(self.partition_numel, dtype=dtype, device=device)
+        self.sharded = [ShardedParameter(p, n, world, rank, self.flat[o:o + k], m <= threshold, group, owner, src)
+                        for p, n, o, k, m, src in zip(self.params, self.names, self.offsets, parts, numels, sources)]
+        if any(s.persistent and not s.gathered for s in self.sharded):
+            gather_shards([s for s in self.sharded if s.persistent and not s.gathered], group)
+        for s in self.sharded:
+            s.release()
+
+    def own(self) -> torch.Tensor:
+        """This rank's shards of every parameter of the group, end to end (a view: the optimizer
+        stepping it updates what the next gather returns)."""
+        return self.flat
+
+    def describe(self) -> dict:
+        return {"layout": "per_parameter", "numel": self.numel, "partition_numel": self.partition_numel,
+                "padded": self.padded,
+                "params": [{"name": s.name, "shape": list(s.shape), "offset": o, "part": s.part}
+                           for s, o in zip(self.sharded, self.offsets)]}
+
+
+class Stage3Partitions:
+    """Every trainable parameter sharded over the data-parallel group (see the module docstring)."""
+
+    def __init__(self, groups: list[dict], module: torch.nn.Module, group, dtype: torch.dtype,
+                 device: torch.device, threshold: int, shard_device: torch.device | None = None,
+                 pin: bool = False) -> None:
+        self.group = group
+        self.axis_groups = {DEFAULT_AXIS: group}
+        self.world = comm.get_world_size(group)
+        self.rank = comm.get_rank(group)
+        names: dict[int, str] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), name)
+        seen: dict[int, int] = {}
+        for g, spec in enumerate(groups):
+            for p in spec["params"]:
+                if id(p) in seen:
+                    raise ConfigError(f"parameter {names.get(id(p), '?')} appears in parameter groups "
+                                      f"{seen[id(p)]} and {g}; put each parameter in one group")
+                if id(p) not in names:
+                    raise ConfigError(f"a parameter of shape {tuple(p.shape)} in group {g} is not a parameter "
+                                      f"of the model; ZeRO partitions only the model's own parameters")
+                if reduce_axis(p) not in (None, DEFAULT_AXIS) or shard_axis(p) is not None:
+                    raise ConfigError(f"parameter {names[id(p)]} is tagged with axis {reduce_axis(p)!r}: ZeRO "
+                                      f"stage 3 partitions only data-parallel parameters (experts are not "
+                                      f"supported at stage 3 yet); use stage 2 for this model")
+                seen[id(p)] = g
+        self.groups = [Stage3Group(spec["params"], [names[id(p)] for p in spec["params"]],
+                                   {k: v for k, v in spec.items() if k != "params"}, self.world, self.rank,
+                                   dtype, shard_device or device, threshold, group, self, pin) for spec in groups]
+        self.by_param = {id(s.param): s for g in self.groups for s in g.sharded}
+        self.optimizer = None  # set by the optimizer factory: GatheredParameters refreshes its masters
+        self.coordinator = None
+
+    tagged = False
+
+    def global_rank(self, r: int) -> int:
+        return r if self.group is None else torch.distributed.get_global_rank(self.group, r)
+
+    def shards_of(self, params) -> list[ShardedParameter]:
+        """The :class:`ShardedParameter` of each managed parameter in ``params`` (others skipped)."""
+        out, seen = [], set()
+        for p in params:
+            s = self.by_param.get(id(p))
+            if s is not None and id(p) not in seen:
+                seen.add(id(p))
+                out.append(s)
+        return out
+
+    def all_gather(self, bucket_numel: int) -> None:
+        """After the step: refresh the parameters that are whole (persistent ones, or any a context
+        holds) from the updated shards; released ones are gathered fresh when next used."""
+        for g in self.groups:
+            live = [s for s in g.sharded if s.gathered]
+            for i in range(0, len(live), 64):
+                gather_shards(live[i:i + 64], self.group)
+
+    def describe(self) -> dict:
+        return {"world_size": self.world, "layout": "per_parameter", "groups": [g.describe() for g in self.groups]}
