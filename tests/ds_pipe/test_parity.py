@@ -42,9 +42,14 @@ def test_two_stages(tied, kwargs, extra):
     assert results[0][2] == pytest.approx(results[1][2])  # one global norm on every stage
 
 
-def test_two_stages_two_replicas_zero1_tied():
+def check_two_stages_two_replicas_tied(extra: dict):
+    """2 stages × 2 data replicas on 4 ranks; ``extra`` config (the integration tests add ZeRO-1)."""
     ref = _gpt.reference_losses(STEPS, True, 2)
-    results = run_distributed(_train, 4, args=(2, True, {"zero_optimization": {"stage": 1}}, {}), timeout=150)
+    results = run_distributed(_train, 4, args=(2, True, extra, {}), timeout=150)
     for losses, _, _ in results:
         assert losses == pytest.approx(ref, abs=1e-5)
     assert all(torch.equal(results[0][1], r[1]) for r in results)
+
+
+def test_two_stages_two_replicas_tied():
+    check_two_stages_two_replicas_tied({})

@@ -87,7 +87,11 @@ def _run_processes(fn, world_size, args, kwargs, timeout, backend, env):
             if pipe.poll(0.05):
                 try:
                     results[rank] = pipe.recv()
-                    pipe.send("received")
+                    if results[rank][0] == "ok":
+                        try:
+                            pipe.send("received")  # the worker may let go of shared tensors now
+                        except OSError:
+                            pass  # it already exited
                 except EOFError:
                     results[rank] = ("error", f"rank {rank} exited (code {procs[rank].exitcode}) "
                                               f"without reporting")
