@@ -38,7 +38,9 @@ SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRang
 class Section(BaseModel):
     """Base of every config section: unknown keys are rejected (with the nearest valid key)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # defer_build: schemas are built on first validation, not at import (keeps `import` cheap)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              defer_build=True)
 
 
 class OptimizerConfig(Section):
