@@ -36,7 +36,7 @@ from ds_core.engine.checkpoint import (
     save_tree,
     set_rng_state,
 )
-from ds_core.engine.checkpoint_layout import split_client_state
+from ds_core.engine.checkpoint_layout import engine_meta, restore_engine_state, split_client_state
 
 from .checkpoint import SCALARS_KEY, _partition_tensors, layout_differences
 from .stage3 import gather_shards
@@ -97,13 +97,7 @@ class Stage3CheckpointLayout:
         client_tensors, client_meta = split_client_state(client_state)
         names = managed_names(engine)
         meta = {
-            "config": engine.config.raw, "global_steps": engine.global_steps,
-            "global_samples": engine.global_samples, "micro_steps": engine.micro_steps,
-            "world_size": engine.world_size, "dp_world_size": engine.dp_world_size,
-            "precision": engine.precision, "skipped_steps": engine.skipped_steps,
-            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-            "loss_scaler": opt.scaler.state_dict() if opt.scaler else None,
-            "client_state": client_meta,
+            **engine_meta(engine, client_meta),
             "zero": {"stage": 3, **opt.parts.describe(), "param_groups": opt_meta["param_groups"],
                      "aliases": {k: v for k, v in names.items() if k != v}},
         }
@@ -215,14 +209,8 @@ class Stage3CheckpointLayout:
             for idx, entry in rng_meta.get(SCALARS_KEY, {}).items():
                 state.setdefault(int(idx), {}).update(entry)
             opt.optimizer.load_state_dict({"state": state, "param_groups": zero["param_groups"]})
-            if meta.get("loss_scaler") and opt.scaler is not None:
-                opt.scaler.load_state_dict(meta["loss_scaler"])
-            engine.global_steps = meta["global_steps"]
-            engine.global_samples = meta["global_samples"]
-            engine.micro_steps = meta["micro_steps"]
-            opt.skipped_steps = meta.get("skipped_steps", 0)
-        if load_lr_scheduler_states and meta.get("lr_scheduler") and engine.lr_scheduler is not None:
-            engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        restore_engine_state(engine, meta, load_optimizer_states and state is not None,
+                             load_lr_scheduler_states)
         set_rng_state(rng_tensors, {k: v for k, v in rng_meta.items() if k != SCALARS_KEY})
         client = dict(meta["client_state"])
         client.update(files.get("client", {}))

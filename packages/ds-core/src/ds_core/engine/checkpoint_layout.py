@@ -24,7 +24,8 @@ from .checkpoint import (
     split_optimizer_state,
 )
 
-__all__ = ["DefaultLayout", "check_model_tensors", "split_client_state", "sharded_names"]
+__all__ = ["DefaultLayout", "check_model_tensors", "split_client_state", "sharded_names", "engine_meta",
+           "restore_engine_state"]
 
 
 def split_client_state(client_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -61,6 +62,39 @@ def check_model_tensors(module: torch.nn.Module, saved: dict[str, torch.Tensor],
         raise CheckpointError("\n".join(lines))
 
 
+def engine_meta(engine, client_meta: dict) -> dict:
+    """The JSON every layout saves about the run: config, counters, world layout, scheduler, scaler."""
+    scaler = getattr(engine.optimizer, "scaler", None)
+    return {
+        "config": engine.config.raw,
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "micro_steps": engine.micro_steps,
+        "world_size": engine.world_size,
+        "dp_world_size": engine.dp_world_size,
+        "precision": engine.precision,
+        "skipped_steps": engine.skipped_steps,
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "loss_scaler": scaler.state_dict() if scaler else None,
+        "client_state": client_meta,
+    }
+
+
+def restore_engine_state(engine, meta: dict, counters: bool, scheduler: bool) -> None:
+    """Undo :func:`engine_meta`: loss scaler and counters (with the optimizer state), and scheduler."""
+    opt = engine.optimizer
+    if counters:
+        if meta.get("loss_scaler") and getattr(opt, "scaler", None):
+            opt.scaler.load_state_dict(meta["loss_scaler"])
+        engine.global_steps = meta["global_steps"]
+        engine.global_samples = meta["global_samples"]
+        engine.micro_steps = meta["micro_steps"]
+        if hasattr(opt, "skipped_steps"):
+            opt.skipped_steps = meta.get("skipped_steps", 0)
+    if scheduler and meta.get("lr_scheduler") and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+
+
 def sharded_names(module: torch.nn.Module) -> set[str]:
     """Names of parameters that differ across ranks (tagged with a shard axis, e.g. experts)."""
     return {name for name, p in module.named_parameters() if shard_axis(p) is not None}
@@ -82,21 +116,7 @@ class DefaultLayout:
                  "optimizer": opt_tensors, "client": client_tensors}
         if getattr(opt, "precision", "fp32") != "fp32":
             files["master"] = {"flat": opt.flat_master}
-        meta = {
-            "config": engine.config.raw,
-            "global_steps": engine.global_steps,
-            "global_samples": engine.global_samples,
-            "micro_steps": engine.micro_steps,
-            "world_size": engine.world_size,
-            "dp_world_size": engine.dp_world_size,
-            "precision": engine.precision,
-            "optimizer": opt_meta,
-            "sharded": sorted(sharded),
-            "skipped_steps": engine.skipped_steps,
-            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-            "loss_scaler": opt.scaler.state_dict() if getattr(opt, "scaler", None) else None,
-            "client_state": client_meta,
-        }
+        meta = {**engine_meta(engine, client_meta), "optimizer": opt_meta, "sharded": sorted(sharded)}
         rng_tensors, rng_meta = rng_state()
         per_rank = {"rng": rng_tensors}
         if sharded:  # every rank holds state nobody else has
@@ -149,15 +169,7 @@ class DefaultLayout:
                                       f"groups, this run has {len(opt.param_groups)}; pass "
                                       f"load_optimizer_states=False to load the model only")
             opt.load_state_dict(state)
-            if meta.get("loss_scaler") and getattr(opt, "scaler", None):
-                opt.scaler.load_state_dict(meta["loss_scaler"])
-            engine.global_steps = meta["global_steps"]
-            engine.global_samples = meta["global_samples"]
-            engine.micro_steps = meta["micro_steps"]
-            if hasattr(opt, "skipped_steps"):
-                opt.skipped_steps = meta.get("skipped_steps", 0)
-        if load_lr_scheduler_states and meta.get("lr_scheduler") and engine.lr_scheduler is not None:
-            engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        restore_engine_state(engine, meta, load_optimizer_states, load_lr_scheduler_states)
         set_rng_state(rng_tensors, rng_meta)
         client = dict(meta["client_state"])
         client.update(files.get("client", {}))
