@@ -113,7 +113,29 @@ class AllReduceGradients:
         return self.grads.buffer.numel() * self.grads.buffer.element_size()
 
 
-class PartitionedGradientReducer:
+class GradientPartitions:
+    """What the optimizer wrapper reads from a reducer that keeps only this rank's fp32 gradient
+    partitions in ``self.grads`` (one tensor per parameter group): stage 2 and stage 3."""
+
+    grads: list[torch.Tensor]
+
+    def zero(self) -> None:
+        for t in self.grads:
+            t.zero_()
+
+    def grad_partitions(self) -> list[torch.Tensor]:
+        return self.grads
+
+    def partition_grads(self, out: list[torch.Tensor]) -> None:
+        for src, dest in zip(self.grads, out):
+            if dest is not src:
+                dest.copy_(src, non_blocking=True)
+
+    def buffer_bytes(self) -> int:
+        return sum(t.numel() * 4 for t in self.grads)
+
+
+class PartitionedGradientReducer(GradientPartitions):
     """Stage 2: bucketed reduction of gradients into each rank's fp32 gradient partition."""
 
     def __init__(self, engine, bucket_numel: int, overlap: bool, reduce_scatter: bool) -> None:
@@ -235,21 +257,8 @@ class PartitionedGradientReducer:
             h.remove()
         self.handles = []
 
-    # -- for the optimizer wrapper ---------------------------------------------------------------
-    def zero(self) -> None:
-        for t in self.grads:
-            t.zero_()
-
-    def grad_partitions(self) -> list[torch.Tensor]:
-        return self.grads
-
-    def partition_grads(self, out: list[torch.Tensor]) -> None:
-        for src, dest in zip(self.grads, out):
-            if dest is not src:
-                dest.copy_(src, non_blocking=True)
-
     def buffer_bytes(self) -> int:
-        return sum(t.numel() * 4 for t in self.grads) + self.peak_staging_numel * 4
+        return super().buffer_bytes() + self.peak_staging_numel * 4
 
 
 def build(engine):

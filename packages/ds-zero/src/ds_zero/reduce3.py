@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ds_core import comm
 
-from .reduce import COMM_DTYPES, GLOO_PREFERS_ALL_REDUCE
+from .reduce import COMM_DTYPES, GLOO_PREFERS_ALL_REDUCE, GradientPartitions
 from .stage3 import ShardedParameter, Stage3Partitions
 
 __all__ = ["Stage3GradientReducer"]
@@ -29,7 +29,7 @@ __all__ = ["Stage3GradientReducer"]
 MAX_IN_FLIGHT = 2
 
 
-class Stage3GradientReducer:
+class Stage3GradientReducer(GradientPartitions):
     """The engine's ``gradient_reducer`` at stage 3; bound to the layout by the optimizer factory."""
 
     def __init__(self, engine, overlap: bool) -> None:
@@ -118,19 +118,3 @@ class Stage3GradientReducer:
         self.handles = []
         if self.coordinator is not None:
             self.coordinator.remove()
-
-    # -- for the optimizer wrapper --------------------------------------------------------------------
-    def zero(self) -> None:
-        for t in self.grads:
-            t.zero_()
-
-    def grad_partitions(self) -> list[torch.Tensor]:
-        return self.grads
-
-    def partition_grads(self, out: list[torch.Tensor]) -> None:
-        for src, dest in zip(self.grads, out):
-            if dest is not src:
-                dest.copy_(src, non_blocking=True)
-
-    def buffer_bytes(self) -> int:
-        return sum(t.numel() * 4 for t in self.grads)
