@@ -30,7 +30,7 @@ from ds_core import comm
 from ds_core.errors import ConfigError
 from ds_core.params import DEFAULT_AXIS, reduce_axis, shard_axis
 
-__all__ = ["Fragment", "GroupPartition", "Partitions", "padded_numel", "GLOO_GATHER_BY_SUM"]
+__all__ = ["check_param_groups", "Fragment", "GroupPartition", "Partitions", "padded_numel", "GLOO_GATHER_BY_SUM"]
 
 #: On gloo, all-gather the partitions as an all-reduce of zero-padded buffers (see ``_all_gather_by_sum``).
 GLOO_GATHER_BY_SUM = True
@@ -112,6 +112,24 @@ class GroupPartition:
                            for n, p, o in zip(self.names, self.params, self.offsets)]}
 
 
+def check_param_groups(module: torch.nn.Module, groups: list[dict]) -> dict[int, str]:
+    """Every grouped parameter belongs to ``module`` and to one group only; returns id -> name."""
+    names: dict[int, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), name)
+    seen: dict[int, int] = {}
+    for g, spec in enumerate(groups):
+        for p in spec["params"]:
+            if id(p) in seen:
+                raise ConfigError(f"parameter {names.get(id(p), '?')} appears in parameter groups "
+                                  f"{seen[id(p)]} and {g}; put each parameter in one group")
+            if id(p) not in names:
+                raise ConfigError(f"a parameter of shape {tuple(p.shape)} in group {g} is not a parameter "
+                                  f"of the model; ZeRO partitions only the model's own parameters")
+            seen[id(p)] = g
+    return names
+
+
 class Partitions:
     """Every group's partition plus the data-parallel group they are split over.
 
@@ -125,25 +143,15 @@ class Partitions:
         self.axis_groups = {**(axis_groups or {}), DEFAULT_AXIS: group}
         self.world = comm.get_world_size(group)
         self.rank = comm.get_rank(group)
-        names = {}
-        for name, p in module.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), name)
-        seen: dict[int, int] = {}
-        for g, spec in enumerate(groups):
+        names = check_param_groups(module, groups)
+        for spec in groups:
             for p in spec["params"]:
-                if id(p) in seen:
-                    raise ConfigError(f"parameter {names.get(id(p), '?')} appears in parameter groups "
-                                      f"{seen[id(p)]} and {g}; put each parameter in one group")
-                if id(p) not in names:
-                    raise ConfigError(f"a parameter of shape {tuple(p.shape)} in group {g} is not a parameter "
-                                      f"of the model; ZeRO partitions only the model's own parameters")
                 for axis in (reduce_axis(p), shard_axis(p)):
                     if axis is not None and axis not in self.axis_groups:
                         raise ConfigError(
                             f"parameter {names[id(p)]} is tagged with axis {axis!r} but ZeRO was given no "
                             f"process group for it (it has {sorted(self.axis_groups)}); build the topology "
                             f"with that axis (ds_core.comm.ensure_topology) before initialize")
-                seen[id(p)] = g
         split: list[tuple[int, tuple, list]] = []  # (source group, (axis, shard), params): data axis first
         for g, spec in enumerate(groups):
             keys: dict[tuple, list] = {}

@@ -27,7 +27,7 @@ from ds_core import comm
 from ds_core.errors import ConfigError
 from ds_core.params import DEFAULT_AXIS, reduce_axis, shard_axis
 
-from .partition import padded_numel
+from .partition import check_param_groups, padded_numel
 
 __all__ = ["ShardedParameter", "Stage3Group", "Stage3Partitions", "placeholder", "gather_shards"]
 
@@ -167,23 +167,13 @@ class Stage3Partitions:
         self.axis_groups = {DEFAULT_AXIS: group}
         self.world = comm.get_world_size(group)
         self.rank = comm.get_rank(group)
-        names: dict[int, str] = {}
-        for name, p in module.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), name)
-        seen: dict[int, int] = {}
-        for g, spec in enumerate(groups):
+        names = check_param_groups(module, groups)
+        for spec in groups:
             for p in spec["params"]:
-                if id(p) in seen:
-                    raise ConfigError(f"parameter {names.get(id(p), '?')} appears in parameter groups "
-                                      f"{seen[id(p)]} and {g}; put each parameter in one group")
-                if id(p) not in names:
-                    raise ConfigError(f"a parameter of shape {tuple(p.shape)} in group {g} is not a parameter "
-                                      f"of the model; ZeRO partitions only the model's own parameters")
                 if reduce_axis(p) not in (None, DEFAULT_AXIS) or shard_axis(p) is not None:
                     raise ConfigError(f"parameter {names[id(p)]} is tagged with axis {reduce_axis(p)!r}: ZeRO "
                                       f"stage 3 partitions only data-parallel parameters (experts are not "
                                       f"supported at stage 3 yet); use stage 2 for this model")
-                seen[id(p)] = g
         self.groups = [Stage3Group(spec["params"], [names[id(p)] for p in spec["params"]],
                                    {k: v for k, v in spec.items() if k != "params"}, self.world, self.rank,
                                    dtype, shard_device or device, threshold, group, self, pin) for spec in groups]
