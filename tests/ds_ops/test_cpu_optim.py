@@ -131,6 +131,59 @@ def test_fused_copy_equals_separate_cast(dtype, op):
     assert torch.equal(copy, p.to(dtype))
 
 
+@pytest.mark.parametrize("cls, ref_cls, kw", [
+    (DSCPUAdam, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
+    (DSCPUAdam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.05, adamw_mode=False)),
+    (DSCPUAdagrad, torch.optim.Adagrad, dict(lr=0.05, weight_decay=0.02)),
+])
+def test_grad_scale_equals_scaling_the_grads_first(cls, ref_cls, kw):
+    """step(grad_scale=c) == grad.mul_(c); step() (the unscale/clip recipe), bit for bit, and the
+    grad buffers are left as they were."""
+    ref_p, our_p = _pair(_params())
+    ref_kw = {k: v for k, v in kw.items() if k != "adamw_mode"}
+    ref, ours = ref_cls(ref_p, **ref_kw), cls(our_p, **kw)
+    g = torch.Generator().manual_seed(2)
+    for step in range(4):
+        coef = [0.37, 1.0, 1 / 1024, 2.5][step]
+        for a, b in zip(ref_p, our_p):
+            grad = torch.randn(a.shape, generator=g)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        kept = [b.grad.clone() for b in our_p]
+        for a in ref_p:
+            a.grad.mul_(coef)
+        ref.step()
+        ours.step(grad_scale=coef)
+        assert all(torch.equal(b.grad, k) for b, k in zip(our_p, kept))
+    for a, b in zip(ref_p, our_p):
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
+
+
+def test_grad_scale_kernel_equals_default_and_lion():
+    n = 100_003
+    g = torch.Generator().manual_seed(4)
+    p, grad, m = (torch.randn(n, generator=g) for _ in range(3))
+    v = torch.rand(n, generator=g)
+    a = [t.clone() for t in (p, m, v)]
+    torch.ops.ds_ops.adam_step(a[0], grad, a[1], a[2], None, 1e-3, 0.9, 0.999, 1e-8, 0.01, 3, True, 0.25)
+    b = [t.clone() for t in (p, m, v)]
+    _adam_default(b[0], grad, b[1], b[2], None, 1e-3, 0.9, 0.999, 1e-8, 0.01, 3, True, 0.25)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL)
+    lp, lm = p.clone(), m.clone()
+    torch.ops.ds_ops.lion_step(lp, grad, lm, None, 1e-3, 0.9, 0.99, 0.1, 0.5)
+    rp, rm = _lion_reference(p, m, grad * 0.5, 1e-3, 0.9, 0.99, 0.1)
+    torch.testing.assert_close(lp, rp, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(lm, rm, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan")])
+def test_non_finite_grad_scale_is_refused(scale):
+    p, g, m, v = _buffers()
+    with pytest.raises(OpInputError, match="grad_scale=.* must be finite; on a loss-scale overflow skip"):
+        torch.ops.ds_ops.adam_step(p, g, m, v, None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, True, scale)
+    assert torch.equal(p, torch.zeros(16))
+
+
 def test_optimizer_copy_to_groups():
     values = _params()
     our_p = [torch.nn.Parameter(v.clone()) for v in values]

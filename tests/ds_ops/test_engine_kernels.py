@@ -31,3 +31,44 @@ def test_kernel_adamw_matches_torch_through_factory():
         ref.step()
     for a, b in zip(ours_params, ref_params):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _engine_run(precision: dict, client: bool, steps: int = 6):
+    """Train a small GPT in one process; ``client`` passes torch.optim.AdamW instead of the config's."""
+    import ds_core
+    from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
+
+    cfg = GPTConfig(vocab_size=64, seq_len=16, dim=32, layers=2, heads=2, dropout=0.0)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    config = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 0, "gradient_clipping": 0.05,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}, **precision}
+    opt = None
+    if client:
+        config.pop("optimizer")
+        opt = lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)  # noqa: E731
+    engine, optimizer, *_ = ds_core.initialize(model=model, optimizer=opt, config=config)
+    for step in range(steps):
+        x, y = synthetic_tokens(2, cfg.seq_len, cfg.vocab_size, step, 0)
+        engine.backward(engine(x, y))
+        engine.step()
+    return engine, [p.detach().clone() for p in model.parameters()]
+
+
+def test_engine_fuses_unscale_clip_and_copy_into_the_cpu_step():
+    """bf16 and fp16 with clipping: the fused step (coefficient and model-dtype copy inside the
+    kernel's pass) gives the model torch.optim.AdamW gives through separate passes. bf16 has no loss
+    scale, so the numbers are the same (1e-6); fp16 multiplies once by unscale x clip instead of twice,
+    a rounding apart, which Adam's normalisation carries to a few fp16 ulps after 6 steps (1e-2)."""
+    from ds_core.engine.mixed import fuses
+
+    for precision, atol in (({"bf16": {"enabled": True}}, 1e-6),
+                            ({"fp16": {"enabled": True, "initial_scale_power": 8}}, 1e-2)):
+        engine, fused = _engine_run(precision, client=False)
+        wrapper = engine.optimizer
+        assert fuses(wrapper.optimizer, "grad_scale", "copy_to"), describe(wrapper.optimizer)
+        assert wrapper._fused_copies, "no model parameter took the fused copy"
+        _, plain = _engine_run(precision, client=True)
+        for a, b in zip(fused, plain):
+            assert a.dtype in (torch.bfloat16, torch.float16)
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=atol)

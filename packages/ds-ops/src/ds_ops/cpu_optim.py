@@ -10,6 +10,9 @@ fp16 buffer in the same pass (the copy ZeRO-Offload sends back to the accelerato
 The decorated functions are the pure-PyTorch defaults; they repeat torch.optim's single-tensor
 arithmetic, as does the C++ CPU kernel (csrc/cpu_optim.cpp, built on first call). ``step`` is the
 1-based step count *after* incrementing, as in torch.optim, and drives the bias corrections.
+``grad_scale`` multiplies the gradient as it is read (loss-scale unscaling times the clipping
+coefficient): the same numbers as ``grad.mul_(grad_scale)`` before the step, without that extra pass
+over memory; the grad buffer itself is left as it was.
 
 :class:`DSCPUAdam`, :class:`DSCPUAdagrad` and :class:`DSCPULion` wrap the ops as
 ``torch.optim.Optimizer`` subclasses whose state uses torch.optim's keys (``step``, ``exp_avg``,
@@ -73,24 +76,37 @@ def _ptr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _check_scale(op: str, grad_scale: float) -> None:
+    if not math.isfinite(grad_scale):
+        raise OpInputError(f"ds_ops::{op}: grad_scale={grad_scale!r} must be finite; on a loss-scale "
+                           "overflow skip the step instead of stepping with an infinite scale")
+
+
+def _scaled(grad: Tensor, grad_scale: float) -> Tensor:
+    """``grad * grad_scale`` as a new tensor (the caller's grad is not written); grad when 1."""
+    return grad if grad_scale == 1.0 else grad.mul(grad_scale)
+
+
 # ---------------------------------------------------------------------------------------------- Adam
 
 
 @custom_op("adam_step", mutates_args=("param", "exp_avg", "exp_avg_sq", "param_copy"))
 def adam_step(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
               param_copy: Tensor | None, lr: float, beta1: float, beta2: float, eps: float,
-              weight_decay: float, step: int, adamw_mode: bool) -> None:
+              weight_decay: float, step: int, adamw_mode: bool, grad_scale: float = 1.0) -> None:
     """One Adam (``adamw_mode=False``, L2 in the gradient) or AdamW step, in place."""
     _check("adam_step", param, {"grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
            param_copy)
     _check_step("adam_step", step)
+    _check_scale("adam_step", grad_scale)
     _adam_default(param, grad, exp_avg, exp_avg_sq, param_copy, lr, beta1, beta2, eps, weight_decay,
-                  step, adamw_mode)
+                  step, adamw_mode, grad_scale)
 
 
 def _adam_default(param, grad, exp_avg, exp_avg_sq, param_copy, lr, beta1, beta2, eps, weight_decay,
-                  step, adamw_mode):
+                  step, adamw_mode, grad_scale=1.0):
     # torch.optim.adam._single_tensor_adam, operation for operation
+    grad = _scaled(grad, grad_scale)
     if weight_decay != 0:
         if adamw_mode:
             param.mul_(1 - lr * weight_decay)
@@ -107,18 +123,19 @@ def _adam_default(param, grad, exp_avg, exp_avg_sq, param_copy, lr, beta1, beta2
 
 
 def _adam_cpu(param, grad, exp_avg, exp_avg_sq, param_copy, lr, beta1, beta2, eps, weight_decay,
-              step, adamw_mode):
+              step, adamw_mode, grad_scale=1.0):
     _check("adam_step", param, {"grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
            param_copy)
     _check_step("adam_step", step)
+    _check_scale("adam_step", grad_scale)
     ext = build.load_or_none("cpu_optim")
     if ext is None:
         return _adam_default(param, grad, exp_avg, exp_avg_sq, param_copy, lr, beta1, beta2, eps,
-                             weight_decay, step, adamw_mode)
+                             weight_decay, step, adamw_mode, grad_scale)
     kind = 0 if param_copy is None else _COPY_DTYPES[param_copy.dtype]
     ext.adam_step(param.numel(), param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(),
                   exp_avg_sq.data_ptr(), _ptr(param_copy), kind, lr, beta1, beta2, eps, weight_decay,
-                  step, adamw_mode)
+                  step, adamw_mode, grad_scale)
 
 
 # ------------------------------------------------------------------------------------------- Adagrad
@@ -126,15 +143,20 @@ def _adam_cpu(param, grad, exp_avg, exp_avg_sq, param_copy, lr, beta1, beta2, ep
 
 @custom_op("adagrad_step", mutates_args=("param", "state_sum", "param_copy"))
 def adagrad_step(param: Tensor, grad: Tensor, state_sum: Tensor, param_copy: Tensor | None, lr: float,
-                 eps: float, weight_decay: float, lr_decay: float, step: int) -> None:
+                 eps: float, weight_decay: float, lr_decay: float, step: int,
+                 grad_scale: float = 1.0) -> None:
     """One Adagrad step, in place (torch.optim.Adagrad's update, including lr_decay)."""
     _check("adagrad_step", param, {"grad": grad, "state_sum": state_sum}, param_copy)
     _check_step("adagrad_step", step)
-    _adagrad_default(param, grad, state_sum, param_copy, lr, eps, weight_decay, lr_decay, step)
+    _check_scale("adagrad_step", grad_scale)
+    _adagrad_default(param, grad, state_sum, param_copy, lr, eps, weight_decay, lr_decay, step,
+                     grad_scale)
 
 
-def _adagrad_default(param, grad, state_sum, param_copy, lr, eps, weight_decay, lr_decay, step):
+def _adagrad_default(param, grad, state_sum, param_copy, lr, eps, weight_decay, lr_decay, step,
+                     grad_scale=1.0):
     # torch.optim.adagrad._single_tensor_adagrad (dense gradients)
+    grad = _scaled(grad, grad_scale)
     if weight_decay != 0:
         grad = grad.add(param, alpha=weight_decay)
     clr = lr / (1 + (step - 1) * lr_decay)
@@ -145,16 +167,18 @@ def _adagrad_default(param, grad, state_sum, param_copy, lr, eps, weight_decay, 
         param_copy.copy_(param)
 
 
-def _adagrad_cpu(param, grad, state_sum, param_copy, lr, eps, weight_decay, lr_decay, step):
+def _adagrad_cpu(param, grad, state_sum, param_copy, lr, eps, weight_decay, lr_decay, step,
+                 grad_scale=1.0):
     _check("adagrad_step", param, {"grad": grad, "state_sum": state_sum}, param_copy)
     _check_step("adagrad_step", step)
+    _check_scale("adagrad_step", grad_scale)
     ext = build.load_or_none("cpu_optim")
     if ext is None:
         return _adagrad_default(param, grad, state_sum, param_copy, lr, eps, weight_decay, lr_decay,
-                                step)
+                                step, grad_scale)
     kind = 0 if param_copy is None else _COPY_DTYPES[param_copy.dtype]
     ext.adagrad_step(param.numel(), param.data_ptr(), grad.data_ptr(), state_sum.data_ptr(),
-                     _ptr(param_copy), kind, lr, eps, weight_decay, lr_decay, step)
+                     _ptr(param_copy), kind, lr, eps, weight_decay, lr_decay, step, grad_scale)
 
 
 # ---------------------------------------------------------------------------------------------- Lion
@@ -162,13 +186,15 @@ def _adagrad_cpu(param, grad, state_sum, param_copy, lr, eps, weight_decay, lr_d
 
 @custom_op("lion_step", mutates_args=("param", "exp_avg", "param_copy"))
 def lion_step(param: Tensor, grad: Tensor, exp_avg: Tensor, param_copy: Tensor | None, lr: float,
-              beta1: float, beta2: float, weight_decay: float) -> None:
+              beta1: float, beta2: float, weight_decay: float, grad_scale: float = 1.0) -> None:
     """One Lion step, in place (Chen et al. 2023, Algorithm 2)."""
     _check("lion_step", param, {"grad": grad, "exp_avg": exp_avg}, param_copy)
-    _lion_default(param, grad, exp_avg, param_copy, lr, beta1, beta2, weight_decay)
+    _check_scale("lion_step", grad_scale)
+    _lion_default(param, grad, exp_avg, param_copy, lr, beta1, beta2, weight_decay, grad_scale)
 
 
-def _lion_default(param, grad, exp_avg, param_copy, lr, beta1, beta2, weight_decay):
+def _lion_default(param, grad, exp_avg, param_copy, lr, beta1, beta2, weight_decay, grad_scale=1.0):
+    grad = _scaled(grad, grad_scale)
     # c = b1 m + (1 - b1) g;  p -= lr (sign(c) + wd p);  m = b2 m + (1 - b2) g
     c = exp_avg * beta1 + grad * (1 - beta1)
     param.sub_((torch.sign(c) + param * weight_decay) * lr)
@@ -177,14 +203,16 @@ def _lion_default(param, grad, exp_avg, param_copy, lr, beta1, beta2, weight_dec
         param_copy.copy_(param)
 
 
-def _lion_cpu(param, grad, exp_avg, param_copy, lr, beta1, beta2, weight_decay):
+def _lion_cpu(param, grad, exp_avg, param_copy, lr, beta1, beta2, weight_decay, grad_scale=1.0):
     _check("lion_step", param, {"grad": grad, "exp_avg": exp_avg}, param_copy)
+    _check_scale("lion_step", grad_scale)
     ext = build.load_or_none("cpu_optim")
     if ext is None:
-        return _lion_default(param, grad, exp_avg, param_copy, lr, beta1, beta2, weight_decay)
+        return _lion_default(param, grad, exp_avg, param_copy, lr, beta1, beta2, weight_decay,
+                             grad_scale)
     kind = 0 if param_copy is None else _COPY_DTYPES[param_copy.dtype]
     ext.lion_step(param.numel(), param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(),
-                  _ptr(param_copy), kind, lr, beta1, beta2, weight_decay)
+                  _ptr(param_copy), kind, lr, beta1, beta2, weight_decay, grad_scale)
 
 
 def _cpu_status() -> str:
@@ -212,6 +240,10 @@ class _FlatCPUOptimizer(torch.optim.Optimizer):
     """Shared loop: validate each param, create state lazily, bump ``step``, call the op."""
 
     _state_keys: tuple[str, ...] = ()
+    # step() keywords that fold work into the one pass: wrappers (ds-core's engine, ZeRO) look for
+    # these to hand over the unscale/clip coefficient and the model-dtype copy instead of doing both
+    # as separate passes over memory.
+    fused_step_args = ("grad_scale", "copy_to")
 
     def _params_with_grads(self, group: dict, copies: Sequence[Tensor | None] | None):
         name = type(self).__name__
@@ -244,9 +276,10 @@ class _FlatCPUOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None,
-             copy_to: Sequence[Sequence[Tensor | None]] | None = None):
+             copy_to: Sequence[Sequence[Tensor | None]] | None = None, grad_scale: float = 1.0):
         """Update every param with a grad. ``copy_to`` (one list per param group, one bf16/fp16
-        buffer or None per param) receives the new params in the same pass."""
+        buffer or None per param) receives the new params in the same pass; ``grad_scale``
+        multiplies every gradient as it is read (unscale x clip coefficient; grads are not written)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -257,10 +290,10 @@ class _FlatCPUOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             copies = None if copy_to is None else copy_to[gi]
             for p, copy in self._params_with_grads(group, copies):
-                self._update(group, p, copy)
+                self._update(group, p, copy, grad_scale)
         return loss
 
-    def _update(self, group: dict, p: Tensor, copy: Tensor | None) -> None:
+    def _update(self, group: dict, p: Tensor, copy: Tensor | None, grad_scale: float) -> None:
         raise NotImplementedError
 
 
@@ -282,7 +315,7 @@ class DSCPUAdam(_FlatCPUOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       adamw_mode=adamw_mode))
 
-    def _update(self, group, p, copy):
+    def _update(self, group, p, copy, grad_scale):
         state = self._state(p, lambda p: {
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)})
@@ -291,7 +324,7 @@ class DSCPUAdam(_FlatCPUOptimizer):
         adamw = group.get("adamw_mode", group.get("decoupled_weight_decay", self.defaults["adamw_mode"]))
         torch.ops.ds_ops.adam_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], copy,
                                    group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                                   int(state["step"].item()), bool(adamw))
+                                   int(state["step"].item()), bool(adamw), grad_scale)
 
 
 class DSCPUAdagrad(_FlatCPUOptimizer):
@@ -306,13 +339,13 @@ class DSCPUAdagrad(_FlatCPUOptimizer):
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value, eps=eps))
 
-    def _update(self, group, p, copy):
+    def _update(self, group, p, copy, grad_scale):
         init = group["initial_accumulator_value"]
         state = self._state(p, lambda p: {
             "sum": torch.full_like(p, init, memory_format=torch.preserve_format)})
         torch.ops.ds_ops.adagrad_step(p, p.grad, state["sum"], copy, group["lr"], group["eps"],
                                       group["weight_decay"], group["lr_decay"],
-                                      int(state["step"].item()))
+                                      int(state["step"].item()), grad_scale)
 
 
 class DSCPULion(_FlatCPUOptimizer):
@@ -327,9 +360,9 @@ class DSCPULion(_FlatCPUOptimizer):
         _check_hparam(name, "weight_decay", weight_decay, 0.0)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
 
-    def _update(self, group, p, copy):
+    def _update(self, group, p, copy, grad_scale):
         state = self._state(p, lambda p: {
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format)})
         beta1, beta2 = group["betas"]
         torch.ops.ds_ops.lion_step(p, p.grad, state["exp_avg"], copy, group["lr"], beta1, beta2,
-                                   group["weight_decay"])
+                                   group["weight_decay"], grad_scale)

@@ -3,6 +3,11 @@
 It wraps any ``torch.optim.Optimizer`` built over the fp32 parameters it exposes (the model's own in
 fp32; flat master copies in bf16/fp16) and is what the engine calls at a gradient-accumulation
 boundary. ZeRO replaces it through the ``optimizer_wrapper`` component.
+
+Fused steps: an optimizer whose class lists ``"grad_scale"`` and ``"copy_to"`` in
+``fused_step_args`` (ds-ops' CPU optimizers do) is handed the unscale x clip coefficient and the
+model-dtype parameters to write, and does both inside its one pass over memory; any other optimizer
+gets the gradients multiplied first and the parameters copied after, with the same numbers.
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ import torch.distributed as dist
 from .. import comm
 from .precision import FlatGradients, LossScaler
 
-__all__ = ["MixedPrecisionOptimizer"]
+__all__ = ["MixedPrecisionOptimizer", "fuses"]
+
+
+def fuses(optimizer, *args: str) -> bool:
+    """True when ``optimizer.step`` takes every keyword in ``args`` (its class's ``fused_step_args``)."""
+    return set(args) <= set(getattr(type(optimizer), "fused_step_args", ()))
 
 
 class MixedPrecisionOptimizer:
@@ -32,6 +42,7 @@ class MixedPrecisionOptimizer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.global_grad_norm: float | None = None
         self.skipped_steps = 0
+        self._fused_copies: set[int] = set()
         if precision == "fp32":
             self.masters = {id(p): p for p in params}
         else:
@@ -79,27 +90,58 @@ class MixedPrecisionOptimizer:
     def step(self) -> bool:
         """Unscale, check overflow, clip, step and copy back. Returns False if the step was skipped."""
         buf = self.grads.buffer
+        fused = fuses(self.optimizer, "grad_scale", "copy_to")
+        inv = 1.0
         if self.scaler is not None:
             if self._overflow():
                 self.scaler.update(True)
                 self.skipped_steps += 1
                 self.global_grad_norm = float("inf")
                 return False
-            buf.mul_(1.0 / self.scaler.scale)
-        norm = self._grad_norm()
+            inv = 1.0 / self.scaler.scale
+            if not fused:
+                buf.mul_(inv)
+        norm = self._grad_norm() * (inv if fused else 1.0)
         self.global_grad_norm = norm
+        clip = 1.0
         if self.clip > 0 and math.isfinite(norm):
             coef = self.clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
             if coef < 1:
-                buf.mul_(coef)
-        self.optimizer.step()
+                clip = coef
+        if fused:
+            self.optimizer.step(grad_scale=inv * clip, copy_to=self._copy_targets())
+        else:
+            if clip != 1.0:
+                buf.mul_(clip)
+            self.optimizer.step()
         if self.precision != "fp32":
             with torch.no_grad():
                 for p in self.grads.params:
-                    p.copy_(self.masters[id(p)])
+                    if id(p) not in self._fused_copies:
+                        p.copy_(self.masters[id(p)])
         if self.scaler is not None:
             self.scaler.update(False)
         return True
+
+    def _copy_targets(self) -> list[list[torch.Tensor | None]] | None:
+        """Per optimizer group, the model parameter each master's new value is written into (bf16/fp16,
+        contiguous, same device) or None where a separate copy is needed; records which were fused."""
+        self._fused_copies = set()
+        if self.precision == "fp32":
+            return None
+        by_master = {id(self.masters[id(p)]): p for p in self.grads.params}
+        targets = []
+        for group in self.optimizer.param_groups:
+            row = []
+            for m in group["params"]:
+                p = by_master.get(id(m))
+                ok = (p is not None and p.dtype in (torch.bfloat16, torch.float16) and p.is_contiguous()
+                      and p.device == m.device and p.numel() == m.numel())
+                row.append(p.data.view(-1) if ok else None)
+                if ok:
+                    self._fused_copies.add(id(p))
+            targets.append(row)
+        return targets
 
     def zero_grad(self) -> None:
         self.grads.zero()

@@ -2,7 +2,9 @@
 //
 // One pass over memory per step: every element of param, grad and state is loaded once and stored
 // once, with an optional fused copy of the new param into a bf16/fp16 buffer (what ZeRO-Offload
-// ships back to the accelerator). The range is split statically over torch's intra-op OpenMP pool
+// ships back to the accelerator) and an optional gradient scale folded into the load (loss-scale
+// unscaling and clipping, which would otherwise be a separate read-modify-write pass over the grad;
+// the grad buffer itself is not written). The range is split statically over torch's intra-op OpenMP pool
 // (at::parallel_for, so torch.set_num_threads applies) and each slice is an `omp simd` loop that
 // -O3 with -mavx2/-mavx512f turns into vector code.
 //
@@ -63,6 +65,7 @@ struct AdamScalars {
   float bc2_sqrt;    // sqrt(1 - beta2^step)
   float eps;
   float neg_step;    // -lr / (1 - beta1^step)
+  float gscale;      // grad multiplier (1: none), rounded to float as grad.mul_(coef) does
 };
 
 template <int kCopy, bool kAdamW>
@@ -72,7 +75,7 @@ void adam_slice(float* __restrict__ p, const float* __restrict__ g, float* __res
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float pi = p[i];
-    float gi = g[i];
+    float gi = g[i] * s.gscale;
     if constexpr (kAdamW) {
       pi = pi * s.decay;
     } else {
@@ -92,11 +95,11 @@ void adam_slice(float* __restrict__ p, const float* __restrict__ g, float* __res
 template <int kCopy>
 void adagrad_slice(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ sum,
                    uint16_t* __restrict__ out, int64_t begin, int64_t end, float wd, float eps,
-                   float neg_clr) {
+                   float neg_clr, float gscale) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float pi = p[i];
-    float gi = std::fma(pi, wd, g[i]);                      // grad.add(param, alpha=wd)
+    float gi = std::fma(pi, wd, g[i] * gscale);             // grad.add(param, alpha=wd)
     float si = sum[i] + gi * gi;                            // state_sum.addcmul_(g, g, value=1)
     float stdv = std::sqrt(si) + eps;
     pi = pi + neg_clr * gi / stdv;                          // param.addcdiv_(g, std, -clr)
@@ -109,11 +112,11 @@ void adagrad_slice(float* __restrict__ p, const float* __restrict__ g, float* __
 template <int kCopy>
 void lion_slice(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                 uint16_t* __restrict__ out, int64_t begin, int64_t end, float lr, float beta1,
-                float one_m_b1, float beta2, float one_m_b2, float wd) {
+                float one_m_b1, float beta2, float one_m_b2, float wd, float gscale) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float pi = p[i];
-    float gi = g[i];
+    float gi = g[i] * gscale;
     float mi = m[i];
     // Lion (Chen et al. 2023, Algorithm 2): c = b1 m + (1 - b1) g; p -= lr (sign(c) + wd p);
     // m = b2 m + (1 - b2) g.
@@ -144,7 +147,7 @@ void run_parallel(int64_t n, F&& slice) {
 // copy_kind: 0 none, 1 bf16, 2 fp16.
 void adam_step(int64_t n, uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t exp_avg_sq,
                uintptr_t param_copy, int kind, double lr, double beta1, double beta2, double eps,
-               double weight_decay, int64_t step, bool adamw_mode) {
+               double weight_decay, int64_t step, bool adamw_mode, double grad_scale) {
   const double bc1 = 1.0 - std::pow(beta1, double(step));
   const double bc2 = 1.0 - std::pow(beta2, double(step));
   AdamScalars s;
@@ -156,6 +159,7 @@ void adam_step(int64_t n, uintptr_t param, uintptr_t grad, uintptr_t exp_avg, ui
   s.bc2_sqrt = float(std::pow(bc2, 0.5));
   s.eps = float(eps);
   s.neg_step = float(-(lr / bc1));
+  s.gscale = float(grad_scale);
   float* p = ptr<float>(param);
   const float* g = ptr<const float>(grad);
   float* m = ptr<float>(exp_avg);
@@ -178,34 +182,34 @@ void adam_step(int64_t n, uintptr_t param, uintptr_t grad, uintptr_t exp_avg, ui
 
 void adagrad_step(int64_t n, uintptr_t param, uintptr_t grad, uintptr_t state_sum,
                   uintptr_t param_copy, int kind, double lr, double eps, double weight_decay,
-                  double lr_decay, int64_t step) {
+                  double lr_decay, int64_t step, double grad_scale) {
   const float neg_clr = float(-(lr / (1.0 + double(step - 1) * lr_decay)));
   const float wd = float(weight_decay);
-  const float fe = float(eps);
+  const float fe = float(eps), gs = float(grad_scale);
   float* p = ptr<float>(param);
   const float* g = ptr<const float>(grad);
   float* s = ptr<float>(state_sum);
   uint16_t* out = ptr<uint16_t>(param_copy);
   run_parallel(n, [&](int64_t b, int64_t e) {
-    if (kind == kBF16) adagrad_slice<kBF16>(p, g, s, out, b, e, wd, fe, neg_clr);
-    else if (kind == kF16) adagrad_slice<kF16>(p, g, s, out, b, e, wd, fe, neg_clr);
-    else adagrad_slice<kNoCopy>(p, g, s, out, b, e, wd, fe, neg_clr);
+    if (kind == kBF16) adagrad_slice<kBF16>(p, g, s, out, b, e, wd, fe, neg_clr, gs);
+    else if (kind == kF16) adagrad_slice<kF16>(p, g, s, out, b, e, wd, fe, neg_clr, gs);
+    else adagrad_slice<kNoCopy>(p, g, s, out, b, e, wd, fe, neg_clr, gs);
   });
 }
 
 void lion_step(int64_t n, uintptr_t param, uintptr_t grad, uintptr_t exp_avg, uintptr_t param_copy,
                int kind, double lr, double beta1, double beta2,
-               double weight_decay) {
+               double weight_decay, double grad_scale) {
   const float flr = float(lr), b1 = float(beta1), b2 = float(beta2), wd = float(weight_decay);
-  const float omb1 = float(1.0 - beta1), omb2 = float(1.0 - beta2);
+  const float omb1 = float(1.0 - beta1), omb2 = float(1.0 - beta2), gs = float(grad_scale);
   float* p = ptr<float>(param);
   const float* g = ptr<const float>(grad);
   float* m = ptr<float>(exp_avg);
   uint16_t* out = ptr<uint16_t>(param_copy);
   run_parallel(n, [&](int64_t b, int64_t e) {
-    if (kind == kBF16) lion_slice<kBF16>(p, g, m, out, b, e, flr, b1, omb1, b2, omb2, wd);
-    else if (kind == kF16) lion_slice<kF16>(p, g, m, out, b, e, flr, b1, omb1, b2, omb2, wd);
-    else lion_slice<kNoCopy>(p, g, m, out, b, e, flr, b1, omb1, b2, omb2, wd);
+    if (kind == kBF16) lion_slice<kBF16>(p, g, m, out, b, e, flr, b1, omb1, b2, omb2, wd, gs);
+    else if (kind == kF16) lion_slice<kF16>(p, g, m, out, b, e, flr, b1, omb1, b2, omb2, wd, gs);
+    else lion_slice<kNoCopy>(p, g, m, out, b, e, flr, b1, omb1, b2, omb2, wd, gs);
   });
 }
 
