@@ -34,8 +34,15 @@ def test_deepspeed_defaults_and_stage_2_example():
     ({"stage": 2, "allgather_bucket_size": -5}, "allgather_bucket_size -5"),
     ({"stage": 2, "reduce_bucket_size": 1.5}, "whole number"),
     ({"stage": 2, "offload_optimizer": {"device": "gpu"}}, "offload device 'gpu'"),
-    ({"stage": 2, "offload_optimizer": {"device": "nvme"}}, "nvme.*ZeRO-Infinity"),
+    ({"stage": 2, "offload_optimizer": {"device": "nvme"}}, "nvme_path '/local_nvme' does not exist"),
     ({"stage": 0, "offload_optimizer": {"device": "cpu"}}, "needs stage 1 or 2"),
+    ({"stage": 0, "offload_optimizer": {"device": "nvme", "nvme_path": "."}}, "'nvme' needs stage 1 or 2"),
+    ({"stage": 2, "offload_param": {"device": "nvme", "nvme_path": "."}}, "offload_param.*needs stage 3"),
+    ({"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "."}},
+     r"offload_param.device 'nvme' needs offload_optimizer.device 'cpu' too \(or 'nvme'\)"),
+    ({"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": ".", "buffer_size": 0}},
+     "offload_optimizer.buffer_size 0 must be > 0"),
+    ({"stage": 3, "offload_param": {"device": "nvme", "buffer_size": 1.5}}, "buffer_size 1.5.*whole number"),
     ({"stage": 2, "offload_param": {"device": "cpu"}}, "offload_param.*stage 3"),
     ({"stage": 2, "zero_quantized_gradients": True}, "not implemented"),
     ({"stage": 2, "reduce_bucket": 5}, "did you mean 'reduce_bucket_size'"),
@@ -75,3 +82,55 @@ def test_tagged_parameters_need_a_group_for_their_axis():
                        axis_groups={"expert_data": None, "expert": None})
     assert [(g.axis, g.shard, g.source) for g in parts.groups] == [("data", None, 0), ("expert_data", "expert", 0)]
     assert parts.groups[1].names == ["1.bias", "1.weight"]
+
+
+def test_nvme_offload_keys_and_deepspeed_defaults(tmp_path):
+    z = ZeroConfig()
+    assert (z.offload_optimizer.buffer_count, z.offload_optimizer.buffer_size) == (4, 100_000_000)
+    assert (z.offload_param.buffer_count, z.offload_param.buffer_size, z.sub_group_size) == (5, 100_000_000,
+                                                                                            1_000_000_000)
+    z = _zero({"stage": 3, "sub_group_size": 1e6,
+               "offload_optimizer": {"device": "NVMe", "nvme_path": str(tmp_path), "buffer_count": 3,
+                                     "buffer_size": 1e7, "pin_memory": True},
+               "offload_param": {"device": "nvme", "nvme_path": str(tmp_path), "buffer_size": 1e8}})
+    assert z.offload and z.offload_optimizer.device == "nvme" and z.offload_optimizer.buffer_size == 10_000_000
+    assert z.offload_param.device == "nvme" and z.offload_param.buffer_size == 100_000_000
+    assert z.sub_group_size == 1_000_000
+    assert _zero({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}).offload
+    cpu_param = {"stage": 3, "offload_param": {"device": "cpu"},
+                 "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}
+    assert _zero(cpu_param).offload_param.device == "cpu"
+
+
+@pytest.mark.parametrize("section", ["offload_optimizer", "offload_param"])
+@pytest.mark.parametrize("case", ["missing", "file", "read_only"])
+def test_bad_nvme_path_fails_at_config_time_before_anything_is_created(tmp_path, monkeypatch, section, case):
+    import os
+
+    import torch
+
+    import ds_core
+
+    path = tmp_path / "nvme"
+    if case == "file":
+        path.write_text("not a directory")
+    elif case == "read_only":
+        path.mkdir()
+        path.chmod(0o555)
+        if os.geteuid() == 0:  # root may write anywhere: make os.access answer as for another user
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(path) else real(p, mode))
+    rule = {"missing": "does not exist.*create it", "file": "is not a directory.*must name a directory",
+            "read_only": "is not writable by this user.*permissions"}[case]
+    zero = {"stage": 3, "offload_optimizer": {"device": "cpu"}, section: {"device": "nvme", "nvme_path": str(path)}}
+    with pytest.raises(ConfigError, match=f"{section}.nvme_path '{path}' {rule}"):
+        _zero(zero)
+    model = torch.nn.Linear(2, 2)
+    before = model.weight.detach().clone()
+    with pytest.raises(ConfigError, match=f"{section}.nvme_path"):
+        ds_core.initialize(model=model, config={"train_batch_size": 2, "zero_optimization": zero,
+                                                "optimizer": {"type": "SGD", "params": {"lr": 1.0}}})
+    assert torch.equal(model.weight, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if case == "missing" else ["nvme"])
+    if path.is_dir():
+        assert list(path.iterdir()) == []  # no ds_zero_swap directory, no file

@@ -17,6 +17,7 @@ raises — a read never leaves a tensor partly filled without saying so.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,10 +37,6 @@ __all__ = ["AioError", "AioHandle", "AsyncIO", "read", "write", "configure"]
 
 class AioError(DSError, OSError):
     """A read or write could not be done as asked; the message names the file and the sizes."""
-
-
-def _bytes_view(t: Tensor) -> Tensor:
-    return t.reshape(-1).view(torch.uint8)
 
 
 def _check_tensor(action: str, t: Tensor, path: str, offset: int) -> None:
@@ -86,7 +83,8 @@ def aio_pread(dst: Tensor, path: str, offset: int, block_size: int, workers: int
 def _py_transfer(write: bool, t: Tensor, path: str, offset: int, block_size: int, workers: int,
                  sync: bool) -> int:
     nbytes = t.nbytes
-    view = memoryview(_bytes_view(t).numpy()) if nbytes else memoryview(b"")
+    # the tensor's bytes without numpy (``t`` stays alive for the whole transfer)
+    view = memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B") if nbytes else memoryview(b"")
     # a write at offset 0 replaces the file (like tensor.numpy().tofile); elsewhere it grows as needed
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0) if write else os.O_RDONLY
     fd = os.open(path, flags, 0o644)

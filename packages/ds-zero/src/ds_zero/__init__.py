@@ -1,4 +1,4 @@
-"""ds-zero: ZeRO stages 1-3 (partitioned optimizer state, gradients and parameters) with CPU optimizer offload.
+"""ds-zero: ZeRO stages 1-3 (partitioned optimizer state, gradients and parameters) with CPU and NVMe offload.
 
 Enabled by a ``zero_optimization`` section in a ds/DeepSpeed config; the engine picks up this
 package's components (gradient reducer, optimizer wrapper, checkpoint layout) through the feature
@@ -35,6 +35,9 @@ _EXPORTS = {
     "is_zero_init_parameter": "init_context",
     "zero_to_fp32": "consolidate",
     "gathered_state_dict": "checkpoint3",
+    "SwapError": "swap",
+    "ModulePathMismatchError": "fingerprint",
+    "GatherTimeoutError": "fingerprint",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,8 +3,10 @@
 Stages 1, 2 and 3 of ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training
 Trillion Parameter Models") are implemented; stage 0 keeps the engine's plain data parallelism.
 Every key DeepSpeed documents is accepted (so a DeepSpeed config loads unchanged). Keys that would
-change behaviour we do not have (parameter/NVMe offload, quantized or hierarchical partitioning)
-fail here, at config time, with the fix — before any process group, buffer or file is touched.
+change behaviour we do not have (quantized or hierarchical partitioning) fail here, at config time,
+with the fix — before any process group, buffer or file is touched. So does an NVMe offload
+``nvme_path`` that is missing, not a directory or not writable (ZeRO-Infinity, Rajbhandari et al.
+2021: optimizer state and parameters swapped to NVMe; see ``swap.py``).
 
 Bucket sizes count elements, as in DeepSpeed; ``5e8`` written as a float is accepted, ``"auto"``
 means the default.
@@ -12,6 +14,7 @@ means the default.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -23,6 +26,22 @@ __all__ = ["ZeroConfig", "OffloadOptimizerConfig", "OffloadParamConfig", "DEFAUL
 
 DEFAULT_BUCKET_ELEMENTS = 500_000_000
 STAGES_AVAILABLE = (0, 1, 2, 3)
+DEFAULT_SWAP_BUFFER_ELEMENTS = 100_000_000  # DeepSpeed's offload_param.buffer_size
+
+
+def check_nvme_path(section: str, path: str) -> None:
+    """Raise ``ValueError`` unless ``path`` is an existing, writable directory (NVMe swap files go there)."""
+    where = f"{section}.nvme_path {path!r}"
+    if not os.path.exists(path):
+        raise ValueError(f"{where} does not exist; NVMe offload keeps its swap files in an existing "
+                         f"directory: create it (mkdir -p {path}) or point nvme_path to a directory on a "
+                         f"local NVMe/SSD")
+    if not os.path.isdir(path):
+        raise ValueError(f"{where} is not a directory; nvme_path must name a directory (swap files go in "
+                         f"<nvme_path>/ds_zero_swap/rank<r>/): point it to one, e.g. {os.path.dirname(path) or '.'!r}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{where} is not writable by this user; NVMe offload creates files there: fix its "
+                         f"permissions (chmod u+w) or point nvme_path to a writable directory")
 
 
 def _count(name: str, value: Any, default: int, allow_zero: bool = False) -> int:
@@ -36,14 +55,30 @@ def _count(name: str, value: Any, default: int, allow_zero: bool = False) -> int
     return int(value)
 
 
+def _offload_device(value: Any) -> Any:
+    """``None`` -> 'none'; names are case-insensitive; anything else is refused with the choices."""
+    if value is None:
+        return "none"
+    if isinstance(value, str) and value.lower() not in ("none", "cpu", "nvme"):
+        raise ValueError(f"offload device {value!r} is not one of 'none', 'cpu', 'nvme'")
+    return value.lower() if isinstance(value, str) else value
+
+
 class OffloadOptimizerConfig(Section):
     """``zero_optimization.offload_optimizer``: where master weights and optimizer state live (ZeRO-Offload)."""
 
     device: Literal["none", "cpu", "nvme"] = Field(
         "none", description="'cpu' keeps fp32 master weights and optimizer state in host memory and steps "
-                            "there; 'none' keeps them on the accelerator; 'nvme' is not available yet.")
-    nvme_path: str = Field("/local_nvme", description="Directory for NVMe offload (needs device 'nvme').")
-    buffer_count: int = Field(4, gt=0, description="NVMe staging buffers (NVMe offload only).")
+                            "there; 'nvme' keeps them in files under nvme_path between steps and streams "
+                            "them through host memory in sub-groups; 'none' keeps them on the accelerator.")
+    nvme_path: str = Field("/local_nvme", description="Existing writable directory for NVMe offload (device "
+                                                      "'nvme'); files go in <nvme_path>/ds_zero_swap/rank<r>/.")
+    buffer_count: int = Field(4, gt=0, description="NVMe staging buffers: while one sub-group is stepped "
+                                                   "the next is read and the previous written.")
+    buffer_size: int | float = Field(DEFAULT_SWAP_BUFFER_ELEMENTS, description="Elements per NVMe staging "
+                                     "buffer (a ds addition; DeepSpeed sizes them from sub_group_size). One "
+                                     "buffer holds a sub-group's fp32 master and optimizer state, so a "
+                                     "sub-group is at most buffer_size / (1 + state tensors) elements.")
     pin_memory: bool = Field(False, description="Page-lock the host buffers for faster device copies "
                                                 "(only where the accelerator supports pinned memory).")
     pipeline_read: bool = Field(False, description="Overlap NVMe reads with the step (NVMe offload only).")
@@ -52,25 +87,41 @@ class OffloadOptimizerConfig(Section):
     ratio: float = Field(1.0, gt=0, le=1, description="Fraction of the optimizer step on the host; only 1.0 "
                                                         "(all of it) is implemented.")
 
+    @field_validator("buffer_size")
+    @classmethod
+    def _buffer_size(cls, value: Any) -> int:
+        return _count("offload_optimizer.buffer_size", value, DEFAULT_SWAP_BUFFER_ELEMENTS)
+
     @field_validator("device", mode="before")
     @classmethod
     def _device(cls, value: Any) -> Any:
-        if value is None:
-            return "none"
-        if isinstance(value, str) and value.lower() not in ("none", "cpu", "nvme"):
-            raise ValueError(f"offload device {value!r} is not one of 'none', 'cpu', 'nvme'")
-        return value.lower() if isinstance(value, str) else value
+        return _offload_device(value)
 
 
 class OffloadParamConfig(Section):
     """``zero_optimization.offload_param``: where stage 3 keeps the parameter shards ('cpu': host memory)."""
 
-    device: Literal["none", "cpu", "nvme"] = Field("none", description="Where stage 3 keeps parameters.")
-    nvme_path: str = Field("/local_nvme", description="Directory for NVMe parameter offload.")
-    buffer_count: int = Field(5, gt=0, description="Parameter staging buffers.")
-    buffer_size: int | float = Field(100_000_000, gt=0, description="Elements per parameter buffer.")
-    max_in_cpu: int | float = Field(1_000_000_000, ge=0, description="Parameters kept in host memory.")
+    device: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where stage 3 keeps the parameter shards between uses: 'cpu' in host memory, "
+                            "'nvme' in files under nvme_path (read back when the module runs).")
+    nvme_path: str = Field("/local_nvme", description="Existing writable directory for NVMe parameter offload; "
+                                                      "files go in <nvme_path>/ds_zero_swap/rank<r>/.")
+    buffer_count: int = Field(5, gt=0, description="Parameter shards held in host memory at once (NVMe).")
+    buffer_size: int | float = Field(DEFAULT_SWAP_BUFFER_ELEMENTS, description="Elements per parameter "
+                                     "buffer; every shard must fit in one (NVMe).")
+    max_in_cpu: int | float = Field(1_000_000_000, ge=0, description="Accepted; the shards in host memory "
+                                                                     "are bounded by buffer_count instead.")
     pin_memory: bool = Field(False, description="Page-lock the host parameter buffers.")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> Any:
+        return _offload_device(value)
+
+    @field_validator("buffer_size")
+    @classmethod
+    def _buffer_size(cls, value: Any) -> int:
+        return _count("offload_param.buffer_size", value, DEFAULT_SWAP_BUFFER_ELEMENTS)
 
 
 class ZeroConfig(Section):
@@ -103,8 +154,9 @@ class ZeroConfig(Section):
     ignore_unused_parameters: bool = Field(True, description="Parameters without a gradient contribute "
                                                              "zeros (always allowed).")
     legacy_stage1: bool = Field(False, description="Accepted for compatibility; only false is implemented.")
-    sub_group_size: int | float | str = Field(1_000_000_000, description="Stage 3 / offload step granularity "
-                                                                         "(elements); accepted.")
+    sub_group_size: int | float | str = Field(1_000_000_000, description="NVMe optimizer offload: elements "
+                                                                         "stepped at a time (also bounded by "
+                                                                         "offload_optimizer.buffer_size).")
     cpu_offload: bool | None = Field(None, description="Deprecated DeepSpeed spelling of "
                                                        "offload_optimizer.device 'cpu'.")
     cpu_offload_params: bool | None = Field(None, description="Deprecated spelling of offload_param (stage 3).")
@@ -112,11 +164,21 @@ class ZeroConfig(Section):
     offload_optimizer: OffloadOptimizerConfig = Field(default_factory=OffloadOptimizerConfig,
                                                       description="ZeRO-Offload of optimizer state.")
     offload_param: OffloadParamConfig = Field(default_factory=OffloadParamConfig,
-                                              description="Stage-3 parameter offload: shards in host memory.")
+                                              description="Stage-3 parameter offload: shards in host memory "
+                                                          "or on NVMe.")
     # Stage-3 and later keys, accepted so DeepSpeed configs load; they act only with stage 3.
-    stage3_max_live_parameters: int | float | str = Field(1_000_000_000, description="Stage 3 only.")
-    stage3_max_reuse_distance: int | float | str = Field(1_000_000_000, description="Stage 3 only.")
-    stage3_prefetch_bucket_size: int | float | str = Field(50_000_000, description="Stage 3 only.")
+    stage3_max_live_parameters: int | float | str = Field(
+        1_000_000_000, description="Stage 3: elements gathered or in flight above which no prefetch starts "
+                                   "and finished parameters are released.")
+    stage3_max_reuse_distance: int | float | str = Field(
+        1_000_000_000, description="Stage 3: a parameter used again within this many elements of the "
+                                   "recorded order stays gathered instead of being released.")
+    stage3_prefetch_bucket_size: int | float | str = Field(
+        50_000_000, description="Stage 3: elements of the recorded order gathered ahead of the running "
+                                "module (0: no prefetch).")
+    stage3_hang_timeout: float | None = Field(
+        None, gt=0, description="Stage 3 (ds only): seconds a rank waits in a parameter gather for the other "
+                                "ranks before failing with the module's name; None: the process group's timeout.")
     stage3_param_persistence_threshold: int | float | str = Field(
         100_000, description="Stage 3: parameters of at most this many elements stay whole on every rank "
                              "(their optimizer state is still partitioned).")
@@ -173,12 +235,10 @@ class ZeroConfig(Section):
     @model_validator(mode="after")
     def _rules(self) -> ZeroConfig:
         off = self.offload_optimizer
-        if off.device == "nvme":
-            raise ValueError("offload_optimizer.device 'nvme' comes with ZeRO-Infinity (stage 3 with NVMe), "
-                             "which is not available yet; use device 'cpu' (host memory) or 'none'")
-        if off.device == "cpu" and self.stage == 0:
-            raise ValueError("offload_optimizer.device 'cpu' needs stage 1 or 2 (or 3): the offloaded state "
-                             "is the partitioned optimizer state; set stage to 1, 2 or 3, or device to 'none'")
+        if off.device != "none" and self.stage == 0:
+            raise ValueError(f"offload_optimizer.device {off.device!r} needs stage 1 or 2 (or 3): the offloaded "
+                             f"state is the partitioned optimizer state; set stage to 1, 2 or 3, or device to "
+                             f"'none'")
         if off.ratio != 1.0:
             raise ValueError(f"offload_optimizer.ratio {off.ratio} is not implemented (only 1.0: the whole "
                              f"step on the host); remove ratio")
@@ -186,13 +246,14 @@ class ZeroConfig(Section):
         if par != "none" and self.stage != 3:
             raise ValueError(f"offload_param.device {par!r} needs stage 3 (only there are parameters "
                              f"partitioned); set stage to 3 or remove offload_param")
+        if par != "none" and off.device == "none":
+            raise ValueError(f"offload_param.device {par!r} needs offload_optimizer.device 'cpu' too (or 'nvme'): "
+                             f"the host shards are what the host optimizer steps, as in DeepSpeed; add "
+                             f"\"offload_optimizer\": {{\"device\": \"{par}\"}}")
+        if off.device == "nvme":
+            check_nvme_path("offload_optimizer", off.nvme_path)
         if par == "nvme":
-            raise ValueError("offload_param.device 'nvme' (ZeRO-Infinity parameter offload) is not implemented "
-                             "yet in ds-zero; use device 'cpu' (host memory) or 'none'")
-        if par == "cpu" and off.device != "cpu":
-            raise ValueError("offload_param.device 'cpu' needs offload_optimizer.device 'cpu' too in ds-zero "
-                             "(the host shards are what the host optimizer steps); add "
-                             "\"offload_optimizer\": {\"device\": \"cpu\"}")
+            check_nvme_path("offload_param", self.offload_param.nvme_path)
         unavailable = {"zero_hpz_partition_size": (self.zero_hpz_partition_size, 1),
                        "zero_quantized_weights": (self.zero_quantized_weights, False),
                        "zero_quantized_nontrainable_weights": (self.zero_quantized_nontrainable_weights, False),
@@ -208,5 +269,5 @@ class ZeroConfig(Section):
 
     @property
     def offload(self) -> bool:
-        """True when the optimizer step runs on the host (``offload_optimizer.device == 'cpu'``)."""
-        return self.offload_optimizer.device == "cpu"
+        """True when the optimizer step runs on the host (``offload_optimizer.device`` 'cpu' or 'nvme')."""
+        return self.offload_optimizer.device in ("cpu", "nvme")

@@ -89,7 +89,10 @@ class GatheredParameters:
         finally:
             for s in self.shards:
                 s.users -= 1
-                if s.users == 0 and not s.held_for_backward:
+                coordinator = getattr(s.owner, "coordinator", None)  # the engine's hooks, if any
+                if coordinator is not None:
+                    coordinator.release_if_unused(s)  # keeps a parameter its next module is about to use
+                elif s.users == 0 and not s.held_for_backward:
                     s.release()
 
     def _publish(self) -> None:

@@ -23,14 +23,12 @@ parameter groups, calls :meth:`bind` with the :class:`~ds_zero.partition.Partiti
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.distributed as dist
 
 from ds_core import comm
 from ds_core.engine.precision import FlatGradients
-from ds_core.engine.reducer import DataParallelReducer
+from ds_core.engine.reducer import DataParallelReducer, weak_grad_hook
 from ds_core.params import DEFAULT_AXIS
 
 from .partition import Partitions
@@ -169,7 +167,7 @@ class PartitionedGradientReducer(GradientPartitions):
                     start, count = end, 0
             self.bucket_of.append(owner)
             for i, p in enumerate(g.params):
-                self.handles.append(p.register_post_accumulate_grad_hook(partial(self._hook, gi, i)))
+                self.handles.append(p.register_post_accumulate_grad_hook(weak_grad_hook(self._hook, gi, i)))
         self.begin(True)
 
     # -- the engine's reducer protocol -----------------------------------------------------------

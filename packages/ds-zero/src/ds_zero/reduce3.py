@@ -10,17 +10,24 @@ released. The averaged shard is added to this rank's fp32 gradient partition (la
 
 Collectives are issued in backward order, the same on every rank; parameters that got no gradient
 in a micro-step (unused branches) are reduced as zeros in a fixed order by :meth:`finish`.
+
+The reducer also brackets the coordinator's step (``gather.py``, ``prefetch.py``): it hands it the
+config's stage-3 knobs, has the ranks compare their forward's module order before backward starts
+(so a rank that ran other modules fails there, before gradients are reduced in a different order),
+and ends the step after backward.
 """
 
 from __future__ import annotations
 
-from functools import partial
+import weakref
 
 import torch
 import torch.distributed as dist
 
 from ds_core import comm
+from ds_core.engine.reducer import weak_grad_hook
 
+from .prefetch import Stage3Settings
 from .reduce import COMM_DTYPES, GLOO_PREFERS_ALL_REDUCE, GradientPartitions
 from .stage3 import ShardedParameter, Stage3Partitions
 
@@ -39,6 +46,8 @@ class Stage3GradientReducer(GradientPartitions):
         self.prescale = cfg.prescale_gradients
         self.predivide = cfg.gradient_predivide_factor
         self.comm_dtype = COMM_DTYPES.get(cfg.communication_data_type or "")
+        zero = cfg.section("zero_optimization")
+        self.settings = Stage3Settings.from_config(zero) if zero is not None else Stage3Settings()
         self.parts: Stage3Partitions | None = None
         self.coordinator = None
         self.handles: list = []
@@ -46,6 +55,10 @@ class Stage3GradientReducer(GradientPartitions):
     def bind(self, parts: Stage3Partitions, coordinator=None) -> None:
         self.parts = parts
         self.coordinator = coordinator
+        if coordinator is not None:
+            coordinator.configure(self.settings)
+            # the model outlives a dropped engine: take the module hooks off with this reducer
+            weakref.finalize(self, coordinator.remove)
         self.gloo = parts.world > 1 and GLOO_PREFERS_ALL_REDUCE and dist.get_backend(parts.group) == "gloo"
         self.grads = [torch.zeros(g.partition_numel, dtype=torch.float32, device=self.device)
                       for g in parts.groups]
@@ -53,7 +66,7 @@ class Stage3GradientReducer(GradientPartitions):
         for gi, g in enumerate(parts.groups):
             for i, s in enumerate(g.sharded):
                 self.order.append((gi, i))
-                self.handles.append(s.param.register_post_accumulate_grad_hook(partial(self._hook, gi, i)))
+                self.handles.append(s.param.register_post_accumulate_grad_hook(weak_grad_hook(self._hook, gi, i)))
         self.begin(True)
 
     # -- the engine's reducer protocol ---------------------------------------------------------------
@@ -61,6 +74,8 @@ class Stage3GradientReducer(GradientPartitions):
         """Start a micro-step; stage 3 reduces every micro-step (``no_sync`` saves no communication)."""
         self.done: set[tuple[int, int]] = set()
         self.in_flight: list = []
+        if self.coordinator is not None:
+            self.coordinator.check_path()
 
     def _hook(self, gi: int, i: int, p: torch.Tensor) -> None:
         grad = p.grad
@@ -108,6 +123,14 @@ class Stage3GradientReducer(GradientPartitions):
                 self._launch(gi, i, None)
         while self.in_flight:
             self._complete_oldest()
+        if self.coordinator is not None:
+            self.coordinator.end_step()
+
+    def partition_grads(self, out: list[torch.Tensor]) -> None:
+        """Before the optimizer step: no gather may still be in flight (it would bring old values)."""
+        if self.coordinator is not None:
+            self.coordinator.end_step()
+        super().partition_grads(out)
 
     def attach_grads(self) -> None:
         """Nothing to attach: ``.grad`` is freed as soon as it is reduced."""

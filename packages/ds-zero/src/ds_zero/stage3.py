@@ -17,9 +17,16 @@ than silently wrong numbers; writing into it fails). Parameters of at most
 ``stage3_param_persistence_threshold`` elements stay whole on every rank (they are cheap to keep and
 costly to gather one by one); their optimizer state is still partitioned and they are re-gathered
 after every step.
+
+With ``offload_param.device: nvme`` (ZeRO-Infinity) a group keeps no flat tensor: its shards live in
+one swap file (``swap_params.py``) and ``ShardedParameter.shard`` reads a shard in (or waits for the
+read :meth:`ShardedParameter.prefetch` started) when it is used; at most ``buffer_count`` shards
+are in memory at once.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -28,6 +35,7 @@ from ds_core.errors import ConfigError
 from ds_core.params import DEFAULT_AXIS, reduce_axis, shard_axis
 
 from .partition import check_param_groups, padded_numel
+from .swap_params import ShardSwapper
 
 __all__ = ["ShardedParameter", "Stage3Group", "Stage3Partitions", "placeholder", "gather_shards"]
 
@@ -42,17 +50,24 @@ class ShardedParameter:
 
     ``source`` is the shard :class:`~ds_zero.init_context.Init` made while the model was built: its
     values are taken over (cast to ``shard``'s dtype) instead of reading the parameter's data.
+    ``swap`` (a :class:`~ds_zero.swap_params.ShardSwapper`), ``swap_file`` and ``swap_offset``: the
+    shard lives at that element offset of that NVMe file; ``shard`` is then read in on use.
     """
 
     def __init__(self, param: torch.nn.Parameter, name: str, world: int, rank: int, shard: torch.Tensor,
-                 persistent: bool, group=None, owner=None, source: ShardedParameter | None = None) -> None:
+                 persistent: bool, group=None, owner=None, source: ShardedParameter | None = None,
+                 swap: ShardSwapper | None = None, swap_file: str | None = None, swap_offset: int = 0) -> None:
         self.param, self.name = param, name
         self.shape = source.shape if source is not None else param.shape
         self.numel = source.numel if source is not None else param.numel()
         self.padded = padded_numel(self.numel, world)
         self.part = self.padded // world
         self.world, self.rank, self.group, self.owner = world, rank, group, owner
-        self.shard = shard
+        self.swap, self.swap_file, self.swap_offset = swap, swap_file, swap_offset
+        self._data: torch.Tensor | None = shard  # in memory (with swap: only around its use)
+        self._read = None   # a swap-in in flight (prefetch)
+        self._clean = None  # _data._version when it last matched the file
+        self.dtype = shard.dtype
         self.device = param.device  # where the gathered tensor lives; the shard may be in host memory
         self.persistent = persistent
         self.users = 0          # forward modules / GatheredParameters contexts holding it gathered
@@ -77,42 +92,57 @@ class ShardedParameter:
                 shard[:hi - lo].copy_(flat[lo:hi])
         param.ds_shard = self
 
+    @property
+    def shard(self) -> torch.Tensor:
+        """This rank's piece of the flattened, padded parameter (``part`` elements), always valid: with
+        NVMe offload it is read in here (or a pending :meth:`prefetch` is waited for). Writing into it
+        is allowed; an NVMe shard changed so is written back before its memory is reused."""
+        if self.swap is None:
+            return self._data
+        return self.swap.load(self)
+
+    @shard.setter
+    def shard(self, value: torch.Tensor) -> None:
+        if self.swap is not None:
+            raise AttributeError(f"the shard of {self.name} lives on NVMe; write into param.ds_shard.shard "
+                                 f"in place instead of replacing it")
+        self._data = value
+
+    def prefetch(self) -> None:
+        """Start reading the shard from NVMe ahead of its use; a no-op when it is in memory (or not on NVMe)."""
+        if self.swap is not None:
+            self.swap.prefetch(self)
+
     def release(self) -> None:
-        """Drop the full tensor (persistent parameters stay whole)."""
+        """Drop the full tensor (persistent parameters stay whole). An NVMe shard stays in memory only
+        as one of the ``buffer_count`` most recently used (its file is authoritative)."""
         if self.persistent or not self.gathered:
             return
         if self.owner is None:  # built under Init, not yet adopted by an engine: DeepSpeed's empty tensor
-            self.param.data = torch.empty(0, dtype=self.shard.dtype, device=self.device)
+            self.param.data = torch.empty(0, dtype=self.dtype, device=self.device)
         else:
-            self.param.data = placeholder(self.shape, self.shard.dtype, self.device)
+            self.param.data = placeholder(self.shape, self.dtype, self.device)
         self.gathered = False
 
 
-def gather_shards(items: list[ShardedParameter], group) -> None:
-    """All-gather the full tensors of ``items`` in one collective (every rank passes the same list)."""
-    if not items:
-        return
-    world = items[0].world
-    total = sum(s.part for s in items)
-    dtype, device = items[0].shard.dtype, items[0].device
-    with torch.no_grad():
-        send = torch.cat([s.shard for s in items]) if len(items) > 1 else items[0].shard
-        send = send.to(device, non_blocking=True)  # from host memory under offload_param
-        if world == 1:
-            grid = send.view(1, total)
-        else:
-            out = torch.empty(world * total, dtype=dtype, device=device)
-            comm.all_gather(out, send.contiguous(), group=group)
-            grid = out.view(world, total)
-        off = 0
-        for s in items:
-            full = grid[:, off:off + s.part].reshape(-1)[:s.numel].view(s.shape)
-            off += s.part
-            if s.persistent and s.gathered:
-                s.param.data.copy_(full)
-            else:
-                s.param.data = full
-            s.gathered = True
+def gather_shards(items: list[ShardedParameter], group, tag: str | None = None) -> None:
+    """All-gather the full tensors of ``items`` in one collective (every rank passes the same list).
+
+    Items whose prefetch is still in flight are completed instead of gathered again. The collective
+    carries a fingerprint (``fingerprint.py``: ``tag`` or the parameter names), so ranks that pair
+    different gathers fail with both names instead of exchanging the wrong parameters.
+    """
+    from .allgather import PendingGather, plain_fingerprint
+
+    completed: set[int] = set()
+    for s in items:
+        pending = getattr(s, "inflight", None)
+        if pending is not None:
+            pending.wait()
+            completed.update(id(x) for x in pending.items)
+    items = [s for s in items if id(s) not in completed]
+    if items:
+        PendingGather(items, group, plain_fingerprint(items, tag)).wait()
 
 
 class Stage3Group:
@@ -127,7 +157,7 @@ class Stage3Group:
 
     def __init__(self, params: list[torch.nn.Parameter], names: list[str], hyper: dict, world: int,
                  rank: int, dtype: torch.dtype, device: torch.device, threshold: int, group, owner=None,
-                 pin: bool = False) -> None:
+                 pin: bool = False, swap: ShardSwapper | None = None) -> None:
         self.params, self.names, self.hyper = list(params), list(names), hyper
         self.world, self.rank, self.group = world, rank, group
         sources = [getattr(p, "ds_shard", None) for p in self.params]
@@ -137,18 +167,83 @@ class Stage3Group:
         self.partition_numel = max(1, sum(parts))
         self.numel = sum(numels)
         self.padded = self.partition_numel * world
-        self.flat = torch.zeros(self.partition_numel, dtype=dtype, device=device)
-        self.sharded = [ShardedParameter(p, n, world, rank, self.flat[o:o + k], m <= threshold, group, owner, src)
-                        for p, n, o, k, m, src in zip(self.params, self.names, self.offsets, parts, numels, sources)]
+        self.dtype, self.swap, self._own = dtype, swap, None
+        if swap is None:
+            self.flat = torch.zeros(self.partition_numel, dtype=dtype, device=device)
+            self.sharded = [ShardedParameter(p, n, world, rank, self.flat[o:o + k], m <= threshold, group, owner,
+                                             src)
+                            for p, n, o, k, m, src in zip(self.params, self.names, self.offsets, parts, numels,
+                                                          sources)]
+        else:
+            self.flat = torch.zeros(0, dtype=dtype, device=device)  # nothing resident: the file holds the shards
+            self.swap_file = swap.add_group(self.partition_numel, dtype)
+            self.sharded = self._swap_out_shards(swap, world, rank, threshold, group, owner, parts, numels, sources)
         if any(s.persistent and not s.gathered for s in self.sharded):
             gather_shards([s for s in self.sharded if s.persistent and not s.gathered], group)
         for s in self.sharded:
             s.release()
 
+    def _swap_out_shards(self, swap, world, rank, threshold, group, owner, parts, numels, sources):
+        """Build each shard in memory and write it to the group's file, at most ``buffer_count`` at once."""
+        out, in_flight = [], []
+        tail = sum(parts)
+        if tail < self.partition_numel:  # an empty group's one padding element
+            in_flight.append((None, swap.write_range(self.swap_file, torch.zeros(self.partition_numel - tail,
+                                                                                 dtype=self.dtype), tail)))
+        for p, n, o, k, m, src in zip(self.params, self.names, self.offsets, parts, numels, sources):
+            s = ShardedParameter(p, n, world, rank, torch.zeros(k, dtype=self.dtype), m <= threshold, group, owner,
+                                 src, swap=swap, swap_file=self.swap_file, swap_offset=o)
+            swap.check(s)
+            out.append(s)
+            in_flight.append((s, swap.write_out(s)))
+            while len(in_flight) >= swap.count:
+                self._confirm(*in_flight.pop(0))
+        for item in in_flight:
+            self._confirm(*item)
+        return out
+
+    @staticmethod
+    def _confirm(s, handle) -> None:
+        handle.wait()  # the in-memory shard is dropped only once its write is confirmed
+        if s is not None:
+            s._data = None
+
     def own(self) -> torch.Tensor:
         """This rank's shards of every parameter of the group, end to end (a view: the optimizer
-        stepping it updates what the next gather returns)."""
-        return self.flat
+        stepping it updates what the next gather returns). With NVMe shards: a copy read from the
+        file and kept until :meth:`flush_own` (run by ``Stage3Partitions.all_gather`` and before
+        the step), which writes it back if it was changed."""
+        if self.swap is None:
+            return self.flat
+        if self._own is None:
+            t = self.read_own()
+            self._own = (t, t._version)
+        return self._own[0]
+
+    def read_own(self) -> torch.Tensor:
+        """This rank's shards, end to end, in a new tensor (with NVMe shards: changes flushed, file read)."""
+        if self.swap is None:
+            return self.flat.clone()
+        self.swap.flush(self.sharded)
+        out = torch.empty(self.partition_numel, dtype=self.dtype)
+        self.swap.read_range(self.swap_file, out).wait()
+        return out
+
+    def flush_own(self) -> None:
+        """Write back a copy :meth:`own` handed out if it was changed (its shards in memory are stale then)."""
+        if self._own is None:
+            return
+        (t, version), self._own = self._own, None
+        if t._version != version:
+            for s in self.sharded:
+                self.swap.evict(s)
+            self.swap.write_range(self.swap_file, t).wait()
+
+    def write_range(self, lo: int, values: torch.Tensor):
+        """Start writing ``values`` (cast to the model's dtype) at element ``lo`` of the shard file;
+        returns the handle (keep ``values`` until it is waited)."""
+        v = values.detach().to(self.dtype).contiguous()
+        return self.swap.write_range(self.swap_file, v, lo)
 
     def describe(self) -> dict:
         return {"layout": "per_parameter", "numel": self.numel, "partition_numel": self.partition_numel,
@@ -162,7 +257,7 @@ class Stage3Partitions:
 
     def __init__(self, groups: list[dict], module: torch.nn.Module, group, dtype: torch.dtype,
                  device: torch.device, threshold: int, shard_device: torch.device | None = None,
-                 pin: bool = False) -> None:
+                 pin: bool = False, swap: ShardSwapper | None = None) -> None:
         self.group = group
         self.axis_groups = {DEFAULT_AXIS: group}
         self.world = comm.get_world_size(group)
@@ -176,12 +271,24 @@ class Stage3Partitions:
                                       f"supported at stage 3 yet); use stage 2 for this model")
         self.groups = [Stage3Group(spec["params"], [names[id(p)] for p in spec["params"]],
                                    {k: v for k, v in spec.items() if k != "params"}, self.world, self.rank,
-                                   dtype, shard_device or device, threshold, group, self, pin) for spec in groups]
+                                   dtype, shard_device or device, threshold, group, self, pin, swap)
+                       for spec in groups]
+        self.swap = swap
         self.by_param = {id(s.param): s for g in self.groups for s in g.sharded}
-        self.optimizer = None  # set by the optimizer factory: GatheredParameters refreshes its masters
+        self._optimizer = None  # set by the optimizer factory: GatheredParameters refreshes its masters
         self.coordinator = None
 
     tagged = False
+
+    @property
+    def optimizer(self):
+        """The optimizer stepping these shards, or None. Held weakly: the model's parameters reach this
+        object (``param.ds_shard.owner``) and must not keep a dropped engine's optimizer alive."""
+        return self._optimizer() if self._optimizer is not None else None
+
+    @optimizer.setter
+    def optimizer(self, opt) -> None:
+        self._optimizer = weakref.ref(opt) if opt is not None else None
 
     def global_rank(self, r: int) -> int:
         return r if self.group is None else torch.distributed.get_global_rank(self.group, r)
@@ -196,9 +303,20 @@ class Stage3Partitions:
                 out.append(s)
         return out
 
+    def begin_update(self) -> None:
+        """Before the optimizer writes new shards: with NVMe shards, write back changes made in memory
+        and drop every in-memory copy (the step makes them stale)."""
+        if self.swap is not None:
+            for g in self.groups:
+                g.flush_own()
+            self.swap.drop_all()
+
     def all_gather(self, bucket_numel: int) -> None:
         """After the step: refresh the parameters that are whole (persistent ones, or any a context
         holds) from the updated shards; released ones are gathered fresh when next used."""
+        if self.swap is not None:
+            for g in self.groups:
+                g.flush_own()
         for g in self.groups:
             live = [s for s in g.sharded if s.gathered]
             for i in range(0, len(live), 64):
@@ -206,3 +324,8 @@ class Stage3Partitions:
 
     def describe(self) -> dict:
         return {"world_size": self.world, "layout": "per_parameter", "groups": [g.describe() for g in self.groups]}
+
+    def close(self) -> None:
+        """Remove the NVMe shard files (nothing without NVMe offload); the model is unusable afterwards."""
+        if self.swap is not None:
+            self.swap.close()

@@ -8,6 +8,8 @@ arrives, so communication overlaps the rest of backward, as in PyTorch DDP (Li e
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 
@@ -16,7 +18,25 @@ from ..errors import CommError
 from ..params import DEFAULT_AXIS, reduce_axis
 from .precision import FlatGradients
 
-__all__ = ["DataParallelReducer", "DEFAULT_BUCKET_BYTES"]
+__all__ = ["DataParallelReducer", "DEFAULT_BUCKET_BYTES", "weak_grad_hook"]
+
+
+def weak_grad_hook(method, *args):
+    """A post-accumulate-grad hook calling ``method(*args, param)`` through a weak reference.
+
+    torch keeps parameter hooks where the garbage collector cannot see them, so a hook holding its
+    reducer would keep the reducer — and through it the engine, its buffers and optimizer state —
+    alive for as long as the parameters live, even after the engine is dropped. Through a weak
+    reference the hook does nothing once the reducer is gone (``engine.destroy()`` also removes it).
+    """
+    ref = weakref.WeakMethod(method)
+
+    def hook(param):
+        bound = ref()
+        if bound is not None:
+            bound(*args, param)
+
+    return hook
 
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 
@@ -59,7 +79,7 @@ class DataParallelReducer:
         self.works: list = []
         self.launched: list[bool] = []
         self.sync = False
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in grads.params]
+        self.handles = [p.register_post_accumulate_grad_hook(weak_grad_hook(self._hook)) for p in grads.params]
         self.attach_grads()
 
     def attach_grads(self) -> None:
