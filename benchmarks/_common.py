@@ -1,4 +1,4 @@
-"""Pieces shared by the distributed benchmarks: step timing and the DDP reference step."""
+"""Pieces shared by the distributed benchmarks: step timing, the ds engine step and the PyTorch reference steps."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-__all__ = ["timed", "ddp_step"]
+__all__ = ["timed", "ddp_step", "torch_step", "engine_step"]
 
 
 def timed(step_fn, steps: int, warmup: int = 2) -> float:
@@ -24,17 +24,37 @@ def timed(step_fn, steps: int, warmup: int = 2) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def ddp_step(base: torch.nn.Module, batches, lr: float = 1e-4, clip: float = 1.0):
-    """The PyTorch reference: DDP over a copy of ``base``, AdamW, clipping by global norm."""
-    ddp = DDP(copy.deepcopy(base))
-    opt = torch.optim.AdamW(ddp.parameters(), lr=lr)
+def torch_step(model: torch.nn.Module, batches, lr: float = 1e-4, clip: float = 1.0, set_to_none: bool = False):
+    """A plain PyTorch training step over an already wrapped ``model`` (DDP, FSDP2): AdamW, clipping
+    by global norm."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
 
     def step(i):
         x, y = batches[i % len(batches)]
-        loss = ddp(x, y)
+        loss = model(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=set_to_none)
 
+    return step
+
+
+def ddp_step(base: torch.nn.Module, batches, lr: float = 1e-4, clip: float = 1.0):
+    """The PyTorch reference: DDP over a copy of ``base``, AdamW, clipping by global norm."""
+    return torch_step(DDP(copy.deepcopy(base)), batches, lr, clip)
+
+
+def engine_step(base: torch.nn.Module, batches, config: dict):
+    """The ds engine over a copy of ``base`` built from ``config``; ``step.engine`` is the engine."""
+    import ds_core
+
+    engine = ds_core.initialize(model=copy.deepcopy(base), config=config)[0]
+
+    def step(i):
+        x, y = batches[i % len(batches)]
+        engine.backward(engine(x, y))
+        engine.step()
+
+    step.engine = engine
     return step

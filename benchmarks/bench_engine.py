@@ -10,15 +10,14 @@ printed (target: engine / DDP <= 1.05).
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 
 import torch
 import torch.distributed as dist
 from _common import ddp_step as ddp_step_for
+from _common import engine_step as engine_step_for
 from _common import timed
 
-import ds_core
 from ds_core.testing import run_distributed
 from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
 
@@ -32,15 +31,9 @@ def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
 
     ddp_step = ddp_step_for(base, batches)
 
-    engine, *_ = ds_core.initialize(model=copy.deepcopy(base), config={
+    engine_step = engine_step_for(base, batches, {
         "train_micro_batch_size_per_gpu": micro, "gradient_clipping": 1.0, "steps_per_print": 0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}})
-
-    def engine_step(i):
-        x, y = batches[i % 8]
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
 
     ddp_times, ds_times = [], []
     for _ in range(rounds):

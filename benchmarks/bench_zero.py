@@ -13,15 +13,13 @@ extra copies and the separate optimizer buffers, not a PCIe transfer.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 
 import torch
 import torch.distributed as dist
 from _common import ddp_step as ddp_step_for
-from _common import timed
+from _common import engine_step, timed
 
-import ds_core
 from ds_core.testing import run_distributed
 from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
 
@@ -33,14 +31,7 @@ def _engine_step(base, micro, batches, zero):
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}
     if zero is not None:
         config["zero_optimization"] = zero
-    engine, *_ = ds_core.initialize(model=copy.deepcopy(base), config=config)
-
-    def step(i):
-        x, y = batches[i % len(batches)]
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-    return step, engine
+    return engine_step(base, batches, config)
 
 
 def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
@@ -54,9 +45,9 @@ def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
 
     stage2 = {"stage": 2, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET, "overlap_comm": True}
     runs = {"ddp": ddp_step,
-            "stage0": _engine_step(base, micro, batches, None)[0],
-            "stage2": _engine_step(base, micro, batches, stage2)[0],
-            "offload": _engine_step(base, micro, batches, {**stage2, "offload_optimizer": {"device": "cpu"}})[0]}
+            "stage0": _engine_step(base, micro, batches, None),
+            "stage2": _engine_step(base, micro, batches, stage2),
+            "offload": _engine_step(base, micro, batches, {**stage2, "offload_optimizer": {"device": "cpu"}})}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for name, fn in runs.items():

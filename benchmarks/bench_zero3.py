@@ -29,9 +29,8 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from _common import timed
+from _common import engine_step, timed, torch_step
 
-import ds_core
 from ds_core.testing import run_distributed
 from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
 
@@ -55,15 +54,7 @@ def _ds_step(base, micro, batches, which="zero3", nvme=None, overlap=True):
     config = {"train_micro_batch_size_per_gpu": micro, "gradient_clipping": CLIP, "steps_per_print": 0,
               "optimizer": {"type": "AdamW", "params": {"lr": LR}},
               "zero_optimization": {"stage": 3, "overlap_comm": overlap, **_offload(which, nvme)}}
-    engine, *_ = ds_core.initialize(model=copy.deepcopy(base), config=config)
-
-    def step(i):
-        x, y = batches[i % len(batches)]
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-    step.engine = engine
-    return step
+    return engine_step(base, batches, config)
 
 
 def _held_bytes(engine) -> int:
@@ -101,16 +92,7 @@ def _fsdp_step(base, batches):
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-
-    def step(i):
-        x, y = batches[i % len(batches)]
-        loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad()
-    return step
+    return torch_step(model, batches, LR, CLIP, set_to_none=True)
 
 
 def _setup(dim, layers, micro):
