@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ds_core import comm
-from ds_core.engine.mixed import fuses
+from ds_core.engine.mixed import copy_target, fuses
 from ds_core.engine.optimizers import build_optimizer
 from ds_core.engine.precision import LossScaler
 from ds_core.errors import ConfigError, DSError
@@ -232,13 +232,8 @@ class ZeroOptimizer:
     def _copy_targets(self) -> list[list[torch.Tensor | None]]:
         """Per group, the model-dtype partition the optimizer writes its new values into during its
         pass (bf16/fp16 on the masters' device), or None where :meth:`_write_back` copies after."""
-        targets = []
-        for g, m in zip(self.parts.groups, self.masters):
-            own = None if getattr(g, "swap", None) is not None else g.own()
-            ok = (own is not None and own.dtype in (torch.bfloat16, torch.float16) and own.is_contiguous()
-                  and own.device == m.device and own.numel() == m.numel())
-            targets.append([own if ok else None])
-        return targets
+        return [[copy_target(None if getattr(g, "swap", None) is not None else g.own(), m)]
+                for g, m in zip(self.parts.groups, self.masters)]
 
     def _write_back(self, gi: int, lo: int, masters: torch.Tensor):
         """Put updated masters (elements ``[lo, lo + n)`` of group ``gi``'s partition) into the model's

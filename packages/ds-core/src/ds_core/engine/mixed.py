@@ -20,12 +20,21 @@ import torch.distributed as dist
 from .. import comm
 from .precision import FlatGradients, LossScaler
 
-__all__ = ["MixedPrecisionOptimizer", "fuses"]
+__all__ = ["MixedPrecisionOptimizer", "fuses", "copy_target"]
 
 
 def fuses(optimizer, *args: str) -> bool:
     """True when ``optimizer.step`` takes every keyword in ``args`` (its class's ``fused_step_args``)."""
     return set(args) <= set(getattr(type(optimizer), "fused_step_args", ()))
+
+
+def copy_target(model_tensor: torch.Tensor | None, master: torch.Tensor) -> torch.Tensor | None:
+    """``model_tensor`` flattened when a fused step can write ``master``'s new values into it (bf16/fp16,
+    contiguous, same device and size), else None (the caller copies after the step)."""
+    ok = (model_tensor is not None and model_tensor.dtype in (torch.bfloat16, torch.float16)
+          and model_tensor.is_contiguous() and model_tensor.device == master.device
+          and model_tensor.numel() == master.numel())
+    return model_tensor.data.view(-1) if ok else None
 
 
 class MixedPrecisionOptimizer:
@@ -135,10 +144,8 @@ class MixedPrecisionOptimizer:
             row = []
             for m in group["params"]:
                 p = by_master.get(id(m))
-                ok = (p is not None and p.dtype in (torch.bfloat16, torch.float16) and p.is_contiguous()
-                      and p.device == m.device and p.numel() == m.numel())
-                row.append(p.data.view(-1) if ok else None)
-                if ok:
+                row.append(copy_target(p, m))
+                if row[-1] is not None:
                     self._fused_copies.add(id(p))
             targets.append(row)
         return targets
