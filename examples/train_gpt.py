@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset
 
 import ds_core
@@ -100,6 +101,9 @@ def main() -> None:
               f"{engine.global_samples / elapsed:.1f} samples/s | "
               f"{engine.global_samples * args.seq_len / elapsed:,.0f} tokens/s | peak memory per rank "
               f"{', '.join(f'{p / 2**20:.0f} MiB' for p in peaks)}", flush=True)
+    if dist.is_initialized():  # an orderly teardown: gloo's threads are joined before the interpreter exits
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
