@@ -6,6 +6,9 @@
     @pytest.mark.world_size(4, mode="thread", timeout=30)
     def test_logic(): ...
 
+    @pytest.mark.cuda                          # needs a CUDA device; skipped elsewhere, with the reason
+    def test_triton_kernel_compiles(): ...
+
 The test function runs on every rank; fixtures it requests are resolved once in the pytest process
 and passed to every rank (so they must pickle: ``tmp_path`` does). The ``distributed`` fixture runs
 any module-level function on N ranks and returns the per-rank results.
@@ -21,6 +24,24 @@ def pytest_configure(config):
         "markers",
         "world_size(n, mode='process', timeout=None, backend='gloo'): run the test body on n ranks",
     )
+    config.addinivalue_line(
+        "markers",
+        "cuda: needs a CUDA device (run them with `pytest -m cuda` or `nox -s gpu`); skipped elsewhere",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: none is visible here (torch.cuda.is_available() "
+                                   "is False); run `nox -s gpu` on a GPU machine")
+    for item in cuda_items:
+        item.add_marker(skip)
 
 
 @pytest.hookimpl(tryfirst=True)
