@@ -28,6 +28,10 @@ def pytest_configure(config):
         "markers",
         "cuda: needs a CUDA device (run them with `pytest -m cuda` or `nox -s gpu`); skipped elsewhere",
     )
+    config.addinivalue_line(
+        "markers",
+        "smoke: the few tests that prove a package works when installed alone (run by `nox -s isolated`)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
