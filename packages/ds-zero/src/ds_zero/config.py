@@ -210,7 +210,9 @@ class ZeroConfig(Section):
     @field_validator("allgather_bucket_size", "reduce_bucket_size")
     @classmethod
     def _bucket(cls, value: Any, info) -> int:
-        return _count(info.field_name, value, DEFAULT_BUCKET_ELEMENTS)
+        # reduce_bucket_size 0 (DeepSpeed allows it): every gradient is reduced on its own.
+        return _count(info.field_name, value, DEFAULT_BUCKET_ELEMENTS,
+                      allow_zero=info.field_name == "reduce_bucket_size")
 
     @field_validator("sub_group_size", "stage3_max_live_parameters", "stage3_max_reuse_distance",
                      "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",

@@ -1,4 +1,9 @@
-"""DeepSpeed-compatible configuration: pydantic models, JSON loading, batch-size resolution."""
+"""DeepSpeed-compatible configuration: pydantic models, JSON loading, batch-size resolution.
+
+``parse_config`` reads a DeepSpeed JSON config; ``deepspeed_keys.json`` (see :mod:`.keys`) says what
+ds does with each of DeepSpeed's keys; ``resolve_auto`` fills ``"auto"`` values the way the Hugging
+Face Trainer integration does. The rules are in docs/config.md.
+"""
 
 import gc
 
@@ -7,7 +12,9 @@ import gc
 _collecting = gc.isenabled()
 gc.disable()
 try:
-    from .model import SECTION_PACKAGES, BatchSizes, DSConfig, parse_config, resolve_batch
+    from .auto import resolve_auto
+    from .keys import KeyEntry, key_table
+    from .model import SECTION_PACKAGES, BatchSizes, ConfigWarning, DSConfig, parse_config, resolve_batch
     from .sections import (
         ActivationCheckpointingConfig,
         AioConfig,
@@ -29,8 +36,12 @@ finally:
 __all__ = [
     "DSConfig",
     "BatchSizes",
+    "ConfigWarning",
     "parse_config",
     "resolve_batch",
+    "resolve_auto",
+    "key_table",
+    "KeyEntry",
     "SECTION_PACKAGES",
     "Section",
     "OptimizerConfig",

@@ -1,24 +1,36 @@
 """The top-level config: core sections, feature sections owned by plugins, and the batch triple.
 
-``parse_config`` is the one entry point. It rejects unknown keys (naming the nearest valid one),
-sections whose package is not installed (naming the package), ``fp16`` and ``bf16`` together, unknown
-optimizer and scheduler names, and an impossible batch triple — all before anything else happens.
+``parse_config`` is the one entry point. In order, before anything else happens:
+
+1. the key pass (:mod:`ds_core.config.screen`) applies the table of DeepSpeed's keys: comments
+   dropped, typos refused with the fix, features ds lacks refused by name, keys without effect
+   warned about once, sections of missing packages refused with the package to install;
+2. ds-core's model and each feature package's model validate the values (strictly: see
+   :mod:`ds_core.config.values`);
+3. cross-section rules: one precision, optimizer and scheduler ``params`` against their schemas
+   (:mod:`ds_core.config.optim`), the batch triple when the data-parallel size is known.
+
+The result, :class:`DSConfig`, is read by attribute (``config.fp16.loss_scale``) and, like
+DeepSpeed's ``engine.config``, as a dict: ``config["zero_optimization"]["stage"]``,
+``config.get("train_micro_batch_size_per_gpu")``, ``"bf16" in config``.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
 
 from .. import plugins
-from ..errors import ConfigError, closest
+from ..errors import ConfigError
+from .keys import children
 from .loader import read_config
+from .optim import OPTIMIZERS, SCHEDULERS, check_optimizer, check_scheduler
+from .screen import screen
 from .sections import (
-    OPTIMIZERS,
-    SCHEDULERS,
     ActivationCheckpointingConfig,
     AioConfig,
     Auto,
@@ -33,32 +45,26 @@ from .sections import (
     TensorBoardConfig,
     WandbConfig,
 )
+from .values import value_error
 
-__all__ = ["DSConfig", "BatchSizes", "parse_config", "resolve_batch", "SECTION_PACKAGES"]
+__all__ = ["DSConfig", "BatchSizes", "parse_config", "resolve_batch", "SECTION_PACKAGES", "ConfigWarning",
+           "OPTIMIZERS", "SCHEDULERS"]
 
-# Sections of a DeepSpeed config that a ds feature package owns, and which package to install.
-SECTION_PACKAGES = {
-    "zero_optimization": "ds-zero",
-    "pipeline": "ds-pipe",
-    "moe": "ds-moe",
-    "compression_training": "ds-compress",
-    "quantize_training": "ds-compress",
-    "weight_quantization": "ds-compress",
-    "tensor_parallel": "ds-infer",
-    "inference": "ds-infer",
-}
 
-# DeepSpeed keys we accept so a DeepSpeed config loads unchanged, but that have no effect here.
-ACCEPTED_WITHOUT_EFFECT = (
-    "amp", "autotuning", "comet", "compile", "curriculum_learning", "data_efficiency",
-    "data_types", "dataloader_drop_last", "eigenvalue", "elasticity", "flops_profiler",
-    "graph_harvesting", "hybrid_engine", "nebula", "progressive_layer_drop", "sparse_attention",
-    "timers", "use_data_before_expert_parallelism", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "disable_allgather", "load_universal_checkpoint",
-    "memory_breakdown", "dump_state", "sparse_gradients", "torch_autocast",
-)
+class ConfigWarning(UserWarning):
+    """A config key that is accepted but has no effect in ds, or an unknown key that is ignored."""
 
-ALIASES = {"bfloat16": "bf16"}
+
+def _section_packages() -> dict[str, str]:
+    return {name: e.by for name, e in children("").items() if e.status == "package" and e.by}
+
+
+#: Sections of a DeepSpeed config that a ds feature package owns, and which package to install
+#: (read from the key table, so there is one list).
+SECTION_PACKAGES: dict[str, str] = _section_packages()
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -77,12 +83,18 @@ class DSConfig(Section):
     gradient_accumulation_steps: int | Auto | None = Field(None, description="Micro-batches per optimizer step.")
     gradient_clipping: float | Auto = Field(0.0, description="Clip by global gradient norm; 0 disables.")
     prescale_gradients: bool = Field(False, description="Divide gradients before the all-reduce, not after.")
-    gradient_predivide_factor: float = Field(1.0, gt=0, description="Divide by this before, by world/this after.")
+    gradient_predivide_factor: float = Field(1.0, description="Divide by this before, by world/this after.")
     steps_per_print: int | None = Field(10, description="Log a line every N optimizer steps.")
     wall_clock_breakdown: bool = Field(False, description="Time forward, backward, reduce and step.")
     seed: int | None = Field(None, description="Seed torch, numpy and random on every rank.")
     communication_data_type: Literal["fp32", "bf16", "fp16"] | None = Field(
         None, description="dtype of the gradient all-reduce; fp32 accumulation either way.")
+    data_parallel_size: int | None = Field(
+        None, description="Data-parallel ranks; when set it must match the launch (checked with the batch).")
+    sequence_parallel_size: int = Field(
+        1, description="Ranks that split each sequence (Ulysses); read by ds-parallel, which a value > 1 needs.")
+    seq_parallel_communication_data_type: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="dtype of the sequence-parallel all-to-all; read by ds-parallel.")
     optimizer: OptimizerConfig | None = None
     scheduler: SchedulerConfig | None = None
     fp16: FP16Config = Field(default_factory=FP16Config)
@@ -97,7 +109,59 @@ class DSConfig(Section):
 
     _features: dict[str, Any] = PrivateAttr(default_factory=dict)
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _given: dict[str, Any] = PrivateAttr(default_factory=dict)
     _batch: BatchSizes | None = PrivateAttr(None)
+
+    # -- value rules ---------------------------------------------------------------------------
+    @field_validator(*_BATCH_KEYS, "data_parallel_size", "sequence_parallel_size")
+    @classmethod
+    def _at_least_one(cls, value: Any, info) -> Any:
+        if isinstance(value, int) and value < 1:
+            allowed = ", 'auto'" if info.field_name in _BATCH_KEYS else ""
+            raise value_error(f"{value} must be a whole number >= 1{allowed}; a batch needs at least one sample "
+                              f"and a group at least one rank" if info.field_name in _BATCH_KEYS else
+                              f"{value} must be a whole number >= 1 (a number of ranks)")
+        return value
+
+    @field_validator("gradient_clipping")
+    @classmethod
+    def _clip(cls, value: Any) -> Any:
+        if isinstance(value, float) and value < 0:
+            raise value_error(f"{value} must be >= 0: it is the largest global gradient norm kept (0 disables "
+                              "clipping)")
+        return value
+
+    @field_validator("gradient_predivide_factor")
+    @classmethod
+    def _predivide(cls, value: float) -> float:
+        if value <= 0:
+            raise value_error(f"{value} must be > 0: gradients are divided by it before the all-reduce (1.0: "
+                              "no pre-division)")
+        return value
+
+    @field_validator("steps_per_print")
+    @classmethod
+    def _every(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise value_error(f"{value} must be a whole number >= 1 (log every N optimizer steps); to log "
+                              "rarely write a large number such as 1000000")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value < 2**32:
+            raise value_error(f"{value} is outside the seed range [0, 2**32 - 1] that torch, numpy and random all "
+                              "accept; use a non-negative seed such as 42")
+        return value
+
+    @field_validator("communication_data_type", "seq_parallel_communication_data_type", mode="before")
+    @classmethod
+    def _dtype_name(cls, value: Any) -> Any:
+        # DeepSpeed lower-cases these names.
+        if isinstance(value, str) and value.strip().lower() in _DTYPES:
+            return value.strip().lower()
+        return value
 
     # -- feature sections ----------------------------------------------------------------------
     @property
@@ -135,17 +199,89 @@ class DSConfig(Section):
         return self._batch
 
     def resolve_batch(self, data_parallel_size: int) -> BatchSizes:
-        self._batch = resolve_batch(
-            _unauto(self.train_batch_size),
-            _unauto(self.train_micro_batch_size_per_gpu),
-            _unauto(self.gradient_accumulation_steps),
-            data_parallel_size,
-        )
+        if self.data_parallel_size is not None and self.data_parallel_size != data_parallel_size:
+            raise ConfigError(
+                f"data_parallel_size {self.data_parallel_size} in the config != {data_parallel_size} data-parallel "
+                f"ranks in this launch; launch {self.data_parallel_size} data-parallel ranks, or remove "
+                f"data_parallel_size (ds derives it from the launch)")
+        values = {k: getattr(self, k) for k in _BATCH_KEYS}
+        autos = [k for k, v in values.items() if v == "auto"]
+        try:
+            self._batch = resolve_batch(*(None if v == "auto" else v for v in values.values()), data_parallel_size)
+        except ConfigError as exc:
+            if autos and "no batch size given" in str(exc):
+                raise ConfigError(
+                    f"{', '.join(autos)} {'is' if len(autos) == 1 else 'are'} 'auto' and nothing resolved "
+                    f"{'it' if len(autos) == 1 else 'them'}: a number is needed to build the batch. Write the "
+                    f"number, or pass the trainer's values through ds_core.config.resolve_auto(config, "
+                    f"per_device_train_batch_size=..., gradient_accumulation_steps=..., world_size=...)") from None
+            raise
         return self._batch
 
+    # -- read like a dict (DeepSpeed's engine.config) --------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The config as DeepSpeed frameworks read ``engine.config``: the keys given (comments
+        dropped, other spellings under their key), each section with every value in effect, and the
+        batch triple once it is resolved."""
+        out: dict[str, Any] = {}
+        for key, given in self._given.items():
+            out[key] = self._effective(key, given)
+        if self._batch is not None:
+            out["train_batch_size"] = self._batch.train_batch_size
+            out["train_micro_batch_size_per_gpu"] = self._batch.micro_batch_size
+            out["gradient_accumulation_steps"] = self._batch.gradient_accumulation_steps
+        return out
 
-def _unauto(value: Any) -> Any:
-    return None if value == "auto" else value
+    def _effective(self, key: str, given: Any) -> Any:
+        current: Any = given
+        if key in type(self).model_fields:
+            current = getattr(self, key)
+        elif key in self._features:
+            current = self._features[key]
+        if isinstance(current, BaseModel):
+            return _merge(given if isinstance(given, dict) else {}, current.model_dump())
+        return current
+
+    def __getitem__(self, key: str) -> Any:
+        view = self.to_dict()
+        if key not in view:
+            raise KeyError(key)
+        return view[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_dict()
+
+    def keys(self):
+        return self.to_dict().keys()
+
+    def values(self):
+        return self.to_dict().values()
+
+    def items(self):
+        return self.to_dict().items()
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _merge(given: dict[str, Any], effective: dict[str, Any]) -> dict[str, Any]:
+    """``given`` with every value the model holds written over it (recursively)."""
+    out = {k: v for k, v in given.items() if not (isinstance(k, str) and k.startswith("_"))}
+    for key, value in effective.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def resolve_batch(
@@ -155,7 +291,7 @@ def resolve_batch(
     for name, value in (("train_batch_size", train_batch),
                         ("train_micro_batch_size_per_gpu", micro),
                         ("gradient_accumulation_steps", accumulation)):
-        if value is not None and (not isinstance(value, int) or value <= 0):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ConfigError(f"{name} = {value!r} must be a positive integer")
     if dp <= 0:
         raise ConfigError(f"data-parallel size {dp} must be positive")
@@ -198,86 +334,44 @@ def resolve_batch(
 
 # -- validation -------------------------------------------------------------------------------
 
-def _check_keys(model: type[BaseModel], data: Any, path: str) -> None:
-    """Reject unknown keys anywhere inside a section, naming the nearest valid key."""
-    if not isinstance(data, dict):
-        return
-    fields = model.model_fields
-    valid = set(fields) | {f.alias for f in fields.values() if f.alias}
-    for key, value in data.items():
-        if key not in valid:
-            raise ConfigError(
-                f"unknown config key {path}{key!r}{closest(key, valid)}; valid keys here: "
-                f"{', '.join(sorted(valid))}"
-            )
-        annotation = fields[key].annotation
-        for candidate in getattr(annotation, "__args__", (annotation,)):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                _check_keys(candidate, value, f"{path}{key}.")
-
-
 def _validate(model: type[BaseModel], data: Any, where: str) -> BaseModel:
-    _check_keys(model, data, f"{where}." if where else "")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in (where, *err["loc"]) if p != "")
-        raise ConfigError(
-            f"config value {loc} = {err.get('input')!r} is invalid: {err['msg']}; see docs/config.md "
-            f"for the allowed values"
-        ) from None
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"config key {loc} is not accepted by {model.__name__}; remove it") from None
+        rule = err["msg"] if err["type"] == "ds_value" else f"{err['msg']}; see docs/config.md for the allowed values"
+        raise ConfigError(f"config value {loc} = {err.get('input')!r} is invalid: {rule}") from None
 
 
-def _check_choice(kind: str, name: str, allowed: tuple[str, ...], any_case: bool) -> None:
-    # DeepSpeed matches optimizer names in any case but scheduler names exactly.
-    ok = name.lower() in {a.lower() for a in allowed} if any_case else name in allowed
-    if not ok:
-        raise ConfigError(
-            f"{kind}.type {name!r} is not supported{closest(name, allowed)}; choose one of "
-            f"{', '.join(allowed)}, or pass your own {kind} object to initialize()"
-        )
+def _rank() -> int:
+    for name in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(name)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def parse_config(source: Any, data_parallel_size: int | None = None) -> DSConfig:
-    """Validate a DeepSpeed JSON config (dict, JSON string or file path) into a :class:`DSConfig`."""
+    """Validate a DeepSpeed JSON config (dict, JSON string or file path) into a :class:`DSConfig`.
+
+    Warnings (a :class:`ConfigWarning` per key without effect or unknown key ignored) are given on
+    rank 0 only; errors are raised on every rank.
+    """
     if isinstance(source, DSConfig):
         config = source
         if data_parallel_size is not None:
             config.resolve_batch(data_parallel_size)
         return config
     raw, where = read_config(source)
-    core_keys = set(DSConfig.model_fields)
-    core: dict[str, Any] = {}
-    feature_raw: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = ALIASES.get(key, key)
-        if name in core_keys:
-            if name in core:
-                raise ConfigError(f"{where}: both {key!r} and its alias set {name!r}; keep one")
-            core[name] = value
-        elif plugins.feature_for_section(name) is not None:
-            feature_raw[name] = value
-        elif name in SECTION_PACKAGES:
-            raise ConfigError(
-                f"{where}: section {name!r} needs the {SECTION_PACKAGES[name]} package, which is "
-                f"not installed; run `pip install {SECTION_PACKAGES[name]}` or remove the section"
-            )
-        elif name in ACCEPTED_WITHOUT_EFFECT:
-            if value not in (None, False, {}, []) and not (isinstance(value, dict) and value.get("enabled") is False):
-                warnings.warn(f"{where}: DeepSpeed key {name!r} is accepted but has no effect in ds",
-                              UserWarning, stacklevel=2)
-        else:
-            choices = core_keys | set(SECTION_PACKAGES) | set(ACCEPTED_WITHOUT_EFFECT)
-            raise ConfigError(
-                f"{where}: unknown config key {key!r}{closest(key, choices)}; see docs/config.md "
-                f"for every key"
-            )
-
-    config = _validate(DSConfig, core, "")
+    screened = screen(raw, where, DSConfig)
+    config = _validate(DSConfig, screened.core, "")
     assert isinstance(config, DSConfig)
     config._raw = raw
-    for section, value in feature_raw.items():
+    config._given = screened.given
+    for section, value in screened.features.items():
         spec = plugins.feature_for_section(section)
         model = spec.load_config_model() if spec else None
         config._features[section] = _validate(model, value, section) if model else value
@@ -288,11 +382,12 @@ def parse_config(source: Any, data_parallel_size: int | None = None) -> DSConfig
             f"disable one of them"
         )
     if config.optimizer is not None:
-        _check_choice("optimizer", config.optimizer.type, OPTIMIZERS, any_case=True)
+        check_optimizer(config.optimizer.type, config.optimizer.params)
     if config.scheduler is not None:
-        _check_choice("scheduler", config.scheduler.type, SCHEDULERS, any_case=False)
-    if isinstance(config.gradient_clipping, float) and config.gradient_clipping < 0:
-        raise ConfigError(f"gradient_clipping {config.gradient_clipping} must be >= 0 (0 disables it)")
+        check_scheduler(config.scheduler.type, config.scheduler.params)
     if data_parallel_size is not None:
         config.resolve_batch(data_parallel_size)
+    if _rank() == 0:
+        for note in screened.notes:
+            warnings.warn(note, ConfigWarning, stacklevel=2)
     return config

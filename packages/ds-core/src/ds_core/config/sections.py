@@ -1,14 +1,18 @@
 """Core config sections (owned by ds-core), as pydantic models with DeepSpeed's names and defaults.
 
 Feature sections (``zero_optimization``, ``pipeline``, ``moe``, ...) are not here: the package that
-registers them through ``ds.features`` owns their model.
+registers them through ``ds.features`` owns their model, built on :class:`Section` so the same value
+rules apply to it (see :mod:`ds_core.config.values`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from .optim import OPTIMIZERS, SCHEDULERS
+from .values import strict_value, value_error
 
 __all__ = [
     "Section",
@@ -31,16 +35,22 @@ __all__ = [
 AUTO = "auto"
 Auto = Literal["auto"]
 
-OPTIMIZERS = ("Adam", "AdamW", "SGD", "Adagrad", "Lamb", "Lion")
-SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are rejected (with the nearest valid key)."""
+    """Base of every config section: unknown keys are rejected (with the nearest valid key), and a
+    boolean, integer or float field takes only what JSON writes for it (no ``"yes"``, ``1`` for
+    true, ``"2"`` for 2, ``NaN``): see :func:`~ds_core.config.values.strict_value`."""
 
     # defer_build: schemas are built on first validation, not at import (keeps `import` cheap)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
                               defer_build=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_value(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        return value if field is None else strict_value(field.annotation, value)
 
 
 class OptimizerConfig(Section):
@@ -85,6 +95,14 @@ class ActivationCheckpointingConfig(Section):
     number_checkpoints: int | None = Field(None, description="Checkpoints per step, for the contiguous buffer.")
     synchronize_checkpoint_boundary: bool = Field(False, description="Synchronize at each checkpoint.")
     profile: bool = Field(False, description="Time the checkpointed forward and recompute.")
+
+    @field_validator("number_checkpoints")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise value_error(f"{value} must be > 0: it is the number of checkpointed regions per forward "
+                              "(the contiguous buffer's slots); write that count, or null")
+        return value
 
 
 class CheckpointConfig(Section):

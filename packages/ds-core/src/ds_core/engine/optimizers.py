@@ -26,33 +26,13 @@ from typing import Any
 import torch
 
 from .. import ops
-from ..config.sections import AUTO, OPTIMIZERS, OptimizerConfig
-from ..config.values import finite_number
-from ..errors import ConfigError, closest
+from ..config.optim import OPTIMIZER_DEFAULTS, OPTIMIZERS, optimizer_name
+from ..config.optim import resolve_optimizer_params as _resolve_params
+from ..config.sections import OptimizerConfig
+from ..errors import ConfigError
 from .lamb_lion import Lamb, Lion
 
 __all__ = ["build_optimizer", "kernel_optimizer_class", "describe", "OPTIMIZER_DEFAULTS", "KERNEL_NAMES"]
-
-_ADAM_KEYS: dict[str, Any] = {
-    "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
-    "bias_correction": True, "adam_w_mode": True, "torch_adam": False, "maximize": False,
-    "foreach": None, "fused": None,
-}
-
-#: Accepted ``params`` keys of each optimizer (lower-case name) and the value used when a key is
-#: absent or ``"auto"``. ``foreach``/``fused`` of None mean "let the factory pick".
-OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "adam": dict(_ADAM_KEYS),
-    "adamw": dict(_ADAM_KEYS),
-    "sgd": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False,
-            "maximize": False, "foreach": None, "fused": None},
-    "adagrad": {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0,
-                "eps": 1e-10, "maximize": False, "foreach": None, "fused": None},
-    "lamb": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "bias_correction": True,
-             "eps_inside_sqrt": False, "max_grad_norm": 0.0, "max_coeff": 10.0, "min_coeff": 0.01,
-             "amsgrad": False},
-    "lion": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0},
-}
 
 #: Names a kernel provider may serve, and the keyword arguments its class is always constructed with.
 KERNEL_NAMES: dict[str, tuple[str, ...]] = {
@@ -63,10 +43,6 @@ KERNEL_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 _CANONICAL = {name.lower(): name for name in OPTIMIZERS}
-_BOOL_KEYS = {"amsgrad", "bias_correction", "adam_w_mode", "torch_adam", "maximize", "nesterov",
-              "eps_inside_sqrt"}
-_NONNEGATIVE_KEYS = {"lr", "eps", "weight_decay", "momentum", "dampening", "lr_decay",
-                     "initial_accumulator_value", "max_grad_norm", "max_coeff", "min_coeff"}
 # Modes the factory consumes itself; they never reach a constructor.
 _MODE_KEYS = {"adam_w_mode", "torch_adam"}
 # torch fused kernels per optimizer: the device types we pick them for automatically.
@@ -202,52 +178,7 @@ def _build_default(
 
 
 def _canonical_name(type_name: str) -> str:
-    name = str(type_name).strip().lower()
-    if name not in _CANONICAL:
-        raise ConfigError(f"optimizer type {type_name!r} is not supported{closest(name, _CANONICAL)}; "
-                          f"use one of {', '.join(OPTIMIZERS)} (any case)")
-    return name
-
-
-def _resolve_params(display: str, name: str, given: dict[str, Any]) -> dict[str, Any]:
-    """Defaults overlaid with the config's values ("auto" = default), each checked and normalised."""
-    defaults = OPTIMIZER_DEFAULTS[name]
-    values = dict(defaults)
-    for key, value in given.items():
-        if key not in defaults:
-            raise ConfigError(f"optimizer {display}: unknown param {key!r}{closest(key, defaults)}; "
-                              f"{display} accepts {', '.join(sorted(defaults))}")
-        if isinstance(value, str) and value.strip().lower() == AUTO:
-            continue
-        values[key] = _check_value(display, key, value)
-    return values
-
-
-def _number(owner: str, key: str, value: Any) -> float:
-    return finite_number(f"optimizer {owner}", key, value)
-
-
-def _check_value(display: str, key: str, value: Any) -> Any:
-    if key in ("foreach", "fused"):
-        if value is not None and not isinstance(value, bool):
-            raise ConfigError(f"optimizer {display}: {key} {value!r} must be true, false or null")
-        return value
-    if key in _BOOL_KEYS:
-        if not isinstance(value, bool):
-            raise ConfigError(f"optimizer {display}: {key} {value!r} must be true or false")
-        return value
-    if key == "betas":
-        if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise ConfigError(f"optimizer {display}: betas {value!r} must be two numbers, e.g. [0.9, 0.999]")
-        betas = tuple(_number(display, key, b) for b in value)
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ConfigError(f"optimizer {display}: betas {list(value)!r} must both lie in [0, 1), "
-                              "e.g. [0.9, 0.999]")
-        return betas
-    number = _number(display, key, value)
-    if key in _NONNEGATIVE_KEYS and number < 0:
-        raise ConfigError(f"optimizer {display}: {key} {value!r} must be >= 0")
-    return number
+    return optimizer_name(type_name, "optimizer type")  # the schema and its errors live in ds_core.config.optim
 
 
 def _normalise_params(params: Iterable[Any]) -> list[dict[str, Any]]:

@@ -20,7 +20,6 @@ also cycles SGD's ``momentum``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -29,7 +28,8 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from ..config.sections import AUTO, SCHEDULERS, SchedulerConfig
+from ..config.optim import SCHEDULER_PARAMS, SCHEDULERS, WARMUP_TYPES, check_scheduler
+from ..config.sections import SchedulerConfig
 from ..config.values import finite_number
 from ..errors import ConfigError, closest
 
@@ -45,7 +45,6 @@ __all__ = [
     "WARMUP_TYPES",
 ]
 
-WARMUP_TYPES = ("log", "linear")
 
 
 def _optimizer_of(optimizer: Any) -> Any:
@@ -460,14 +459,11 @@ _CLASSES: dict[str, type[DeepSpeedSchedule]] = {
     "WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR,
     "OneCycle": OneCycle, "LRRangeTest": LRRangeTest,
 }
-_REQUIRED = inspect.Parameter.empty
 
 
 def scheduler_params(name: str) -> dict[str, Any]:
     """Accepted params of scheduler ``name`` and their defaults (``inspect.Parameter.empty``: required)."""
-    cls = _CLASSES[_canonical_name(name)]
-    signature = inspect.signature(cls.__init__)
-    return {p.name: p.default for p in list(signature.parameters.values())[2:]}
+    return {key: default for key, (_, default) in SCHEDULER_PARAMS[_canonical_name(name)].items()}
 
 
 def _canonical_name(type_name: str) -> str:
@@ -489,23 +485,5 @@ def build_scheduler(
     ones that are missing or left to an unresolved ``"auto"``, raise :class:`ConfigError`.
     """
     name = _canonical_name(config.type)
-    accepted = scheduler_params(name)
-    kwargs: dict[str, Any] = {}
-    for key, value in config.params.items():
-        if key not in accepted:
-            raise ConfigError(f"scheduler {name}: unknown param {key!r}{closest(key, accepted)}; "
-                              f"{name} accepts {', '.join(accepted)}")
-        if isinstance(value, str) and value.strip().lower() == AUTO:
-            if auto is None or key not in auto:
-                continue
-            value = auto[key]
-        kwargs[key] = value
-    missing = [key for key, default in accepted.items() if default is _REQUIRED and key not in kwargs]
-    if missing:
-        hint = {"total_num_steps": "the number of optimizer steps the run will take",
-                "cycle_min_lr": "the lr at the start and end of the cycle",
-                "cycle_max_lr": "the lr at the peak of the cycle"}
-        what = "; ".join(f"{key} ({hint.get(key, 'required')})" for key in missing)
-        raise ConfigError(f"scheduler {name} needs {what}: set it in scheduler.params "
-                          f"(an 'auto' value counts as unset unless the trainer resolves it)")
+    kwargs = check_scheduler(name, config.params, auto)  # the schema in ds_core.config.optim
     return _CLASSES[name](optimizer, **kwargs)
