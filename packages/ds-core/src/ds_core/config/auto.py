@@ -125,13 +125,16 @@ def resolve_auto(
     f = _Filler(raw, check)
 
     micro, accumulation = per_device_train_batch_size, gradient_accumulation_steps
-    batch_known = micro is not None and accumulation is not None and world_size is not None
-    f.fill("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size", absent=batch_known)
-    f.fill("gradient_accumulation_steps", accumulation, "gradient_accumulation_steps", absent=batch_known)
-    if batch_known:
-        assert micro is not None and accumulation is not None and world_size is not None
+    # A config that leaves the whole batch to the trainer (every batch key absent or "auto") gets all
+    # three from it, as Accelerate does; one that sets some keeps them and has only its "auto"s filled.
+    batch_keys = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    trainer_batch = (micro is not None and accumulation is not None and world_size is not None
+                     and all(k not in raw or _is_auto(raw[k]) for k in batch_keys))
+    f.fill("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size", absent=trainer_batch)
+    f.fill("gradient_accumulation_steps", accumulation, "gradient_accumulation_steps", absent=trainer_batch)
+    if micro is not None and accumulation is not None and world_size is not None:
         f.fill("train_batch_size", world_size * micro * accumulation,
-               "world_size × per_device_train_batch_size × gradient_accumulation_steps", absent=True)
+               "world_size × per_device_train_batch_size × gradient_accumulation_steps", absent=trainer_batch)
     f.fill("gradient_clipping", max_grad_norm, "max_grad_norm")
 
     f.fill("optimizer.params.lr", learning_rate, "learning_rate")

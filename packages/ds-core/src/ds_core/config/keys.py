@@ -46,6 +46,7 @@ class KeyEntry:
     fix: str = ""
     alias_of: str | None = None
     needs: str | None = None
+    only_when: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     since: str | None = None
     ds_only: bool = False
     doc: str = ""
@@ -81,7 +82,8 @@ def _entry(path: str, data: dict[str, Any]) -> KeyEntry:
         default=data.get("default"), inert=None if inert is None else tuple(inert), when=when,
         enabled_default=bool(data.get("enabled_default", False)), keys=tuple(data.get("keys", ())),
         defaults=dict(data.get("defaults", {})), why=data.get("why", ""), feature=data.get("feature", ""),
-        fix=data.get("fix", ""), alias_of=data.get("alias_of"), needs=data.get("needs"), since=data.get("since"),
+        fix=data.get("fix", ""), alias_of=data.get("alias_of"), needs=data.get("needs"),
+        only_when={k: tuple(v) for k, v in data.get("only_when", {}).items()}, since=data.get("since"),
         ds_only=bool(data.get("ds_only", False)), doc=data.get("doc", ""),
     )
 

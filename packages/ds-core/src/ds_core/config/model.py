@@ -142,9 +142,9 @@ class DSConfig(Section):
     @field_validator("steps_per_print")
     @classmethod
     def _every(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise value_error(f"{value} must be a whole number >= 1 (log every N optimizer steps); to log "
-                              "rarely write a large number such as 1000000")
+        if value is not None and value < 0:
+            raise value_error(f"{value} must be a whole number >= 0: the step log is written every N optimizer "
+                              "steps, and 0 (or null) turns it off")
         return value
 
     @field_validator("seed")
@@ -342,6 +342,11 @@ def _validate(model: type[BaseModel], data: Any, where: str) -> BaseModel:
         loc = ".".join(str(p) for p in (where, *err["loc"]) if p != "")
         if err["type"] == "extra_forbidden":
             raise ConfigError(f"config key {loc} is not accepted by {model.__name__}; remove it") from None
+        if err["type"] == "missing":
+            raise ConfigError(f"config key {loc} is missing: its section needs it") from None
+        if err["type"] == "value_error":  # a rule of the section's own validators: its message says it all
+            message = str(err["msg"]).removeprefix("Value error, ")
+            raise ConfigError(f"config section {loc or 'top level'} is invalid: {message}") from None
         rule = err["msg"] if err["type"] == "ds_value" else f"{err['msg']}; see docs/config.md for the allowed values"
         raise ConfigError(f"config value {loc} = {err.get('input')!r} is invalid: {rule}") from None
 
@@ -352,6 +357,27 @@ def _rank() -> int:
         if value is not None and value.strip().isdigit():
             return int(value)
     return 0
+
+
+def _checked(screened: Any, raw: dict[str, Any], data_parallel_size: int | None) -> DSConfig:
+    """Validate the screened sections and apply the rules across them."""
+    config = _validate(DSConfig, screened.core, "")
+    assert isinstance(config, DSConfig)
+    config._raw = raw
+    config._given = screened.given
+    for section, value in screened.features.items():
+        spec = plugins.feature_for_section(section)
+        model = spec.load_config_model() if spec else None
+        config._features[section] = _validate(model, value, section) if model else value
+    if config.fp16.enabled is True and config.bf16.enabled is True:
+        raise ConfigError("fp16.enabled and bf16.enabled are both true; a run has one precision: disable one of them")
+    if config.optimizer is not None:
+        check_optimizer(config.optimizer.type, config.optimizer.params)
+    if config.scheduler is not None:
+        check_scheduler(config.scheduler.type, config.scheduler.params)
+    if data_parallel_size is not None:
+        config.resolve_batch(data_parallel_size)
+    return config
 
 
 def parse_config(source: Any, data_parallel_size: int | None = None) -> DSConfig:
@@ -367,26 +393,10 @@ def parse_config(source: Any, data_parallel_size: int | None = None) -> DSConfig
         return config
     raw, where = read_config(source)
     screened = screen(raw, where, DSConfig)
-    config = _validate(DSConfig, screened.core, "")
-    assert isinstance(config, DSConfig)
-    config._raw = raw
-    config._given = screened.given
-    for section, value in screened.features.items():
-        spec = plugins.feature_for_section(section)
-        model = spec.load_config_model() if spec else None
-        config._features[section] = _validate(model, value, section) if model else value
-
-    if config.fp16.enabled is True and config.bf16.enabled is True:
-        raise ConfigError(
-            f"{where}: fp16.enabled and bf16.enabled are both true; a run has one precision: "
-            f"disable one of them"
-        )
-    if config.optimizer is not None:
-        check_optimizer(config.optimizer.type, config.optimizer.params)
-    if config.scheduler is not None:
-        check_scheduler(config.scheduler.type, config.scheduler.params)
-    if data_parallel_size is not None:
-        config.resolve_batch(data_parallel_size)
+    try:
+        config = _checked(screened, raw, data_parallel_size)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     if _rank() == 0:
         for note in screened.notes:
             warnings.warn(note, ConfigWarning, stacklevel=2)

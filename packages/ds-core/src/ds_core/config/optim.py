@@ -148,8 +148,9 @@ def check_optimizer(type_name: Any, params: Mapping[str, Any]) -> None:
     display = _CANONICAL[name]
     values = resolve_optimizer_params(display, name, params)
     if name in ("adam", "adamw") and not values["bias_correction"]:
-        raise ConfigError(f"optimizer {display}: bias_correction false is not supported (torch.optim.Adam always "
-                          "corrects the moment bias); remove bias_correction or set it to true")
+        raise ConfigError(f"optimizer {display}: bias_correction false (Adam without moment bias correction, as "
+                          "BERT pre-training used) is not supported yet: torch.optim.Adam always corrects the bias; "
+                          "remove bias_correction (or set it to true), or use Lamb, which takes it")
     if name == "lamb" and values["amsgrad"]:
         raise ConfigError("optimizer Lamb: amsgrad true is not supported (nor by DeepSpeed's FusedLamb); "
                           "remove amsgrad or set it to false")

@@ -109,14 +109,15 @@ class _Pass:
         path = f"{prefix}{key!r}"
         near = near_miss(key, valid)
         if near is not None:
+            ignored = "" if strict else " — DeepSpeed would silently ignore the misspelled key"
             raise ConfigError(f"{self.where}: unknown config key {path} (did you mean {near!r}?); fix the "
-                              f"spelling — DeepSpeed would silently ignore the misspelled key")
+                              f"spelling{ignored}")
         home = _home_of(key, section)
         if strict:
-            hint = closest(key, valid) if not home else ""
+            hint = "" if home else closest(key, valid)
             listing = "" if hint or home else f"; the keys of {section!r} are: {', '.join(sorted(valid))}"
-            raise ConfigError(f"{self.where}: unknown config key {path}{hint}{home} is not a key of {section!r} "
-                              f"(DeepSpeed rejects it too); fix or remove it{listing}")
+            raise ConfigError(f"{self.where}: unknown config key {path}{hint}: it is not a key of {section!r}{home} "
+                              f"and DeepSpeed rejects it too; remove it{listing}")
         self.notes.append(f"{self.where}: unknown key {prefix}{key} is ignored: it is not a DeepSpeed or ds "
                           f"config key{home} (DeepSpeed ignores it too); remove it to silence this warning")
 
@@ -147,10 +148,28 @@ class _Pass:
                     continue
                 out[key] = self.nested(item, f"{path}.{key}", _submodel(info), None)
                 continue
+            if e.only_when and not self.applies(e, value, path):
+                continue
             kept = self.judge(e, item, _submodel(info))
             if kept is not _DROP:
                 out[key] = kept
         return out
+
+    def applies(self, e: KeyEntry, siblings: dict[str, Any], path: str) -> bool:
+        """False (and one warning if the value asks for anything) when ``e`` only acts with sibling
+        values its section does not have, e.g. offload_param below stage 3 — DeepSpeed ignores it too."""
+        table = children(path)
+        unmet = []
+        for key, allowed in e.only_when.items():
+            current = siblings.get(key, table[key].default if key in table else None)
+            if not any(current == v and type(current) is type(v) for v in allowed):
+                unmet.append(f"{key} {' or '.join(map(repr, allowed))}")
+        if not unmet:
+            return True
+        if _asks(siblings.get(e.name)):
+            self.notes.append(f"{self.where}: DeepSpeed key {e.path!r} is accepted but has no effect here: it acts "
+                              f"only with {path}.{' and '.join(unmet)} (DeepSpeed ignores it too); {e.why}")
+        return False
 
     def nested(self, item: Any, path: str, model: type[BaseModel] | None, e: KeyEntry | None) -> Any:
         if isinstance(item, dict) and (model is not None or (e is not None and e.container)):
@@ -190,18 +209,26 @@ class _Pass:
 _DROP = object()
 
 
+def _asks(value: Any) -> bool:
+    """Whether a section's value asks for anything (an offload device other than none, enabled: true, ...)."""
+    if isinstance(value, dict):
+        if "device" in value:
+            return str(value["device"]).strip().lower() not in ("none", "null")
+        if "enabled" in value:
+            return value["enabled"] is True
+        return bool(value)
+    return value not in (None, False)
+
+
 def _installed(dist: str) -> bool:
     return any(spec.dist == dist for spec in plugins.features().values())
 
 
 def _home_of(key: str, section: str) -> str:
-    """' (it is a key of fp16, not of bf16)' when ``key`` belongs to another top-level section."""
+    """' (it is a key of fp16)' when ``key`` belongs to another top-level section."""
     homes = sorted(p for p, e in children("").items()
                    if p != section and (key in children(p) or key in e.keys or key in e.defaults))
-    if not homes:
-        return ""
-    return f" (it is a key of {' / '.join(homes)}, not of {section})" if section else \
-        f" (it is a key of {' / '.join(homes)})"
+    return f" (it is a key of {' / '.join(homes)})" if homes else ""
 
 
 def screen(raw: dict[str, Any], where: str, core_model: type[BaseModel]) -> Screened:
@@ -239,6 +266,9 @@ def screen(raw: dict[str, Any], where: str, core_model: type[BaseModel]) -> Scre
                 run.unknown("", key, valid_top, False, "")
             continue
         if e.status == "package":
+            if e.by and _installed(e.by):
+                raise ConfigError(f"{where}: section {key!r} belongs to {e.by}, which is installed but does not read "
+                                  f"it from a training config; remove the section (see the {e.by} docs for its API)")
             raise ConfigError(f"{where}: section {key!r} needs the {e.by} package, which is not installed; run "
                               f"`pip install {e.by}` or remove the section")
         if key in _HANDLED_HERE:

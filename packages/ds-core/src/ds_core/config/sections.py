@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .optim import OPTIMIZERS, SCHEDULERS
 from .values import strict_value, value_error
@@ -71,8 +71,18 @@ class FP16Config(Section):
     loss_scale_window: int = Field(1000, gt=0, description="Overflow-free steps before the scale doubles.")
     hysteresis: int = Field(2, gt=0, description="Overflows tolerated before the scale halves.")
     consecutive_hysteresis: bool = Field(False, description="Refill hysteresis after each good step.")
-    min_loss_scale: float = Field(1.0, gt=0, description="The scale never drops below this.")
+    min_loss_scale: float = Field(1.0, ge=0, description="The dynamic scale never drops below this (> 0 when "
+                                                        "fp16 scales dynamically).")
     fp16_master_weights_and_grads: bool = Field(False, description="Keep master weights in fp16.")
+
+    @model_validator(mode="after")
+    def _dynamic_floor(self) -> FP16Config:
+        # As DeepSpeed: the floor matters only to dynamic scaling, so a static-scale or disabled fp16
+        # section may carry any min_loss_scale >= 0.
+        if self.enabled is True and self.loss_scale == 0 and self.min_loss_scale <= 0:
+            raise ValueError(f"fp16.min_loss_scale {self.min_loss_scale} must be > 0 with dynamic loss scaling "
+                             "(loss_scale 0): the scale halves on overflow down to this floor; use 1")
+        return self
 
 
 class BF16Config(Section):
