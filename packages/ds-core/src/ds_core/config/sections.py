@@ -65,7 +65,8 @@ class SchedulerConfig(Section):
 
 class FP16Config(Section):
     enabled: bool | Auto = Field(False, description="Train in fp16 with dynamic loss scaling.")
-    auto_cast: bool = Field(False, description="Cast inputs to fp16 in forward.")
+    auto_cast: bool = Field(False, description="ds always casts floating inputs to fp16 (true); false has no "
+                                               "effect and warns.")
     loss_scale: float = Field(0.0, ge=0, description="0 means dynamic scaling; > 0 is a static scale.")
     initial_scale_power: int = Field(16, ge=0, le=64, description="Dynamic scaling starts at 2**power.")
     loss_scale_window: int = Field(1000, gt=0, description="Overflow-free steps before the scale doubles.")
@@ -73,7 +74,7 @@ class FP16Config(Section):
     consecutive_hysteresis: bool = Field(False, description="Refill hysteresis after each good step.")
     min_loss_scale: float = Field(1.0, ge=0, description="The dynamic scale never drops below this (> 0 when "
                                                         "fp16 scales dynamically).")
-    fp16_master_weights_and_grads: bool = Field(False, description="Keep master weights in fp16.")
+    fp16_master_weights_and_grads: bool = Field(False, description="No effect (fp32 masters are kept); true warns.")
 
     @model_validator(mode="after")
     def _dynamic_floor(self) -> FP16Config:
@@ -87,14 +88,15 @@ class FP16Config(Section):
 
 class BF16Config(Section):
     enabled: bool | Auto = Field(False, description="Train a bf16 model with fp32 master weights.")
-    immediate_grad_update: bool = Field(False, description="Accepted for compatibility.")
+    immediate_grad_update: bool = Field(False, description="ds adds each gradient into its fp32 buffer during "
+                                                           "backward (true); false has no effect and warns.")
 
 
 class CommsLoggerConfig(Section):
     enabled: bool = Field(False, description="Record every collective: count, bytes, latency, bandwidth.")
     verbose: bool = Field(False, description="Print each collective as it happens.")
     prof_all: bool = Field(True, description="Profile every op (else only prof_ops).")
-    debug: bool = Field(False, description="Record the caller of each op.")
+    debug: bool = Field(False, description="No effect (callers are not recorded); true warns.")
     prof_ops: list[str] = Field(default_factory=list, description="Ops to profile when prof_all is false.")
 
 
@@ -117,11 +119,11 @@ class ActivationCheckpointingConfig(Section):
 
 class CheckpointConfig(Section):
     tag_validation: Literal["Ignore", "Warn", "Fail", "ignore", "warn", "fail"] = Field(
-        "Warn", description="What to do when ranks save under different tags."
+        "Warn", description="No effect (tags are not compared across ranks); any value but Ignore warns."
     )
-    load_universal: bool = Field(False, description="Load a checkpoint saved at another world size.")
-    use_node_local_storage: bool = Field(False, description="Each node writes to its own disk.")
-    parallel_write: dict[str, Any] = Field(default_factory=dict, description="Pipeline-stage parallel writes.")
+    load_universal: bool = Field(False, description="Always on: ds checkpoints load at any world size.")
+    use_node_local_storage: bool = Field(False, description="No effect (save_dir must be shared); true warns.")
+    parallel_write: dict[str, Any] = Field(default_factory=dict, description="No effect; pipeline_stage true warns.")
 
 
 class TensorBoardConfig(Section):
@@ -148,7 +150,8 @@ class AioConfig(Section):
 
     block_size: int = Field(1048576, gt=0, description="Bytes per I/O request.")
     queue_depth: int = Field(8, gt=0, description="Requests in flight per thread.")
-    thread_count: int = Field(1, gt=0, description="I/O threads.")
+    thread_count: int = Field(1, gt=0, description="I/O threads (DeepSpeed 0.19 spells it intra_op_parallelism; "
+                                                 "both are read).")
     single_submit: bool = Field(False, description="Submit requests one at a time.")
-    overlap_events: bool = Field(True, description="Overlap submission and completion.")
-    use_gds: bool = Field(False, description="GPUDirect Storage (needs driver support).")
+    overlap_events: bool = Field(True, description="Always on; false has no effect and warns.")
+    use_gds: bool = Field(False, description="No effect (no GPUDirect Storage path); true warns.")
