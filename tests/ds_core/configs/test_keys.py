@@ -300,7 +300,7 @@ def test_vocabulary_size_warns_like_deepspeed():
 def test_feature_section_of_an_installed_package_that_does_not_read_it(monkeypatch):
     from ds_core.config import screen
 
-    monkeypatch.setattr(screen, "_installed", lambda dist: True)
+    monkeypatch.setattr(screen, "_installed_without", lambda dist, section: True)
     monkeypatch.setattr(plugins, "feature_for_section", lambda section: None)
     with pytest.raises(ConfigError, match="section 'inference' belongs to ds-infer, which is installed but does not"):
         parse_config({"train_batch_size": 8, "inference": {"dtype": "fp16"}})

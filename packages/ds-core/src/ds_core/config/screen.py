@@ -224,6 +224,12 @@ def _installed(dist: str) -> bool:
     return any(spec.dist == dist for spec in plugins.features().values())
 
 
+def _installed_without(dist: str, section: str) -> bool:
+    """True when ``dist`` is installed but none of its features reads ``section``."""
+    specs = [spec for spec in plugins.features().values() if spec.dist == dist]
+    return bool(specs) and all(spec.config_section != section for spec in specs)
+
+
 def _home_of(key: str, section: str) -> str:
     """' (it is a key of fp16)' when ``key`` belongs to another top-level section."""
     homes = sorted(p for p, e in children("").items()
@@ -266,7 +272,7 @@ def screen(raw: dict[str, Any], where: str, core_model: type[BaseModel]) -> Scre
                 run.unknown("", key, valid_top, False, "")
             continue
         if e.status == "package":
-            if e.by and _installed(e.by):
+            if e.by and _installed_without(e.by, key):
                 raise ConfigError(f"{where}: section {key!r} belongs to {e.by}, which is installed but does not read "
                                   f"it from a training config; remove the section (see the {e.by} docs for its API)")
             raise ConfigError(f"{where}: section {key!r} needs the {e.by} package, which is not installed; run "

@@ -103,8 +103,8 @@ def strict_value(annotation: Any, value: Any) -> Any:
     if isinstance(value, str) and value.strip().lower() == "auto":
         if auto:
             return "auto"
-        raise value_error(f"'auto' is not allowed here (only the batch sizes, gradient_clipping, precision "
-                          f"'enabled' and optimizer/scheduler params take it); write a {_kind_name(kind)}")
+        raise value_error(f"'auto' is not allowed for this key; write a {_kind_name(kind)} (a trainer fills "
+                          f"'auto' in through ds_core.config.resolve_auto)")
     if kind == "bool":
         if isinstance(value, bool):
             return value
