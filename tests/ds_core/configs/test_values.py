@@ -45,7 +45,7 @@ def _with(**keys):
                                                          r"scaling"),
     (_with(zero_optimization={"stage": 2, "reduce_bucket_size": math.inf}), r"reduce_bucket_size = inf is invalid"),
     (_with(wall_clock_breakdown="no"), r"wall_clock_breakdown = 'no' is invalid"),
-    (_with(steps_per_print="auto"), r"'auto' is not allowed here"),
+    (_with(steps_per_print="auto"), r"'auto' is not allowed for this key; write a whole number"),
 ])
 def test_coerced_or_impossible_values_are_refused_with_the_fix(config, message):
     with pytest.raises(ConfigError, match=message):
