@@ -13,8 +13,7 @@ _collecting = gc.isenabled()
 gc.disable()
 try:
     from .auto import resolve_auto
-    from .keys import KeyEntry, key_table
-    from .model import SECTION_PACKAGES, BatchSizes, ConfigWarning, DSConfig, parse_config, resolve_batch
+    from .model import BatchSizes, ConfigWarning, DSConfig, parse_config, resolve_batch
     from .sections import (
         ActivationCheckpointingConfig,
         AioConfig,
@@ -32,6 +31,19 @@ try:
 finally:
     if _collecting:
         gc.enable()
+
+
+def __getattr__(name: str):
+    # The key table loads on first use (parse_config needs it; a bare `import` does not).
+    if name in ("key_table", "KeyEntry"):
+        from . import keys
+
+        return getattr(keys, name)
+    if name == "SECTION_PACKAGES":
+        from .model import _section_packages
+
+        return _section_packages()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DSConfig",

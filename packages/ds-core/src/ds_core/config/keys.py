@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 __all__ = ["KeyEntry", "key_table", "entry", "children", "near_miss", "edit_distance", "triggers"]
@@ -98,7 +98,7 @@ class KeyTable:
 @cache
 def key_table() -> KeyTable:
     """The table, read once from the package data."""
-    text = resources.files(__package__).joinpath(DATA_FILE).read_text(encoding="utf-8")
+    text = (Path(__file__).parent / DATA_FILE).read_text(encoding="utf-8")
     data = json.loads(text)
     entries = {path: _entry(path, spec) for path, spec in data["keys"].items()}
     by_parent: dict[str, dict[str, KeyEntry]] = {}

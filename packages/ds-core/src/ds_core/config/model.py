@@ -26,11 +26,10 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_valid
 
 from .. import plugins
 from ..errors import ConfigError
-from .keys import children
 from .loader import read_config
-from .optim import OPTIMIZERS, SCHEDULERS, check_optimizer, check_scheduler
-from .screen import screen
 from .sections import (
+    OPTIMIZERS,
+    SCHEDULERS,
     ActivationCheckpointingConfig,
     AioConfig,
     Auto,
@@ -47,7 +46,7 @@ from .sections import (
 )
 from .values import value_error
 
-__all__ = ["DSConfig", "BatchSizes", "parse_config", "resolve_batch", "SECTION_PACKAGES", "ConfigWarning",
+__all__ = ["DSConfig", "BatchSizes", "parse_config", "resolve_batch", "ConfigWarning",
            "OPTIMIZERS", "SCHEDULERS"]
 
 
@@ -56,12 +55,18 @@ class ConfigWarning(UserWarning):
 
 
 def _section_packages() -> dict[str, str]:
+    from .keys import children
+
     return {name: e.by for name, e in children("").items() if e.status == "package" and e.by}
 
 
-#: Sections of a DeepSpeed config that a ds feature package owns, and which package to install
-#: (read from the key table, so there is one list).
-SECTION_PACKAGES: dict[str, str] = _section_packages()
+def __getattr__(name: str) -> Any:
+    # SECTION_PACKAGES: the sections a ds feature package owns, and which package to install (read
+    # from the key table, so there is one list; loaded on first use to keep `import` cheap).
+    if name == "SECTION_PACKAGES":
+        return _section_packages()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _DTYPES = ("fp32", "bf16", "fp16")
@@ -361,6 +366,8 @@ def _rank() -> int:
 
 def _checked(screened: Any, raw: dict[str, Any], data_parallel_size: int | None) -> DSConfig:
     """Validate the screened sections and apply the rules across them."""
+    from .optim import check_optimizer, check_scheduler
+
     config = _validate(DSConfig, screened.core, "")
     assert isinstance(config, DSConfig)
     config._raw = raw
@@ -391,6 +398,8 @@ def parse_config(source: Any, data_parallel_size: int | None = None) -> DSConfig
         if data_parallel_size is not None:
             config.resolve_batch(data_parallel_size)
         return config
+    from .screen import screen
+
     raw, where = read_config(source)
     screened = screen(raw, where, DSConfig)
     try:

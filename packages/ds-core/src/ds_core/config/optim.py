@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError, closest
+from .sections import OPTIMIZERS, SCHEDULERS
 from .values import finite_number
 
 __all__ = [
@@ -27,8 +28,6 @@ __all__ = [
 ]
 
 AUTO = "auto"
-OPTIMIZERS = ("Adam", "AdamW", "SGD", "Adagrad", "Lamb", "Lion")
-SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
 WARMUP_TYPES = ("log", "linear")
 #: Marks a scheduler parameter without a default (the builder's convention: ``inspect.Parameter.empty``).
 REQUIRED = inspect.Parameter.empty

@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .optim import OPTIMIZERS, SCHEDULERS
 from .values import strict_value, value_error
 
 __all__ = [
@@ -34,6 +33,9 @@ __all__ = [
 
 AUTO = "auto"
 Auto = Literal["auto"]
+
+OPTIMIZERS = ("Adam", "AdamW", "SGD", "Adagrad", "Lamb", "Lion")
+SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
 
 
 
