@@ -77,6 +77,23 @@ class _Runner:
 
 
 @pytest.fixture
+def tmpfs(tmp_path):
+    """A real 4 MiB tmpfs mounted for this test (a file system that can really fill up); the test is
+    skipped, with the reason, where mounting is not allowed (not root, no ``mount``)."""
+    from .faults import Unavailable, mounted_tmpfs
+
+    mounted = mounted_tmpfs("4m", tmp_path)
+    try:
+        path = mounted.__enter__()
+    except Unavailable as exc:
+        pytest.skip(f"needs a real tmpfs: {exc}")
+    try:
+        yield path
+    finally:
+        mounted.__exit__(None, None, None)
+
+
+@pytest.fixture
 def distributed():
     """``distributed.run(fn, world_size, args=..., kwargs=..., mode=..., timeout=...)``."""
     return _Runner()
