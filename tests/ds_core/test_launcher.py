@@ -230,7 +230,7 @@ def test_slurm_command_construction(tmp_path, capsys):
         assert run_mod.main(["--launcher", "slurm", "--num_nodes", "3", "--nproc", "2",
                              "--master_addr", "head", "--dry-run", "-m", "pkg.train"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("srun --nodes 3 --ntasks-per-node 1 ")
+    assert line.startswith("env 'PYTHONWARNINGS=") and " srun --nodes 3 --ntasks-per-node 1 " in line
     assert "--nnodes 3 --nproc_per_node 2 --rdzv_backend c10d --rdzv_endpoint head:29500" in line
     assert line.endswith("--module -- pkg.train")
 

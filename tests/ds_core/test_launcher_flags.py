@@ -223,6 +223,23 @@ def test_empty_include_is_an_error_not_all_hosts():
         filter_resources({"a": 1, "b": 1}, exclude="")
 
 
+def test_first_lines_are_ours_even_without_numpy(tmp_path):
+    script = tmp_path / "rec.py"
+    script.write_text(RECORDER)
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nclass _NoNumpy:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'numpy':\n            raise ModuleNotFoundError(\"No module named 'numpy'\")\n"
+        "sys.meta_path.insert(0, _NoNumpy())\n")
+    env = _env(tmp_path, PYTHONPATH=os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]))
+    env.pop("PYTHONWARNINGS")
+    proc = _ds(["--nproc", "2", str(script)], tmp_path, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Failed to initialize NumPy" not in proc.stderr
+    assert proc.stderr.startswith("ds run: starting 2 processes on this machine"), proc.stderr[:500]
+
+
 # -- which ds ------------------------------------------------------------------------------------
 
 def test_report_says_when_ds_on_path_is_deepspeeds(tmp_path):

@@ -430,9 +430,19 @@ def _not_applicable(args: argparse.Namespace, launcher: str) -> list[str]:
     return notes
 
 
-def _log_env(args: argparse.Namespace) -> dict[str, str]:
+# torch warns at import when numpy is missing, once per process (torchrun and every rank): nothing here
+# needs numpy, so the first lines a user reads are not three copies of that.
+QUIET_WARNINGS = ("ignore:Failed to initialize NumPy",)
+
+
+def _log_env(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """LOGLEVEL for torchrun, and PYTHONWARNINGS extended with :data:`QUIET_WARNINGS`."""
     level = "error" if args.quiet else args.log_level
-    return {"LOGLEVEL": level.upper()} if level else {}
+    out = {"LOGLEVEL": level.upper()} if level else {}
+    current = (environ if environ is not None else os.environ).get("PYTHONWARNINGS", "")
+    filters = [f for f in current.split(",") if f] + [f for f in QUIET_WARNINGS if f not in current]
+    out["PYTHONWARNINGS"] = ",".join(filters)
+    return out
 
 
 def build_plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
@@ -453,7 +463,7 @@ def build_plan(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
                 raise LaunchError(f"{flag} does not apply to --launcher slurm: srun reaches the nodes and passes "
                                   f"this environment on; drop {flag}")
         plan = _slurm_plan(args, active, environ, cwd, home, python, program, launcher_args)
-        plan.extra_env.update(_log_env(args))
+        plan.extra_env.update(_log_env(args, environ))
         return plan
 
     if args.no_ssh:
@@ -465,7 +475,8 @@ def build_plan(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         extra = visible_devices(slots, visible_env, environ.get(visible_env or ""))
         cmd = torchrun_command(python, program, nproc=len(slots), master_addr=args.master_addr,
                                master_port=args.master_port)
-        return LaunchPlan("local", [cmd], {**extra, **_log_env(args)}, active, _not_applicable(args, "single-node"))
+        return LaunchPlan("local", [cmd], {**extra, **_log_env(args, environ)}, active,
+                          _not_applicable(args, "single-node"))
 
     launcher = args.launcher or _default_launcher()
     pool = pool or {host: len(slots) for host, slots in active.items()}  # --force_multi, no hostfile
@@ -473,7 +484,7 @@ def build_plan(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
     master_port = args.master_port or DEFAULT_MASTER_PORT
     needs_mask = not all(_is_prefix(slots) for slots in active.values())
     world = _world(active, pool, master_addr, master_port, _visible_env() if needs_mask else None)
-    exports = {**exported_env(environ, [home, cwd]), **_log_env(args)}
+    exports = {**exported_env(environ, [home, cwd]), **_log_env(args, environ)}
     extra: dict[str, str] = {}
     if launcher == "ssh":
         ssh_args = [*launcher_args, *(["-p", str(args.ssh_port)] if args.ssh_port else [])]
@@ -515,7 +526,7 @@ def _no_ssh_plan(args, active, pool, source, environ, python, program) -> Launch
     extra = visible_devices(slots, visible_env, environ.get(visible_env or ""))
     cmd = torchrun_command(python, program, nproc=len(slots), nnodes=nnodes, node_rank=args.node_rank,
                            master_addr=master_addr, master_port=args.master_port or DEFAULT_MASTER_PORT)
-    return LaunchPlan("local", [cmd], {**extra, **_log_env(args)}, {hosts[args.node_rank] if pool else
+    return LaunchPlan("local", [cmd], {**extra, **_log_env(args, environ)}, {hosts[args.node_rank] if pool else
                                                                      "localhost": slots},
                       _not_applicable(args, "--no_ssh"))
 
@@ -692,6 +703,10 @@ def main(argv: list[str]) -> int:
     if args.dry_run:
         print("\n".join(plan.describe()))
         return 0
+    where = "this machine" if plan.launcher == "local" else f"{len(plan.resources) or 'the'} nodes over {plan.launcher}"
+    ranks = sum(len(slots) for slots in plan.resources.values())
+    print(f"ds run: starting {ranks or 'the'} processes on {where} through torchrun (--dry-run prints the "
+          f"commands)", file=sys.stderr, flush=True)
     for note in plan.notes:
         print(f"ds run: note: {note}", file=sys.stderr)
     if plan.ssh_check:
