@@ -336,6 +336,7 @@ def test_single_node_failure_propagates(tmp_path):
     assert "exitcode  : 3" in proc.stderr
 
 
+@pytest.mark.serial  # picks a free port for its rendezvous
 def test_multi_node_over_ssh_forms_one_world(tmp_path):
     script, out = tmp_path / "worker.py", tmp_path / "out"
     script.write_text(WORKER)
@@ -357,6 +358,7 @@ def test_multi_node_over_ssh_forms_one_world(tmp_path):
     assert {r["DS_TEST_MARK"] for r in records} == {"from-env-file"}
 
 
+@pytest.mark.serial  # picks a free port for its rendezvous
 def test_multi_node_over_pdsh_forms_one_world(tmp_path):
     script, out = tmp_path / "worker.py", tmp_path / "out"
     script.write_text(WORKER)

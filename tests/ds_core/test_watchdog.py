@@ -4,7 +4,6 @@ the process-group timeout. Real processes: rank 1 stops itself in the middle of 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
