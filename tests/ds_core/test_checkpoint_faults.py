@@ -249,3 +249,57 @@ def test_latest_that_is_not_a_tag(tmp_path):
     (tmp_path / "latest").write_bytes(b"\xff\xfe garbage")
     with pytest.raises(CheckpointError, match=r"latest does not hold a tag name .*complete checkpoints there: t"):
         engine.load_checkpoint(tmp_path)
+
+
+# -- kill -9 of a rank while saving --------------------------------------------------------------------
+
+_KILLED_WHILE_SAVING = """
+import os, signal, sys
+import torch.distributed as dist
+import ds_core
+import ds_core.engine.checkpoint_files as files
+from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
+ds_core.init_distributed(init_method=sys.argv[1])
+engine = ds_core.initialize(model=GPT(GPTConfig(vocab_size=64, seq_len=16, dim=32, layers=2, heads=2)),
+                            config={CONFIG})[0]
+rank = dist.get_rank()
+def step(i):
+    x, y = synthetic_tokens(2, 16, 64, i, rank)
+    engine.backward(engine(x, y))
+    engine.step()
+step(0)
+engine.save_checkpoint(os.environ["ROOT"], tag="good")
+step(1)
+real = files.save_file
+def save_file(tensors, path, metadata=None):
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # rank 1 dies in the middle of writing its files
+    return real(tensors, path, metadata=metadata)
+files.save_file = save_file
+engine.save_checkpoint(os.environ["ROOT"], tag="bad")
+"""
+
+
+def test_kill_of_a_rank_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "ckpt"
+    code = _KILLED_WHILE_SAVING.replace("{CONFIG}", repr(CONFIG))
+    env = {**os.environ, "WORLD_SIZE": "2", "ROOT": str(root), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"file://{tmp_path / 'rendezvous'}"],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]  # rank 0 learns of the dead peer from gloo
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0
+    assert (root / "latest").read_text() == "good" and not (root / "bad").exists()
+    engine = _engine()
+    engine.load_checkpoint(root)  # verified: every file as written
+    assert engine.global_steps == 1
+    engine.save_checkpoint(root, tag="bad")  # the next save clears what the dead one left
+    assert sorted(os.listdir(root)) == ["bad", "good", "latest"]
