@@ -202,6 +202,24 @@ def bench_kernels(report: Report, device: str, dry: bool) -> None:
                    "AdamW(fused=True)" if fused else "AdamW",
                    f"{sum(sizes) * 4 * 7 / t_ours / 1e9:.0f} GB/s moved"))
 
+    if device == "cuda" or dry:  # the launch shape, swept: what the default should be on this device
+        from ds_ops.triton import adam
+
+        ps = params()
+        ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+        grid = [(4096, 1024, 4)] if dry else [(c, b, w) for c in (65536, 16384, 4096) for b in (1024, 2048)
+                                              for w in (4, 8)]
+        hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+        swept = {cfg: timed_median(lambda c=cfg: adam.fused_adam_launch(
+            ps, [p.grad for p in ps], ms, vs, [], 1, **hp, chunk=c[0], block=c[1], num_warps=c[2]),
+            iters, device) for cfg in grid}
+        best = min(swept, key=swept.get)
+        default = (adam.CHUNK, adam.BLOCK, adam.NUM_WARPS)
+        report.add(Row("kernels", f"Adam launch sweep: best chunk/block/warps {best}", swept[best] * 1e3,
+                       swept.get(default, t_ours) * 1e3, "ms", f"default {default}",
+                       "; ".join(f"{k}: {v * 1e3:.3f}" for k, v in sorted(swept.items()))))
+        del ps, ms, vs
+
     low = params(torch.bfloat16)
     master = [torch.nn.Parameter(p.detach().float()) for p in low]
     for m, p in zip(master, low):
@@ -455,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         print("[gpu] no CUDA device here: dry run (tiny models on the CPU; the cuda tests must all skip). "
               "Run this on a GPU machine for the figures.", flush=True)
     device = "cpu" if dry else "cuda"
+    if dry:  # Triton kernels can only be interpreted on the CPU; Triton reads this when first imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(environment(dry))
