@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ds_core import comm
 from ds_core.engine import Engine
+from ds_core.engine.checkpoint import checkpoint_options
 from ds_core.engine.precision import FlatGradients
 from ds_core.errors import ConfigError, DSError
 
@@ -260,7 +261,8 @@ class PipelineEngine:
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag: str | None = None, client_state: dict | None = None,
                         save_latest: bool = True):
-        return ckpt.save(self, save_dir, tag or f"global_step{self.global_steps}", client_state or {})
+        with checkpoint_options(save_latest=save_latest):
+            return ckpt.save(self, save_dir, tag or f"global_step{self.global_steps}", client_state or {})
 
     def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False):

@@ -10,7 +10,7 @@ partitioned (buffers, frozen parameters): the model's parameters exist whole now
 With ``stage3_gather_16bit_weights_on_model_save`` rank 0 also writes ``model_16bit.safetensors``:
 the gathered module state in the model's dtype (every name of a tied parameter included), one
 parameter gathered at a time — loadable without ds (e.g. ``safetensors.torch.load_file``). It is
-written after the checkpoint directory is in place (temporary name, then renamed).
+written inside the checkpoint directory protocol, so a checkpoint ``latest`` names always has it.
 
 Loading reads, for each parameter, only the pieces of the saved shards that overlap this rank's new
 shard (``safe_open(...).get_slice``), the same re-partitioning idea as stages 1-2 ("universal
@@ -20,13 +20,11 @@ checkpoint"), but per parameter. A stage 0-2 checkpoint loads into a stage-3 run
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ds_core.engine.checkpoint import (
     CheckpointError,
@@ -106,15 +104,9 @@ class Stage3CheckpointLayout:
         files = {"model": rest, "client": client_tensors}
         per_rank = {"files": {"rng": rng_tensors, "zero": part_tensors},
                     "meta": {**rng_meta, SCALARS_KEY: opt_meta["scalars"]}}
-        full = gathered_state_dict(engine) if self.gather_16bit else None
-        final = save_tree(save_dir, tag, {"files": files, "meta": meta}, per_rank, engine.global_rank)
-        if full is not None and engine.global_rank == 0:
-            tmp = final / ".model_16bit.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in full.items()}, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, final / "model_16bit.safetensors")
-        if full is not None and engine.world_size > 1:
-            torch.distributed.barrier()  # the file exists when save_checkpoint returns on any rank
-        return final
+        full = gathered_state_dict(engine) if self.gather_16bit else None  # a collective: before the protocol
+        plain = {"model_16bit.safetensors": full} if full is not None else None
+        return save_tree(save_dir, tag, {"files": files, "meta": meta}, per_rank, engine.global_rank, plain=plain)
 
     # -- load ----------------------------------------------------------------------------------------
     def _check(self, path: Path, zero: dict, opt) -> None:

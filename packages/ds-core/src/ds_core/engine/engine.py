@@ -19,6 +19,7 @@ from ..accelerator import get_accelerator
 from ..errors import DSError
 from ..params import reduce_axis, shard_axis
 from . import checkpoint_layout
+from .checkpoint import checkpoint_options
 from .mixed import MixedPrecisionOptimizer
 from .monitor import Monitor, Throughput, format_log_line
 from .precision import DTYPES, FlatGradients, LossScaler
@@ -306,7 +307,8 @@ class Engine:
     def save_checkpoint(self, save_dir, tag: str | None = None, client_state: dict | None = None,
                         save_latest: bool = True):
         tag = tag or f"global_step{self.global_steps}"
-        return self.checkpoint_layout.save(self, save_dir, tag, client_state or {})
+        with checkpoint_options(save_latest=save_latest):
+            return self.checkpoint_layout.save(self, save_dir, tag, client_state or {})
 
     def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False):

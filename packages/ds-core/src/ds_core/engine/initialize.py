@@ -72,6 +72,7 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
     cfg.resolve_batch(preset.size("data") if preset else world_env)
     if dist_init_required is not False and not comm.is_initialized():
         comm.init_distributed()
+    comm.watchdog.start()  # also over a process group the caller made
     # A feature may have set the topology already (an MoE layer asks for an expert axis).
     topology = comm.get_topology() or comm.Topology(comm.get_world_size())
     comm.set_topology(topology)
