@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import ds_core
-from ds_core.engine.mixed import fuses
+from ds_core.optim.fused import fuses
 from ds_zero.reduce import AllReduceGradients, PartitionedGradientReducer
 
 from ._train import CLIP, LR, WD, batch, config, ddp_losses, engine_losses, make_model, max_diff, train

@@ -17,14 +17,13 @@
 Groups of tagged parameters (experts; see ``partition.py``) are reduced over their own axis's process
 group and averaged by its size, exactly as ds-core's default reducer treats them at stage 0.
 
-Both are built without knowing the parameter layout; the optimizer wrapper, which decides the
-parameter groups, calls :meth:`bind` with the :class:`~ds_zero.partition.Partitions`.
+Both are built by the ZeRO strategy (``strategy.py``) over the :class:`~ds_zero.partition.Partitions`
+it made, and hand it this rank's gradient partitions (:meth:`grad_partitions`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ds_core import comm
 from ds_core.engine.precision import FlatGradients
@@ -33,13 +32,18 @@ from ds_core.params import DEFAULT_AXIS
 
 from .partition import Partitions
 
-__all__ = ["PartitionAlignedGradients", "AllReduceGradients", "PartitionedGradientReducer", "build"]
+__all__ = ["PartitionAlignedGradients", "AllReduceGradients", "PartitionedGradientReducer", "GradientPartitions",
+           "gloo_prefers_all_reduce"]
 
-COMM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_IN_FLIGHT = 2
 #: On gloo an all-reduce beats per-owner reduces (2 CPU ranks, 44 MB: 41 ms vs 67 ms; its
 #: reduce_scatter takes 102 ms), so ``reduce_scatter: true`` all-reduces there; the result is the same.
 GLOO_PREFERS_ALL_REDUCE = True
+
+
+def gloo_prefers_all_reduce(group) -> bool:
+    """True when ``group`` spans several gloo ranks and all-reducing beats reduce-scattering there."""
+    return comm.get_world_size(group) > 1 and GLOO_PREFERS_ALL_REDUCE and comm.get_backend(group) == "gloo"
 
 
 class PartitionAlignedGradients(FlatGradients):
@@ -67,20 +71,14 @@ class PartitionAlignedGradients(FlatGradients):
 class AllReduceGradients:
     """Stage 1: full fp32 gradients all-reduced by ds-core's :class:`DataParallelReducer`."""
 
-    def __init__(self, engine, bucket_numel: int) -> None:
-        self.engine = engine
-        self.bucket_numel = bucket_numel
-        self.parts: Partitions | None = None
-        self.inner: DataParallelReducer | None = None
-
-    def bind(self, parts: Partitions) -> None:
-        cfg = self.engine.config
+    def __init__(self, parts: Partitions, ctx, bucket_numel: int) -> None:
         self.parts = parts
-        self.grads = PartitionAlignedGradients(parts, self.engine.device)
+        self.bucket_numel = bucket_numel
+        self.grads = PartitionAlignedGradients(parts, ctx.device)
         self.inner = DataParallelReducer(
-            self.grads, parts.group, bucket_bytes=self.bucket_numel * 4, prescale=cfg.prescale_gradients,
-            predivide=cfg.gradient_predivide_factor, fp32_model=self.engine.precision == "fp32",
-            comm_dtype=COMM_DTYPES.get(cfg.communication_data_type or ""),
+            self.grads, parts.group, bucket_bytes=bucket_numel * 4, prescale=ctx.reduce.prescale,
+            predivide=ctx.reduce.predivide, fp32_model=not ctx.precision.has_masters,
+            comm_dtype=ctx.reduce.comm_dtype,
             axis_groups={a: g for a, g in parts.axis_groups.items() if a != DEFAULT_AXIS})
 
     def begin(self, sync: bool) -> None:
@@ -136,21 +134,17 @@ class GradientPartitions:
 class PartitionedGradientReducer(GradientPartitions):
     """Stage 2: bucketed reduction of gradients into each rank's fp32 gradient partition."""
 
-    def __init__(self, engine, bucket_numel: int, overlap: bool, reduce_scatter: bool) -> None:
-        cfg = engine.config
-        self.device = engine.device
+    def __init__(self, parts: Partitions, ctx, bucket_numel: int, overlap: bool, reduce_scatter: bool) -> None:
+        self.device = ctx.device
         self.bucket_numel = bucket_numel
         self.overlap = overlap
-        self.reduce_scatter = reduce_scatter
-        self.prescale = cfg.prescale_gradients
-        self.predivide = cfg.gradient_predivide_factor
-        self.comm_dtype = COMM_DTYPES.get(cfg.communication_data_type or "")
-        self.parts: Partitions | None = None
+        self.reduce_scatter = reduce_scatter and not gloo_prefers_all_reduce(parts.group)
+        self.prescale = ctx.reduce.prescale
+        self.predivide = ctx.reduce.predivide
+        self.comm_dtype = ctx.reduce.comm_dtype
+        self.parts = parts
         self.handles: list = []
         self.peak_staging_numel = 0
-
-    def bind(self, parts: Partitions) -> None:
-        self.parts = parts
         self.grads = [torch.zeros(g.partition_numel, dtype=torch.float32, device=self.device)
                       for g in parts.groups]
         self.buckets: list[tuple[int, int, int, int]] = []  # (group, flat lo, flat hi, #params)
@@ -215,7 +209,7 @@ class PartitionedGradientReducer(GradientPartitions):
                 part = g.partition_numel
                 for r in range(lo // part, (hi - 1) // part + 1):
                     a, c = max(lo, r * part), min(hi, (r + 1) * part)
-                    works.append(dist.reduce(wire[a - lo:c - lo], dst=g.global_rank(r),
+                    works.append(comm.reduce(wire[a - lo:c - lo], dst=g.global_rank(r),
                                              group=g.group, async_op=True))
             else:
                 works.append(comm.all_reduce(wire, group=g.group, async_op=True))
@@ -258,19 +252,3 @@ class PartitionedGradientReducer(GradientPartitions):
     def buffer_bytes(self) -> int:
         return super().buffer_bytes() + self.peak_staging_numel * 4
 
-
-def build(engine):
-    """``gradient_reducer`` factory: None at stage 0 (the engine's all-reduce), else the stage's reducer."""
-    cfg = engine.config.section("zero_optimization")
-    if cfg is None or cfg.stage == 0:
-        return None
-    if cfg.stage == 1:
-        return AllReduceGradients(engine, cfg.reduce_bucket_size)
-    if cfg.stage == 3:
-        from .reduce3 import Stage3GradientReducer
-
-        return Stage3GradientReducer(engine, cfg.overlap_comm)
-    reduce_scatter = cfg.reduce_scatter
-    if engine.dp_world_size > 1 and GLOO_PREFERS_ALL_REDUCE and dist.get_backend(engine.dp_group) == "gloo":
-        reduce_scatter = False
-    return PartitionedGradientReducer(engine, cfg.reduce_bucket_size, cfg.overlap_comm, reduce_scatter)

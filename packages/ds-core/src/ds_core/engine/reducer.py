@@ -11,7 +11,6 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.distributed as dist
 
 from .. import comm
 from ..errors import CommError
@@ -163,5 +162,4 @@ def broadcast_parameters(module: torch.nn.Module, group=None, src: int = 0, axis
             g = groups.get(reduce_axis(t), group)
             if comm.get_world_size(g) == 1:
                 continue
-            first = dist.get_global_rank(g, src) if g is not None else src
-            dist.broadcast(t.data, src=first, group=g)
+            comm.broadcast(t.data, src=comm.global_rank(g, src), group=g)
