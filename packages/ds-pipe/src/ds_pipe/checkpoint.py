@@ -3,8 +3,12 @@
 A pipeline saves through its stage engine (``ds_core.engine.checkpoint_layout``): this module is only
 the *module layout* of that checkpoint. Layout of ``save_dir/tag/``:
 
-- ``layer_XX-model_states.safetensors``: layer ``XX``'s state dict (global layer index; a tied module
-  is stored once, under the first index that uses it), written by data rank 0 of its stage;
+- ``layer_XX-model_states.safetensors``: layer ``XX``'s state dict (global layer index), written by data
+  rank 0 of its stage. A tied module is stored by every stage holding it, under the first index it
+  uses there: its tied weights are equal everywhere, its other weights are each stage's own (the head
+  stage's copy of an embedding's position table is never used there, but it is its state). A stage
+  loads its copy from its own index, or from the first index that uses the module when the stages
+  were cut differently;
 - the data-parallel strategy's state of each stage, prefixed with the stage (``pp{s}_``): stage 0's
   ``pp{s}_optimizer.safetensors`` / ``pp{s}_master.safetensors``, or ZeRO-1's
   ``pp{s}_zero_rank{d}.safetensors``, described in ``pp{s}_meta.json`` (which names the strategy's
@@ -33,13 +37,16 @@ def layer_file(idx: int) -> str:
 
 
 def _local_layers(module) -> dict[int, torch.nn.Module]:
-    """Global layer index -> module, for the layers (and first tied uses) this stage holds."""
+    """Global layer index -> module, for the layers this stage holds; a tied module under its first
+    index on this stage."""
     targets = dict(module.local_layers)
     for key, tied in module.tied_modules.items():
-        first = module.tied_indices[key][0]
-        if module.stage_of(first) == module.stage_id:
-            targets[first] = tied
+        targets[_first_local(module, key)] = tied
     return targets
+
+
+def _first_local(module, key: str) -> int:
+    return min(i for i in module.tied_indices[key] if module.stage_of(i) == module.stage_id)
 
 
 def pipeline_meta(module) -> dict:
@@ -60,12 +67,13 @@ class LayerFiles:
         return {}
 
     def _targets(self, path) -> dict[int, torch.nn.Module]:
+        """Layer file index -> module to load it into (a tied module: its own copy if it was saved, else
+        the first one)."""
         module = self.module
-        targets = {}
-        for idx, layer in sorted(module.local_layers.items()):
-            targets[idx] = layer
+        targets = dict(module.local_layers)
         for key, tied in module.tied_modules.items():
-            targets[module.tied_indices[key][0]] = tied
+            own = _first_local(module, key)
+            targets[own if (path / layer_file(own)).is_file() else module.tied_indices[key][0]] = tied
         for idx in targets:
             f = path / layer_file(idx)
             if not f.is_file():

@@ -366,4 +366,7 @@ class Engine(torch.nn.Module):
                 self._broken = f"loading {reader.path} failed after the model weights were loaded ({exc})"
             raise
         self._broken = None
+        # gradients accumulated before the load belong to no step of the loaded state
+        self.strategy.zero_grad()
+        self._loss_sum, self._loss_count, self._tokens = 0.0, 0, 0
         return out
