@@ -56,6 +56,7 @@ def isolated(session: nox.Session, package: str) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.17,<0.18")  # lint rules change between minor versions
     session.run("ruff", "check", "packages", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("python", "tools/check_imports.py")  # no import cycles, no sibling imports
 
 
 @nox.session

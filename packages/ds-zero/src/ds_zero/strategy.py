@@ -23,7 +23,7 @@ import weakref
 
 import torch
 
-from ds_core.engine.strategy import NormTerm
+from ds_core.engine.step import NormTerm
 from ds_core.errors import ConfigError
 
 from . import checkpoint as ckpt

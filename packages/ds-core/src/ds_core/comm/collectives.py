@@ -74,7 +74,7 @@ def init_distributed(
     backend = dist_backend or acc.communication_backend()
     if isinstance(timeout, (int, float)):
         timeout = datetime.timedelta(seconds=timeout)
-    if acc.device_type != "cpu" and hasattr(acc, "set_device"):
+    if acc.device_type != "cpu":
         acc.set_device(env.local_rank)
     if verbose and env.rank == 0:
         print(f"[ds] init_distributed: backend={backend} world={env.world_size} from {env.source}")

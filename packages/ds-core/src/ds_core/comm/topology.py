@@ -21,6 +21,7 @@ from ..errors import CommError
 __all__ = ["Topology", "AXES"]
 
 AXES = ("pipe", "data", "expert", "sequence", "tensor")
+_MESHES: dict[tuple, tuple] = {}  # (device type, shape) -> (default group, mesh, data mesh): see Topology.mesh
 _MESH_DIMS = ("pipe", "expert_data", "expert", "sequence", "tensor")
 
 
@@ -70,13 +71,27 @@ class Topology:
 
     @cached_property
     def mesh(self):
-        """The DeviceMesh (dims pipe, expert_data, expert, sequence, tensor, plus flattened data)."""
+        """The DeviceMesh (dims pipe, expert_data, expert, sequence, tensor, plus flattened data).
+
+        [Note: shared meshes] Every process group costs memory and set-up time, so topologies of the
+        same shape over the same default process group share one mesh (and its groups): an engine
+        built after another reuses them. This memo holds communicators, not a "current topology":
+        each component still gets its topology explicitly.
+        """
+        import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
         shape = tuple(self.sizes[d] for d in _MESH_DIMS)
+        default = dist.distributed_c10d._get_default_group()
+        key = (self.device_type, shape)
+        cached = _MESHES.get(key)
+        if cached is not None and cached[0] is default:
+            mesh, self._data_mesh = cached[1], cached[2]
+            return mesh
         mesh = init_device_mesh(self.device_type, shape, mesh_dim_names=_MESH_DIMS)
         # keep the flattened data mesh ourselves: slicing it back out of the root mesh is deprecated
         self._data_mesh = mesh["expert_data", "expert"]._flatten("data")
+        _MESHES[key] = (default, mesh, self._data_mesh)
         return mesh
 
     def _axis_mesh(self, axis: str):

@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError, join_optimizer_state, split_optimizer_s
 from .checkpoint_layout import sharded_names
 from .precision import FlatGradients
 from .reducer import DataParallelReducer
-from .strategy import NormTerm
+from .step import NormTerm
 
 __all__ = ["ReplicatedStrategy"]
 

@@ -26,7 +26,15 @@ import torch
 
 from .. import comm
 
-__all__ = ["StepDecision", "decide_step", "global_sq_norm", "agree_any", "clip_coefficient"]
+__all__ = ["NormTerm", "StepDecision", "decide_step", "global_sq_norm", "agree_any", "clip_coefficient"]
+
+
+class NormTerm(NamedTuple):
+    """A piece of the global squared gradient norm: ``sq`` (a 0-dim float64 tensor, this rank's sum of
+    squares) is summed over each group of ``groups`` in turn (none: it is already global)."""
+
+    sq: torch.Tensor
+    groups: tuple = ()
 
 
 class StepDecision(NamedTuple):

@@ -31,22 +31,15 @@ Schedules that need each parameter's full averaged gradient (the pipeline's tied
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from ..errors import ConfigError
 from ..protocol import require
+from .step import NormTerm
 
 __all__ = ["DataParallelStrategy", "FullGradients", "NormTerm", "check_strategy", "build_strategy"]
-
-
-class NormTerm(NamedTuple):
-    """A piece of the global squared gradient norm: ``sq`` (a 0-dim float64 tensor, this rank's sum of
-    squares) is summed over each group of ``groups`` in turn (none: it is already global)."""
-
-    sq: torch.Tensor
-    groups: tuple = ()
 
 
 @runtime_checkable

@@ -356,9 +356,7 @@ class Throughput:
 
     def reset_peak_memory(self) -> None:
         """Restart the peak (device runs; a process's peak RSS cannot be reset)."""
-        fn = getattr(self.accelerator.module, "reset_peak_memory_stats", None)
-        if fn is not None:
-            fn()
+        self.accelerator.reset_peak_memory_stats()
 
     def peak_memory_per_rank(self, group=None) -> list[int]:
         """Every rank's peak bytes (a collective when torch.distributed is initialized)."""
