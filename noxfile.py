@@ -16,6 +16,7 @@ TORCH = "torch==2.13.0"
 PACKAGES = ["ds-core", "ds-ops", "ds-zero", "ds-pipe", "ds-moe", "ds-infer", "ds-compress"]
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
 TEST_DEPS = ["pytest>=8", "numpy", "tensorboard", "wandb"]  # the monitors' optional backends
+TEST_DEPS += ["tests/ds_core/plugins/ds-test-strategy"]  # a third-party data-parallel strategy (tests/ds_core)
 # Optional extras exercised by the tests: Triton kernels run on CPU under TRITON_INTERPRET=1.
 EXTRAS = {"ds-ops": "[cuda,bnb]"}
 
