@@ -345,11 +345,11 @@ class _InputStore:
         data = payload.tensor if isinstance(payload, _Slot) else payload
         data = data.to(device, non_blocking=True)
         if padded is not None:
-            import torch.distributed as dist
+            from . import comm
 
-            parts = [torch.empty_like(data) for _ in range(self.tp.size)]
-            dist.all_gather(parts, data.contiguous(), group=self.tp.group)
-            data = torch.cat(parts)[:math.prod(shape)]
+            full = torch.empty(self.tp.size * data.numel(), dtype=data.dtype, device=data.device)
+            comm.all_gather(full, data.contiguous(), group=self.tp.group)  # the pieces in rank order
+            data = full[:math.prod(shape)]
         return data.view(shape) if padded is not None or isinstance(payload, _Slot) else data
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .. import comm
@@ -138,7 +137,7 @@ def all_agree(ok: bool, group=None) -> bool:
     if comm.get_world_size(group) == 1:
         return ok
     flag = torch.tensor([0.0 if ok else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    comm.all_reduce(flag, op=comm.ReduceOp.MAX, group=group)
     return flag.item() == 0.0
 
 
@@ -182,7 +181,7 @@ def writing_checkpoint(save_dir: str | os.PathLike, tag: str, rank: int) -> Iter
         shutil.rmtree(old, ignore_errors=True)
         write_atomic_text(root / "latest", tag)
     if comm.get_world_size() > 1:
-        dist.barrier()
+        comm.barrier()
 
 
 def save_tree(save_dir: str | os.PathLike, tag: str, shared: dict[str, Any], per_rank: dict[str, Any],

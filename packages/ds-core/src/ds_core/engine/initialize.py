@@ -104,6 +104,9 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
     world_env = comm.get_world_size() if comm.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     cfg = parse_config(source)
     components = select_components(cfg, model)
+    comm.comms_logger.configure(cfg.comms_logger)
+    if cfg.seed is not None:
+        _seed_everything(cfg.seed)
     if "engine_class" in components:  # a feature with its own training contract (e.g. pipeline)
         cls = components["engine_class"][1]()
         others = {k: v for k, v in components.items() if k != "engine_class"}
@@ -117,9 +120,6 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
     if dist_init_required is not False and not comm.is_initialized():
         comm.init_distributed()
     topology.check_world(comm.get_world_size())
-    comm.comms_logger.configure(cfg.comms_logger)
-    if cfg.seed is not None:
-        _seed_everything(cfg.seed)
 
     from .engine import Engine
 
