@@ -76,9 +76,8 @@ class AllReduceGradients:
         self.bucket_numel = bucket_numel
         self.grads = PartitionAlignedGradients(parts, ctx.device)
         self.inner = DataParallelReducer(
-            self.grads, parts.group, bucket_bytes=bucket_numel * 4, prescale=ctx.reduce.prescale,
-            predivide=ctx.reduce.predivide, fp32_model=not ctx.precision.has_masters,
-            comm_dtype=ctx.reduce.comm_dtype,
+            self.grads, parts.group, bucket_bytes=bucket_numel * 4, reduce=ctx.reduce,
+            fp32_model=not ctx.precision.has_masters,
             axis_groups={a: g for a, g in parts.axis_groups.items() if a != DEFAULT_AXIS})
 
     def begin(self, sync: bool) -> None:
@@ -139,8 +138,7 @@ class PartitionedGradientReducer(GradientPartitions):
         self.bucket_numel = bucket_numel
         self.overlap = overlap
         self.reduce_scatter = reduce_scatter and not gloo_prefers_all_reduce(parts.group)
-        self.prescale = ctx.reduce.prescale
-        self.predivide = ctx.reduce.predivide
+        self.settings = ctx.reduce
         self.comm_dtype = ctx.reduce.comm_dtype
         self.parts = parts
         self.handles: list = []
@@ -149,6 +147,8 @@ class PartitionedGradientReducer(GradientPartitions):
                       for g in parts.groups]
         self.buckets: list[tuple[int, int, int, int]] = []  # (group, flat lo, flat hi, #params)
         self.bucket_of: list[list[int]] = []
+        self.members: list[list[int]] = []  # parameter indices (in their group) of each bucket
+        self._free: dict[int, list[torch.Tensor]] = {}  # staging buffers to reuse, by size
         for gi, g in enumerate(parts.groups):
             owner = []
             start, count = 0, 0
@@ -158,6 +158,7 @@ class PartitionedGradientReducer(GradientPartitions):
                 end = g.offsets[i] + p.numel()
                 if end - start >= self.bucket_numel or i == len(g.params) - 1:
                     self.buckets.append((gi, start, end, count))
+                    self.members.append(list(range(i + 1 - count, i + 1)))
                     start, count = end, 0
             self.bucket_of.append(owner)
             for i, p in enumerate(g.params):
@@ -170,6 +171,7 @@ class PartitionedGradientReducer(GradientPartitions):
         reduced partitions accumulate), so ``no_sync`` saves no communication here."""
         self.pending = [n for *_, n in self.buckets]
         self.ready = [False] * len(self.buckets)
+        self.arrived: list[set[int]] = [set() for _ in self.buckets]
         self.staging: list[torch.Tensor | None] = [None] * len(self.buckets)
         self.next_launch = 0
         self.in_flight: list[tuple[int, torch.Tensor, list]] = []
@@ -179,8 +181,11 @@ class PartitionedGradientReducer(GradientPartitions):
         _, lo, hi, _ = self.buckets[b]
         staging = self._staging(b)
         off = self.parts.groups[gi].offsets[i] - lo
-        staging[off:off + p.numel()].add_(p.grad.reshape(-1))
+        # each parameter's hook runs once per backward, after autograd accumulated its gradient:
+        # its slot is written once (slots of parameters without a gradient are zeroed at launch)
+        staging[off:off + p.numel()].copy_(p.grad.reshape(-1))
         p.grad = None
+        self.arrived[b].add(i)
         self.pending[b] -= 1
         if self.pending[b] == 0:
             self.ready[b] = True
@@ -189,9 +194,13 @@ class PartitionedGradientReducer(GradientPartitions):
                 self.next_launch += 1
 
     def _staging(self, b: int) -> torch.Tensor:
+        """Bucket ``b``'s staging buffer: a released one of its size when there is one. [Note: staging
+        reuse] a fresh buffer per bucket and micro-step would be mapped, faulted in and zeroed every
+        time; reused buffers are written slot by slot instead, so nothing needs zeroing."""
         if self.staging[b] is None:
             _, lo, hi, _ = self.buckets[b]
-            self.staging[b] = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
+            free = self._free.get(hi - lo)
+            self.staging[b] = free.pop() if free else torch.empty(hi - lo, dtype=torch.float32, device=self.device)
             live = sum(t.numel() for t in self.staging if t is not None)
             self.peak_staging_numel = max(self.peak_staging_numel, live)
         return self.staging[b]
@@ -199,8 +208,14 @@ class PartitionedGradientReducer(GradientPartitions):
     def _launch(self, b: int) -> None:
         gi, lo, hi, _ = self.buckets[b]
         chunk = self._staging(b)
-        if self.prescale:
-            chunk.mul_(1.0 / self.predivide)
+        if self.pending[b]:  # parameters that got no gradient in this backward count as zeros
+            g = self.parts.groups[gi]
+            for i in self.members[b]:
+                if i not in self.arrived[b]:
+                    off = g.offsets[i] - lo
+                    chunk[off:off + g.params[i].numel()].zero_()
+        if self.settings.prescale:
+            chunk.mul_(self.settings.before)
         wire = chunk.to(self.comm_dtype) if self.comm_dtype is not None else chunk
         works = []
         g = self.parts.groups[gi]
@@ -228,10 +243,9 @@ class PartitionedGradientReducer(GradientPartitions):
         if a < c:
             # mean over the global batch: divide by the data-axis size for every group (see
             # ds_core.engine.reducer), experts included
-            world = self.parts.world
-            scale = self.predivide / world if self.prescale else 1.0 / world
-            self.grads[gi][a - g.lo:c - g.lo].add_(wire[a - lo:c - lo], alpha=scale)
-        self.staging[b] = None
+            self.grads[gi][a - g.lo:c - g.lo].add_(wire[a - lo:c - lo], alpha=self.settings.after(self.parts.world))
+        staging, self.staging[b] = self.staging[b], None
+        self._free.setdefault(staging.numel(), []).append(staging)
 
     def finish(self) -> None:
         """After backward: reduce buckets whose parameters got no gradient (as zeros), then wait for all."""

@@ -24,12 +24,11 @@ import torch
 from ds_core import comm
 from ds_core.engine.reducer import weak_grad_hook
 
-from .reduce import GradientPartitions, gloo_prefers_all_reduce
+from .reduce import MAX_IN_FLIGHT, GradientPartitions, gloo_prefers_all_reduce
 from .stage3 import ShardedParameter, Stage3Partitions
 
 __all__ = ["Stage3GradientReducer"]
 
-MAX_IN_FLIGHT = 2
 
 
 class Stage3GradientReducer(GradientPartitions):
@@ -38,8 +37,7 @@ class Stage3GradientReducer(GradientPartitions):
     def __init__(self, parts: Stage3Partitions, ctx, overlap: bool, coordinator=None) -> None:
         self.device = ctx.device
         self.overlap = overlap
-        self.prescale = ctx.reduce.prescale
-        self.predivide = ctx.reduce.predivide
+        self.settings = ctx.reduce
         self.comm_dtype = ctx.reduce.comm_dtype
         self.parts = parts
         self.coordinator = coordinator
@@ -67,11 +65,14 @@ class Stage3GradientReducer(GradientPartitions):
     def _launch(self, gi: int, i: int, grad: torch.Tensor | None) -> None:
         s: ShardedParameter = self.parts.groups[gi].sharded[i]
         self.done.add((gi, i))
-        wire = torch.zeros(s.padded, dtype=self.comm_dtype or torch.float32, device=self.device)
+        wire = torch.empty(s.padded, dtype=self.comm_dtype or torch.float32, device=self.device)
         if grad is not None:
             wire[:s.numel].copy_(grad.reshape(-1))
-        if self.prescale:
-            wire.mul_(1.0 / self.predivide)
+            wire[s.numel:].zero_()  # the padding
+        else:  # no gradient in this backward (an unused branch): zeros
+            wire.zero_()
+        if self.settings.prescale:
+            wire.mul_(self.settings.before)
         if s.world == 1:
             out, work = wire, None
         elif self.gloo:
@@ -94,9 +95,7 @@ class Stage3GradientReducer(GradientPartitions):
         s = g.sharded[i]
         if out.numel() != s.part:  # all-reduced whole: keep this rank's shard
             out = out[s.rank * s.part:(s.rank + 1) * s.part]
-        world = self.parts.world
-        scale = self.predivide / world if self.prescale else 1.0 / world
-        self.grads[gi][g.offsets[i]:g.offsets[i] + s.part].add_(out, alpha=scale)
+        self.grads[gi][g.offsets[i]:g.offsets[i] + s.part].add_(out, alpha=self.settings.after(self.parts.world))
 
     def finish(self) -> None:
         """After backward: reduce parameters that got no gradient (as zeros), then wait for all."""

@@ -80,6 +80,16 @@ class ReduceSettings:
         return cls(config.prescale_gradients, config.gradient_predivide_factor,
                    COMM_DTYPES[config.communication_data_type] if config.communication_data_type else None)
 
+    @property
+    def before(self) -> float:
+        """Multiply a gradient by this before it is summed over ranks (1 without prescaling)."""
+        return 1.0 / self.predivide if self.prescale else 1.0
+
+    def after(self, world: int) -> float:
+        """Multiply the sum by this: together with :attr:`before`, the mean over the ``world`` data ranks
+        (the gradient of the mean loss of the global batch, whichever group summed it)."""
+        return self.predivide / world if self.prescale else 1.0 / world
+
 
 class OptimizerFactory:
     """Builds the torch optimizer a strategy steps, over the parameter groups the strategy made

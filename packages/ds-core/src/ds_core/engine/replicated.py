@@ -44,10 +44,8 @@ class ReplicatedStrategy:
         self.model_params = ctx.params
         self.grads = FlatGradients(self.model_params, ctx.device)
         groups = ctx.groups
-        self.reducer = DataParallelReducer(
-            self.grads, groups.data, prescale=ctx.reduce.prescale, predivide=ctx.reduce.predivide,
-            fp32_model=not self.precision.has_masters, comm_dtype=ctx.reduce.comm_dtype,
-            axis_groups=dict(groups.axes))
+        self.reducer = DataParallelReducer(self.grads, groups.data, reduce=ctx.reduce,
+                                           fp32_model=not self.precision.has_masters, axis_groups=dict(groups.axes))
         self.shard_groups = dict(groups.axes)
         if self.precision.has_masters:
             self.flat_master = torch.empty(self.grads.numel, dtype=self.precision.master_dtype,
