@@ -72,8 +72,8 @@ def test_layout_on_disk(tmp_path):
     engine.save_checkpoint(tmp_path, tag="first")
     assert (tmp_path / "latest").read_text() == "first"
     files = sorted(os.listdir(tmp_path / "first"))
-    assert files == ["client.safetensors", "meta.json", "model.safetensors", "optimizer.safetensors",
-                     "rng_rank0.json", "rng_rank0.safetensors"]
+    assert files == ["client.safetensors", "manifest.json", "meta.json", "model.safetensors",
+                     "optimizer.safetensors", "rng_rank0.json", "rng_rank0.safetensors"]
     meta = json.loads((tmp_path / "first" / "meta.json").read_text())
     assert meta["global_steps"] == 1 and meta["world_size"] == 1 and meta["config"]["seed"] == 1
 
@@ -108,7 +108,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         return real(tensors, path)
 
     monkeypatch.setattr(ck, "tensors_to_safetensors", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is untouched"):
+    with pytest.raises(CheckpointError, match="no space left on the device.*previous checkpoint and 'latest' are untouched"):
         engine.save_checkpoint(tmp_path, tag="same")
     assert (tmp_path / "same" / "model.safetensors").read_bytes() == good
     assert not (tmp_path / ".same.partial").exists()

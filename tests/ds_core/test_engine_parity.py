@@ -63,6 +63,7 @@ def _engine_losses(model, steps, micro, accumulation=1, **config):
     return losses, engine
 
 
+@pytest.mark.smoke
 @pytest.mark.world_size(2)
 def test_fp32_matches_ddp_20_steps():
     torch.manual_seed(0)

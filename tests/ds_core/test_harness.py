@@ -1,5 +1,6 @@
 """The test harness itself: failures from any rank are reported; a hung collective times out."""
 
+import os
 import time
 
 import pytest
@@ -26,6 +27,24 @@ def _rank0_hangs():
         dist.barrier()  # rank 1 never joins
     else:
         time.sleep(60)
+
+
+def _early_exit_probe():
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() == 1:  # needs no collective: done at once
+        store.set("rank1_pid", str(os.getpid()))
+        return None
+    pid = int(store.get("rank1_pid"))
+    time.sleep(2)
+    try:  # rank 1 must still be there, its process group intact, while rank 0 is in its body
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_rank_that_finishes_first_waits_for_the_others():
+    assert run_distributed(_early_exit_probe, 2, timeout=60) == [True, None]
 
 
 def test_results_from_every_rank():

@@ -110,17 +110,17 @@ def test_single_node_wraps_torchrun_standalone(tmp_path, no_default_hostfile):
     plan = _plan(["--nproc", "2", "train.py", "--lr", "0.1"], tmp_path)
     assert plan.launcher == "local"
     assert plan.commands == [[sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              "--nproc_per_node", "2", "train.py", "--lr", "0.1"]]
+                              "--nproc_per_node", "2", "--", "train.py", "--lr", "0.1"]]
     # DeepSpeed's spelling is the same flag; flags after the script belong to the script
     cmd = _plan(["--num_gpus", "2", "train.py", "--nproc", "9"], tmp_path).commands[0]
-    assert cmd[:-3] == plan.commands[0][:-3] and cmd[-3:] == ["train.py", "--nproc", "9"]
+    assert cmd[:-4] == plan.commands[0][:-4] and cmd[-4:] == ["--", "train.py", "--nproc", "9"]
 
 
 def test_single_node_modes_and_explicit_port(tmp_path, no_default_hostfile):
     cmd = _plan(["--nproc", "1", "--module", "pkg.train", "-x"], tmp_path).commands[0]
-    assert cmd[-3:] == ["--module", "pkg.train", "-x"]
+    assert cmd[-4:] == ["--module", "--", "pkg.train", "-x"]
     cmd = _plan(["--nproc", "1", "--no_python", "./run.sh"], tmp_path).commands[0]
-    assert cmd[-2:] == ["--no-python", "./run.sh"]
+    assert cmd[-3:] == ["--no-python", "--", "./run.sh"]
     cmd = _plan(["--nproc", "2", "--master_port", "1234", "t.py"], tmp_path).commands[0]
     assert "--standalone" not in cmd
     assert cmd[cmd.index("--master_port") + 1] == "1234"
@@ -158,8 +158,8 @@ def test_ssh_commands(tmp_path):
                   "-o StrictHostKeyChecking=no", "t.py", "--flag"], tmp_path, environ)
     assert plan.launcher == "ssh" and len(plan.commands) == 2
     for rank, (cmd, host, nproc) in enumerate(zip(plan.commands, ["node-a", "node-b"], [2, 1])):
-        assert cmd[:4] == ["ssh", "-o", "StrictHostKeyChecking=no", host]
-        remote = cmd[4]
+        assert cmd[:5] == ["ssh", "-o", "StrictHostKeyChecking=no", "--", host]
+        remote = cmd[5]
         assert remote.startswith(f"cd {shlex.quote(str(tmp_path))} && export ")
         for part in ("PYTHONPATH=/src", "NCCL_DEBUG=INFO", "DS_ACCELERATOR=cpu",
                      "DS_TEST_MARK='hello world'", "OTHER=1"):
@@ -168,7 +168,7 @@ def test_ssh_commands(tmp_path):
         torchrun = shlex.split(remote.split(" && exec ", 1)[1])
         assert torchrun == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                             "--node_rank", str(rank), "--nproc_per_node", str(nproc),
-                            "--master_addr", "node-a", "--master_port", "29500", "t.py", "--flag"]
+                            "--master_addr", "node-a", "--master_port", "29500", "--", "t.py", "--flag"]
 
 
 def test_pdsh_command_and_node_resolution(tmp_path):
@@ -180,7 +180,7 @@ def test_pdsh_command_and_node_resolution(tmp_path):
     assert plan.extra_env == {"PDSH_RCMD_TYPE": "ssh"}
     node = shlex.split(cmd[6].split(" && exec ", 1)[1])
     assert node[:5] == [sys.executable, "-m", "ds_core.cli.node", "--host", "%h"]
-    assert node[-2:] == ["--", "t.py"]
+    assert node[-3:] == ["--", "--", "t.py"]
     world = decode_world(node[node.index("--world-info") + 1])
     assert world["hosts"] == [["node-a", [1, 3], 4], ["node-b", [0, 1, 2, 3], 4]]
     # what each node then runs (a cuda-like accelerator hides the unused devices)
@@ -222,7 +222,7 @@ def test_slurm_command_construction(tmp_path, capsys):
         "srun", "--nodes", "2", "--ntasks-per-node", "1", "--nodelist", "n1,n2",
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "4",
         "--rdzv_backend", "c10d", "--rdzv_endpoint", "n1:7000", "--rdzv_id", "ds-42",
-        "train.py", "--big"]]
+        "--", "train.py", "--big"]]
     # without a hostfile: sizes from the flags
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_mod, "DEFAULT_HOSTFILE", str(tmp_path / "none"))
@@ -230,9 +230,9 @@ def test_slurm_command_construction(tmp_path, capsys):
         assert run_mod.main(["--launcher", "slurm", "--num_nodes", "3", "--nproc", "2",
                              "--master_addr", "head", "--dry-run", "-m", "pkg.train"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("srun --nodes 3 --ntasks-per-node 1 ")
+    assert line.startswith("env 'PYTHONWARNINGS=") and " srun --nodes 3 --ntasks-per-node 1 " in line
     assert "--nnodes 3 --nproc_per_node 2 --rdzv_backend c10d --rdzv_endpoint head:29500" in line
-    assert line.endswith("--module pkg.train")
+    assert line.endswith("--module -- pkg.train")
 
 
 def test_slurm_errors(tmp_path, no_default_hostfile):
@@ -336,6 +336,7 @@ def test_single_node_failure_propagates(tmp_path):
     assert "exitcode  : 3" in proc.stderr
 
 
+@pytest.mark.serial  # picks a free port for its rendezvous
 def test_multi_node_over_ssh_forms_one_world(tmp_path):
     script, out = tmp_path / "worker.py", tmp_path / "out"
     script.write_text(WORKER)
@@ -357,13 +358,14 @@ def test_multi_node_over_ssh_forms_one_world(tmp_path):
     assert {r["DS_TEST_MARK"] for r in records} == {"from-env-file"}
 
 
+@pytest.mark.serial  # picks a free port for its rendezvous
 def test_multi_node_over_pdsh_forms_one_world(tmp_path):
     script, out = tmp_path / "worker.py", tmp_path / "out"
     script.write_text(WORKER)
     out.mkdir()
     hf = _hostfile(tmp_path, "node-a slots=1\nnode-b slots=2\n")
     bin_dir = _stub(tmp_path, "pdsh", PDSH_STUB)
-    proc = _ds_run(["--hostfile", hf, "--include", "node-a@node-b:0",
+    proc = _ds_run(["--hostfile", hf, "--include", "node-a@node-b:0", "--no_ssh_check",
                     "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                     str(script), str(out)], tmp_path, _env(tmp_path, bin_dir))  # pdsh on PATH: default
     assert proc.returncode == 0, proc.stderr[-3000:]

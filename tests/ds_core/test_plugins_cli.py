@@ -17,6 +17,7 @@ def test_groups_are_fixed():
         plugins.entries("ds.kernels")
 
 
+@pytest.mark.smoke
 def test_builtin_accelerators_registered():
     names = [ref.name for ref in plugins.entries("ds.accelerators")]
     assert {"cpu", "cuda", "privateuse1"} <= set(names)
@@ -40,6 +41,7 @@ def test_feature_spec_from_file(tmp_path, monkeypatch):
     assert "fake_feature" not in sys.modules
 
 
+@pytest.mark.smoke
 def test_report_json_runs_without_importing_features():
     code = ("import sys, json; from ds_core.cli.report import collect; info = collect(with_ops=False); "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "

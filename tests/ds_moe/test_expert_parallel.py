@@ -62,6 +62,7 @@ def _check_parity(**kw):
     assert torch.allclose(gate, ref.gate.wg.weight.grad, atol=1e-5)
 
 
+@pytest.mark.smoke
 @pytest.mark.world_size(2)
 def test_expert_parallel_top2_with_capacity_matches_one_process():
     _check_parity(k=2, capacity_factor=0.75, min_capacity=1, use_rts=False, top2_2nd_expert_sampling=False)

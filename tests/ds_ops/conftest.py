@@ -15,7 +15,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 @pytest.fixture(scope="session", autouse=True)
 def ds_ops_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
-        root = tmp_path_factory.mktemp("ds_ops_cache")
+        base = tmp_path_factory.getbasetemp()  # under pytest-xdist: one cache for the run's workers
+        root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ds_ops_cache"
+        root.mkdir(exist_ok=True)  # builds in it are file-locked: the first worker builds, the rest load
         mp.setenv("DS_OPS_CACHE", str(root))
         mp.delenv("DS_OPS_JIT", raising=False)
         from ds_ops import build, registry

@@ -1,5 +1,6 @@
 """With ds-ops installed, the engine's optimizer factory picks the C++ CPU optimizers through the registry."""
 
+import pytest
 import torch
 
 from ds_core.config import OptimizerConfig
@@ -12,6 +13,7 @@ def _params():
     return [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
 
 
+@pytest.mark.smoke
 def test_factory_uses_cpu_kernels():
     for name, cls in (("AdamW", DSCPUAdam), ("Adam", DSCPUAdam), ("Adagrad", DSCPUAdagrad), ("Lion", DSCPULion)):
         opt = build_optimizer(OptimizerConfig(type=name, params={"lr": 1e-3}), _params(), device_type="cpu")

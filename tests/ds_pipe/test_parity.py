@@ -28,7 +28,7 @@ def _train(pipe: int, tied: bool, extra: dict, module_kwargs: dict, steps: int =
 
 
 @pytest.mark.parametrize("tied,kwargs,extra", [
-    (False, {}, {}),
+    pytest.param(False, {}, {}, marks=pytest.mark.smoke),
     (True, {"activation_checkpoint_interval": 1}, {"gradient_clipping": 1.0}),
 ])
 def test_two_stages(tied, kwargs, extra):

@@ -2,9 +2,12 @@
 
 import sys
 
+import pytest
+
 from ds_core import plugins
 
 
+@pytest.mark.smoke
 def test_feature_is_described_without_import():
     sys.modules.pop("ds_pipe", None)
     plugins.clear_cache()
@@ -14,6 +17,7 @@ def test_feature_is_described_without_import():
     assert "ds_pipe" not in sys.modules
 
 
+@pytest.mark.smoke
 def test_public_surface():
     import ds_pipe
 

@@ -59,6 +59,7 @@ def test_gradient_accumulation_and_reduce_variants_match_ddp():
         assert engine.micro_steps == 16
 
 
+@pytest.mark.smoke
 @pytest.mark.world_size(2)
 def test_cpu_offload_matches_ddp():
     model = make_model()

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ds_core.engine.checkpoint import CheckpointError, resolve_tag
+from ds_core.engine.checkpoint import CheckpointError, resolve_tag, verify_checkpoint
 
 __all__ = ["zero_to_fp32", "consolidated_tensors", "write_safetensors_streaming"]
 
@@ -44,8 +44,9 @@ Producer = Callable[[], torch.Tensor]
 def _resolve(checkpoint_dir, tag: str | None) -> Path:
     path = Path(checkpoint_dir)
     if tag is None and (path / "meta.json").is_file():
+        verify_checkpoint(path)
         return path
-    return resolve_tag(path, tag)
+    return resolve_tag(path, tag, collective=False)
 
 
 def _slice_dtype(sl) -> torch.dtype:

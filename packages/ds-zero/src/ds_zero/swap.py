@@ -14,11 +14,17 @@ and the pure-Python defaults below (``os.pwrite``/``os.preadv``) when it is not;
 runs the calls so that compute continues while they are in flight.
 
 Layout: every store owns files ``<nvme_path>/ds_zero_swap/rank<r>/<kind>-<pid>-<n>.<name>.swp``
-(the directory is created on first use; :meth:`SwapStore.close`, garbage collection or interpreter
-exit removes the files, and the directories once empty). Each file starts with a 4 KiB header
-(magic, dtype, element count). The ops replace a file when written at offset 0, so payload writes
-always land at offset 4096 or later and a partial update never truncates the rest; 4096 also keeps
-the payload aligned for O_DIRECT.
+(the directory is created on first use). Each file starts with a 4 KiB header (magic, dtype, element
+count). The ops replace a file when written at offset 0, so payload writes always land at offset
+4096 or later and a partial update never truncates the rest; 4096 also keeps the payload aligned for
+O_DIRECT.
+
+[Note: swap files outlive no run] A store holds an exclusive ``flock`` on its ``<kind>-<pid>-<n>.lock``
+beside its files for as long as it lives; the kernel drops the lock when the process dies, however it
+dies (kill -9 included). Every new store first reclaims the files of every store whose lock is free —
+runs that ended without cleaning up — under the same ``nvme_path``, and says so. Its own files go on
+:meth:`SwapStore.close`, garbage collection, interpreter exit and SIGTERM (when nobody else handles
+it: the files are removed, then the signal takes its default course).
 
 A write that fails — disk full (ENOSPC), a device error (EIO), anything else — raises
 :class:`SwapError` from ``wait()``, naming the file, the byte count and the fix. Callers keep their
@@ -30,11 +36,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import itertools
 import json
 import os
+import re
 import shutil
+import signal
 import threading
+import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +54,8 @@ import torch
 from ds_core.errors import DSError
 from ds_core.ops import get_op
 
-__all__ = ["SwapError", "SwapHandle", "SwapStore", "HEADER_BYTES", "swap_dir", "py_pwrite", "py_pread"]
+__all__ = ["SwapError", "SwapHandle", "SwapStore", "HEADER_BYTES", "swap_dir", "py_pwrite", "py_pread",
+           "reclaim_stale"]
 
 HEADER_BYTES = 4096
 MAGIC = "ds_zero swap v1"
@@ -175,7 +186,7 @@ def _explain(action: str, path: str, nbytes: int, exc: BaseException, config_key
 # --------------------------------------------------------------------------------- the store
 
 
-def _cleanup(paths: set[str], directory: Path) -> None:
+def _cleanup(paths: set[str], directory: Path, lock: list) -> None:
     for p in list(paths):
         try:
             os.unlink(p)
@@ -184,11 +195,111 @@ def _cleanup(paths: set[str], directory: Path) -> None:
         except OSError:
             continue
         paths.discard(p)
+    if lock:  # the lock file goes last: while it exists and is held, the files above are ours
+        path, fd = lock.pop()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
     for d in (directory, directory.parent):  # rank<r>/ then ds_zero_swap/, each only when empty
         try:
             d.rmdir()
         except OSError:
             break
+
+
+_live: weakref.WeakSet = weakref.WeakSet()  # stores of this process, for the SIGTERM handler
+_handler_installed = False
+_NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9_]+-(?P<pid>\d+)-\d+)\.")
+
+
+def _on_sigterm(signum, frame) -> None:
+    for store in list(_live):
+        store._finalizer()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)  # the default course: the process ends, killed by SIGTERM
+
+
+def _install_sigterm_cleanup() -> None:
+    """Remove swap files on SIGTERM too, unless the program handles SIGTERM itself (then it exits
+    through its own path, and interpreter exit removes them)."""
+    global _handler_installed
+    if _handler_installed or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    _handler_installed = True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_stale(root: str | os.PathLike) -> tuple[int, int]:
+    """Remove the swap files of stores that are gone (their lock is free) under ``root/ds_zero_swap``.
+
+    Files without a lock file (written before locks existed) go when the pid in their name is not a
+    live process on this machine. Returns (files removed, bytes freed).
+    """
+    base = Path(root) / "ds_zero_swap"
+    removed = freed = 0
+    if not base.is_dir():
+        return 0, 0
+    for rank_dir in base.iterdir():
+        if not rank_dir.is_dir():
+            continue
+        try:
+            names = os.listdir(rank_dir)
+        except OSError:
+            continue
+        locked_prefixes = {n[:-len(".lock")] for n in names if n.endswith(".lock")}
+        stale: set[str] = set()
+        for prefix in locked_prefixes:
+            lock = rank_dir / f"{prefix}.lock"
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)  # a live store holds it
+                continue
+            stale.add(prefix)
+            for name in names:
+                if name.startswith(prefix + ".") and name.endswith(".swp"):
+                    removed, freed = _remove(rank_dir / name, removed, freed)
+            try:
+                os.unlink(lock)
+            except OSError:
+                pass
+            os.close(fd)
+        for name in names:  # no lock file: written before locks existed, or a lock never renamed into place
+            m = _NAME.match(name.lstrip("."))
+            orphan = name.endswith(".swp") or (name.startswith(".") and name.endswith(".lock.tmp"))
+            if orphan and m and m["prefix"] not in locked_prefixes and not _pid_alive(int(m["pid"])):
+                removed, freed = _remove(rank_dir / name, removed, freed)
+        try:
+            rank_dir.rmdir()  # only when nothing is left (a store being set up retries its mkdir)
+        except OSError:
+            pass
+    return removed, freed
+
+
+def _remove(path: Path, removed: int, freed: int) -> tuple[int, int]:
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except OSError:
+        return removed, freed
+    return removed + 1, freed + size
 
 
 class SwapStore:
@@ -214,14 +325,39 @@ class SwapStore:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._paths: set[str] = set()
-        self._finalizer = weakref.finalize(self, _cleanup, self._paths, self.dir)
+        self._held: list = []  # [(lock file, fd)] once the directory exists
+        self._finalizer = weakref.finalize(self, _cleanup, self._paths, self.dir, self._held)
 
     def path(self, name: str) -> str:
         return str(self.dir / f"{self.prefix}.{name}.swp")
 
+    def _open_run(self) -> None:
+        """First use: reclaim what dead runs left under this nvme_path, then take this store's lock."""
+        root = self.dir.parent.parent
+        files, freed = reclaim_stale(root)
+        if files:
+            warnings.warn(f"removed {files} NVMe swap file(s) ({freed / 2**20:.1f} MiB) under {root} left by runs "
+                          f"that ended without cleaning up (killed or crashed)", RuntimeWarning, stacklevel=4)
+        tmp = self.dir / f".{self.prefix}.lock.tmp"
+        for attempt in range(10):  # another store's scan may remove the empty directory in between
+            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                break
+            except FileNotFoundError:
+                if attempt == 9:
+                    raise
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until close; the kernel drops it if the process dies
+        final = self.dir / f"{self.prefix}.lock"
+        os.replace(tmp, final)  # appears already locked: no scan can take it for a dead run's
+        self._held.append((str(final), fd))
+        _live.add(self)
+        _install_sigterm_cleanup()
+
     def create(self, name: str, numel: int, dtype: torch.dtype) -> str:
         """Create (or replace) file ``name`` for ``numel`` elements of ``dtype``: writes its header now."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self._held:
+            self._open_run()
         path = self.path(name)
         header = json.dumps({"magic": MAGIC, "dtype": str(dtype), "numel": int(numel)}).encode()
         buf = torch.zeros(HEADER_BYTES, dtype=torch.uint8)

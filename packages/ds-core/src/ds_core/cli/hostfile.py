@@ -24,6 +24,8 @@ __all__ = [
     "parse_filter",
     "filter_resources",
     "Resources",
+    "check_host",
+    "MAX_SLOTS",
 ]
 
 DEFAULT_HOSTFILE = "/job/hostfile"
@@ -33,6 +35,20 @@ Resources = dict[str, list[int]]
 
 _LINE = re.compile(r"^(?P<host>[^\s#=]+)\s+slots=(?P<slots>\S+)$")
 _HOSTFILE_RULE = "each line must be 'hostname slots=N' with N a positive integer"
+MAX_SLOTS = 4096  # processes per host; far above any machine, low enough to plan for
+# A DNS name or an IPv4 address: labels of letters, digits, '-' and '_', joined by '.'; nothing a shell
+# or ssh would read as syntax or an option (a leading '-').
+_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*$")
+
+
+def check_host(host: str, where: str) -> str:
+    """Raise naming ``where`` when ``host`` is not a valid host name or IPv4 address."""
+    if not _HOST.match(host):
+        raise LaunchError(
+            f"{where}: {host!r} is not a host name: use letters, digits, '-' and '_' in labels joined by "
+            f"'.', not starting with '-' (e.g. worker-1 or 10.0.0.7)"
+        )
+    return host
 
 
 def parse_hostfile(text: str, source: str = "<hostfile>") -> dict[str, int]:
@@ -54,13 +70,11 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> dict[str, int]:
                 f"write it as e.g. 'worker-1 slots=8' or comment it out with '#'"
             )
         host, slots_text = match["host"], match["slots"]
-        try:
-            slots = int(slots_text)
-        except ValueError:
-            slots = 0
-        if slots < 1 or not slots_text.isdigit():
+        check_host(host, where)
+        slots = int(slots_text) if slots_text.isascii() and slots_text.isdigit() and len(slots_text) < 10 else 0
+        if slots < 1 or slots > MAX_SLOTS:
             raise LaunchError(
-                f"{where} has slots={slots_text}: {_HOSTFILE_RULE}; "
+                f"{where} has slots={slots_text}: {_HOSTFILE_RULE} of at most {MAX_SLOTS}; "
                 f"set slots to the number of processes (devices) to start on {host}"
             )
         if host in pool:
@@ -81,13 +95,21 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> dict[str, int]:
 def read_hostfile(path: str) -> dict[str, int]:
     """Read and parse the hostfile at ``path``."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise LaunchError(
             f"cannot read hostfile {path!r}: {exc.strerror or exc}; pass --hostfile with an existing "
             f"file"
         ) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise LaunchError(
+            f"{os.fspath(path)}:{line}: byte {data[exc.start:exc.start + 1]!r} is not UTF-8 text; a hostfile "
+            f"holds plain 'hostname slots=N' lines: save it as UTF-8 (or ASCII)"
+        ) from None
     return parse_hostfile(text, source=os.fspath(path))
 
 
@@ -162,18 +184,18 @@ def filter_resources(
     then ``num_slots`` (keep at most the first G remaining slots of each host). Host order is the
     pool's order, whatever the order in the filter.
     """
-    if include and exclude:
+    if include is not None and exclude is not None:
         raise LaunchError(
             f"--include {include!r} and --exclude {exclude!r} were both given: they cannot be "
             f"combined; keep one (list what to use with --include, or what to skip with --exclude)"
         )
     active: Resources = {host: list(range(slots)) for host, slots in pool.items()}
-    if include:
+    if include is not None:
         selection = parse_filter(include, "--include")
         _check_against_pool(selection, pool, "--include", source)
         active = {host: (list(range(pool[host])) if selection[host] is None else selection[host])
                   for host in pool if host in selection}
-    elif exclude:
+    elif exclude is not None:
         selection = parse_filter(exclude, "--exclude")
         _check_against_pool(selection, pool, "--exclude", source)
         for host, slots in selection.items():

@@ -5,10 +5,46 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as metadata
 import json
+import os
 import platform
+import shutil
 import sys
 
-__all__ = ["main", "collect"]
+__all__ = ["main", "collect", "ds_on_path"]
+
+
+def ds_on_path(path_env: str | None = None) -> dict:
+    """Which program the shell runs for ``ds``: ours, another package's (DeepSpeed installs a ``ds``
+    script too: whichever package is installed last owns the name), or none.
+
+    Returns ``{"path", "owner", "note"}``; ``owner`` is ``"ds-core"``, ``"deepspeed"``, ``"other"``
+    or ``None`` (no ``ds`` on PATH). ``note`` says what to do when it is not ours.
+    """
+    path = shutil.which("ds", path=path_env)
+    if path is None:
+        return {"path": None, "owner": None,
+                "note": "no 'ds' on PATH (the environment's bin directory is not on PATH?): use "
+                        "'python -m ds_core', which always works"}
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).decode("utf-8", "replace")
+    except OSError:
+        head = ""
+    if "ds_core" in head:
+        shebang = head.splitlines()[0][2:].strip() if head.startswith("#!") else ""
+        interpreter = shebang.split()[0] if shebang else ""
+        # compare bin directories, not resolved files: every venv's python links to the same base interpreter
+        same = not interpreter or os.path.dirname(os.path.abspath(interpreter)) == \
+            os.path.dirname(os.path.abspath(sys.executable))
+        note = "" if same else (f"{path} is ds-core's but runs {interpreter}, not this Python ({sys.executable}): "
+                                f"another environment's ds; use 'python -m ds_core' for this one")
+        return {"path": path, "owner": "ds-core", "note": note}
+    owner = "deepspeed" if "deepspeed" in head else "other"
+    what = "DeepSpeed's launcher (the deepspeed package installs a 'ds' script too)" if owner == "deepspeed" \
+        else "not ds-core's"
+    return {"path": path, "owner": owner,
+            "note": f"the 'ds' on PATH ({path}) is {what}: run ds-core's commands as 'python -m ds_core ...' "
+                    f"(e.g. python -m ds_core run ...), or reinstall ds-core after deepspeed to take the name back"}
 
 
 def _version(dist: str) -> str | None:
@@ -56,6 +92,7 @@ def collect(with_ops: bool = True) -> dict:
         "features": feats,
         "ops": ops_rows,
         "cli": [ref.name for ref in plugins.entries("ds.cli")],
+        "ds_on_path": ds_on_path(),
         "plugin_failures": [list(f) for f in plugins.failures()],
     }
 
@@ -91,6 +128,10 @@ def _print(info: dict) -> None:
     for row in rows:
         print("  " + "  ".join(f"{c:<{w}}" for c, w in zip(row, widths)) + "  " + row[-1])
     print(f"\nds subcommands from plugins: {', '.join(info['cli']) or 'none'}")
+    on_path = info["ds_on_path"]
+    print(f"'ds' on PATH: {on_path['path'] or 'none'}" + (f" ({on_path['owner']})" if on_path["owner"] else ""))
+    if on_path["note"]:
+        print(f"warning: {on_path['note']}")
     for group, name, reason in info["plugin_failures"]:
         print(f"plugin failure: {group} {name}: {reason}")
 

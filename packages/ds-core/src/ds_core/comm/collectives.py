@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..accelerator import get_accelerator
 from ..errors import CommError
+from . import watchdog
 from .env import DistEnv, detect
 from .logger import comms_logger
 
@@ -65,6 +66,7 @@ def init_distributed(
     """
     env = detect()
     if is_initialized():
+        watchdog.start()
         return env
     # A one-process world needs no rendezvous: an in-memory store avoids claiming a port.
     local_store = env.source == "single" and init_method is None and "MASTER_PORT" not in os.environ
@@ -88,6 +90,7 @@ def init_distributed(
     except ValueError as exc:
         raise CommError(f"backend {backend!r} (from accelerator {acc.name!r}) is not usable: {exc}; "
                         f"pass dist_backend= or pick another accelerator with DS_ACCELERATOR") from exc
+    watchdog.start()  # names a rank that stops (DS_WATCHDOG_TIMEOUT)
     return env
 
 

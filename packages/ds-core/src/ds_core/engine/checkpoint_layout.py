@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..params import shard_axis
 from . import checkpoint as protocol
@@ -115,24 +114,24 @@ class StateWriter:
         ``engine_meta`` and ``client`` (the tensors of ``client_state``): the run's, on global rank 0 only."""
         aliases: dict[str, dict[str, str]] = {}
         for stem, key, tensors, metadata in self._files:
+            path = directory / f"{stem}.safetensors"
             if metadata is not None:
-                save_file(tensors, str(directory / f"{stem}.safetensors"), metadata=metadata)
+                protocol.tensors_to_safetensors(tensors, path, dedupe=False, metadata=metadata)
                 continue
-            found = protocol.tensors_to_safetensors(tensors, directory / f"{stem}.safetensors")
+            found = protocol.tensors_to_safetensors(tensors, path)
             if key is not None:
                 aliases[key] = found
         if rng is not None:
             protocol.tensors_to_safetensors(rng[0], directory / f"rng_rank{self.rank}.safetensors")
-        (directory / f"rng_rank{self.rank}.json").write_text(json.dumps({**(rng[1] if rng else {}),
-                                                                          **self.rank_meta}))
+        protocol.write_json(directory / f"rng_rank{self.rank}.json", {**(rng[1] if rng else {}), **self.rank_meta})
         scope_meta = {**self.meta, "aliases": aliases}
         if self.scope and self.data_rank == 0:
-            (directory / f"{self.scope}meta.json").write_text(json.dumps(scope_meta, indent=1))
+            protocol.write_json(directory / f"{self.scope}meta.json", scope_meta, indent=1)
         if engine_meta is not None:
             meta = {**engine_meta, "format": protocol.FORMAT, **(scope_meta if not self.scope else {"aliases": {}})}
             meta["aliases"] = {**meta["aliases"],
                                "client": protocol.tensors_to_safetensors(client or {}, directory / "client.safetensors")}
-            (directory / "meta.json").write_text(json.dumps(meta, indent=1))
+            protocol.write_json(directory / "meta.json", meta, indent=1)
 
 
 def found_layout(meta: dict) -> tuple[str, str]:
@@ -160,7 +159,7 @@ class StateReader:
         self.rank_meta = rank_meta
         if scope:
             scope_file = path / f"{scope}meta.json"
-            self.meta = json.loads(scope_file.read_text()) if scope_file.is_file() else None
+            self.meta = protocol.read_json(scope_file) if scope_file.is_file() else None
             self._files: dict[str, dict] = {}
         else:
             self.meta = meta
@@ -179,10 +178,7 @@ class StateReader:
             file = self.path / f"{self.scope}{name}.safetensors"
             if not file.is_file():
                 return None
-            out = load_file(str(file))
-            for alias, target in self.meta.get("aliases", {}).get(name, {}).items():
-                out[alias] = out[target]
-            self._files[name] = out
+            self._files[name] = protocol.load_safetensors(file, self.meta.get("aliases", {}).get(name, {}))
         return self._files[name]
 
     def rank_file(self, name: str, data_rank: int | None = None) -> Path:
@@ -191,7 +187,7 @@ class StateReader:
 
     def per_rank(self, name: str, data_rank: int | None = None) -> dict[str, torch.Tensor] | None:
         file = self.rank_file(name, data_rank)
-        return load_file(str(file)) if file.is_file() else None
+        return protocol.load_safetensors(file) if file.is_file() else None
 
     def rank_files(self, name: str) -> list[Path]:
         """Every saved ``{scope}{name}_rank*.safetensors``, in rank order."""
@@ -235,7 +231,7 @@ class ModuleFiles:
             saved = dict(reader.replicated("model") or {})
             other_ranks: set[str] = set()
             for shard_file in reader.rank_files("model"):
-                shard = load_file(str(shard_file))
+                shard = protocol.load_safetensors(shard_file)
                 other_ranks |= set(shard)
                 saved.update(shard)
             self._saved = (saved, other_ranks)

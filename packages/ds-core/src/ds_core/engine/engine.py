@@ -28,7 +28,7 @@ from ..errors import DSError
 from ..monitor.monitor import Monitor, Throughput, format_log_line
 from ..monitor.timers import make_timers
 from . import checkpoint_layout
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, checkpoint_options
 from .components import model_transforms
 from .context import ModelContext, OptimizerFactory, ProcessGroups, ReduceSettings, TrainingContext
 from .hooks import EngineHooks, StepInfo
@@ -344,7 +344,8 @@ class Engine(torch.nn.Module):
                         save_latest: bool = True, extra_meta: dict | None = None):
         self._refuse_if_broken("save")
         tag = tag or f"global_step{self.global_steps}"
-        return checkpoint_layout.save_engine(self, save_dir, tag, client_state or {}, extra_meta=extra_meta)
+        with checkpoint_options(save_latest=save_latest):
+            return checkpoint_layout.save_engine(self, save_dir, tag, client_state or {}, extra_meta=extra_meta)
 
     def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False, check=None):

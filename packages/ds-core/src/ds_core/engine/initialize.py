@@ -119,6 +119,7 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
     cfg.resolve_batch(topology.size("data"))
     if dist_init_required is not False and not comm.is_initialized():
         comm.init_distributed()
+    comm.watchdog.start()  # also over a process group the caller made
     topology.check_world(comm.get_world_size())
 
     from .engine import Engine

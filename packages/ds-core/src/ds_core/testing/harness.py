@@ -3,6 +3,14 @@
 Process mode forks workers from a forkserver that has torch preloaded (fast start, no inherited
 OpenMP state). Every rank's exception is returned with its traceback; a rank that does not finish
 within ``timeout`` seconds (a hung collective, usually) fails the run and all workers are killed.
+
+[Note: ranks are held together] The ranks meet in a file store in a fresh temporary directory (no
+TCP port is picked, so runs in parallel never collide) and pass a barrier once their process group
+is up, so no test body starts before every rank's gloo mesh is connected. After the body each rank
+reports its result, then waits (on the store, not on gloo, so a rank that failed mid-collective
+does not pair with a peer's pending one) until every rank is done or the run is being stopped;
+only then does any rank destroy its process group. A rank can thus never tear down its group — and
+its sockets — while a peer still needs them.
 """
 
 from __future__ import annotations
@@ -10,8 +18,10 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -28,6 +38,7 @@ class DistributedTestError(AssertionError):
 
 
 def free_port() -> int:
+    """A TCP port free right now (another process may take it before you do: prefer a file store)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -39,39 +50,67 @@ def _context():
     return ctx
 
 
-def _worker(fn, rank, world_size, port, backend, args, kwargs, env, conn, timeout):
+def _hold_together(store, world_size: int, wait_s: float) -> None:
+    """The teardown barrier, on the store: count this rank in, wait for the others (bounded)."""
+    if store is None:
+        return
+    try:
+        store.add("ds_test/done", 1)
+        deadline = time.monotonic() + wait_s
+        while store.add("ds_test/done", 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except Exception:  # noqa: BLE001, S110 - a broken store must not hide the test's own result
+        pass
+
+
+def _worker(fn, rank, world_size, rendezvous, backend, args, kwargs, env, conn, timeout):
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # N ranks share this machine's cores
+    store = None
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        store = dist.FileStore(rendezvous, world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
+        dist.barrier()  # every rank's mesh is connected before any body runs
         result = fn(*args, **kwargs)
         conn.send(("ok", result))
-        # Tensors travel as shared memory served by this process: stay until the parent has them.
-        if conn.poll(60):
-            conn.recv()
     except BaseException as exc:  # report everything, including assertion errors
+        result = None
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
+        _hold_together(store, world_size, min(timeout, 120.0))
+        from ..comm import watchdog
+
+        watchdog.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
+        # Tensors travel as shared memory served by this process: stay until the parent has them.
+        if result is not None and conn.poll(60):
+            conn.recv()
         conn.close()
 
 
 def _run_processes(fn, world_size, args, kwargs, timeout, backend, env):
     ctx = _context()
-    port = free_port()
+    rendezvous_dir = tempfile.mkdtemp(prefix="ds-rendezvous-")
+    rendezvous = os.path.join(rendezvous_dir, "store")
+    try:
+        return _run_in(ctx, rendezvous, fn, world_size, args, kwargs, timeout, backend, env)
+    finally:
+        shutil.rmtree(rendezvous_dir, ignore_errors=True)
+
+
+def _run_in(ctx, rendezvous, fn, world_size, args, kwargs, timeout, backend, env):
     pipes, procs = [], []
     for rank in range(world_size):
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(target=_worker, name=f"rank{rank}",
-                           args=(fn, rank, world_size, port, backend, args, kwargs, env, child, timeout))
+                           args=(fn, rank, world_size, rendezvous, backend, args, kwargs, env, child, timeout))
         proc.start()
         child.close()
         pipes.append(parent)
@@ -104,7 +143,7 @@ def _run_processes(fn, world_size, args, kwargs, timeout, backend, env):
         if first_error_at is not None and time.monotonic() - first_error_at > 5:
             break
     for proc in procs:
-        proc.join(timeout=2 if len(results) == world_size else 0)
+        proc.join(timeout=10 if len(results) == world_size else 0)
         if proc.is_alive():
             proc.kill()
             proc.join()

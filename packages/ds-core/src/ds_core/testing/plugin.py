@@ -9,6 +9,9 @@
     @pytest.mark.cuda                          # needs a CUDA device; skipped elsewhere, with the reason
     def test_triton_kernel_compiles(): ...
 
+    @pytest.mark.smoke                         # one of the few `nox -s isolated` runs per package
+    @pytest.mark.serial                        # never beside another serial test under pytest-xdist
+
 The test function runs on every rank; fixtures it requests are resolved once in the pytest process
 and passed to every rank (so they must pickle: ``tmp_path`` does). The ``distributed`` fixture runs
 any module-level function on N ranks and returns the per-rank results.
@@ -32,9 +35,19 @@ def pytest_configure(config):
         "markers",
         "smoke: the few tests that prove a package works when installed alone (run by `nox -s isolated`)",
     )
+    config.addinivalue_line(
+        "markers",
+        "serial: not safe to run beside another such test (a fixed port, a shared path): with pytest-xdist "
+        "(--dist loadgroup) these all run in one worker, one after another",
+    )
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist's grouping (also without xdist)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("serial") is not None:
+            item.add_marker(pytest.mark.xdist_group("serial"))
     cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
     if not cuda_items:
         return
@@ -74,6 +87,23 @@ class _Runner:
         from .harness import run_distributed
 
         return run_distributed(fn, world_size, **options)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real 4 MiB tmpfs mounted for this test (a file system that can really fill up); the test is
+    skipped, with the reason, where mounting is not allowed (not root, no ``mount``)."""
+    from .faults import Unavailable, mounted_tmpfs
+
+    mounted = mounted_tmpfs("4m", tmp_path)
+    try:
+        path = mounted.__enter__()
+    except Unavailable as exc:
+        pytest.skip(f"needs a real tmpfs: {exc}")
+    try:
+        yield path
+    finally:
+        mounted.__exit__(None, None, None)
 
 
 @pytest.fixture

@@ -24,8 +24,12 @@ import triton.language as tl
 
 __all__ = ["fused_adam_launch", "unsupported_reason", "CHUNK", "BLOCK"]
 
-CHUNK = 65536  # elements per program: few programs and a small chunk table even for 1e9 params
+# Elements per program: 16384 gives 4096 programs for 67M parameters (about 31 per multiprocessor
+# of an H200), enough independent loads in flight to approach the memory bandwidth; the chunk table
+# stays at 2·8 bytes per 16384 elements (1 MB for 1e9 parameters).
+CHUNK = 16384
 BLOCK = 1024  # elements per vector step inside a program
+NUM_WARPS = 4
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TABLE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -142,6 +146,7 @@ def fused_adam_launch(
     grad_scale: float = 1.0,
     chunk: int = CHUNK,
     block: int = BLOCK,
+    num_warps: int = NUM_WARPS,
 ) -> None:
     """Update ``params``/``exp_avgs``/``exp_avg_sqs`` (and ``model_params`` if given) in one launch."""
     if not params:
@@ -170,4 +175,5 @@ def fused_adam_launch(
         bool(model_params),
         CHUNK=chunk,
         BLOCK=block,
+        num_warps=num_warps,
     )

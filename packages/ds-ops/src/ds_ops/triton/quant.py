@@ -22,7 +22,10 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 @triton.jit
 def _scale_of(absmax, QMAX: tl.constexpr):
-    return tl.where(absmax > 0.0, tl.div_rn(tl.full((), QMAX, tl.float32), tl.maximum(absmax, 1e-38)), 0.0)
+    # 1e-38 is below float32's smallest normal number, so a bare literal would be typed float64 (which
+    # tl.div_rn refuses when compiling for a GPU; the interpreter accepts it): make it float32.
+    tiny = tl.full((), 1e-38, tl.float32)
+    return tl.where(absmax > 0.0, tl.div_rn(tl.full((), QMAX, tl.float32), tl.maximum(absmax, tiny)), 0.0)
 
 
 @triton.jit
