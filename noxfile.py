@@ -49,6 +49,7 @@ TEST_DEPS = [
     "numpy",
     "tensorboard",  # the monitors' optional backends
     "wandb",
+    "tests/ds_core/plugins/ds-test-strategy",  # a third-party data-parallel strategy (tests/ds_core)
 ]
 XDIST_WORKERS = 2  # this many test processes; every multi-rank test starts its own ranks besides
 PYTEST = ["--durations=20"]
@@ -112,6 +113,7 @@ def isolated(session: nox.Session, package: str) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.17,<0.18")  # lint rules change between minor versions
     session.run("ruff", "check", "packages", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("python", "tools/check_imports.py")  # no import cycles, no sibling imports
 
 
 @nox.session

@@ -110,3 +110,60 @@ def test_plugin_backend_used_for_process_group(tmp_path):
                          env={**os.environ, **env}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "testgloo"
+
+
+def _train_on_the_plugin(path):
+    import ds_core
+    from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
+
+    acc = get_accelerator()
+    cfg = GPTConfig(vocab_size=32, seq_len=8, dim=16, layers=1, heads=2)
+    torch.manual_seed(0)
+    engine, *_ = ds_core.initialize(model=GPT(cfg), config={
+        "train_micro_batch_size_per_gpu": 2, "steps_per_print": 2, "wall_clock_breakdown": True,
+        "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "comms_logger": {"enabled": True}})
+    rank = torch.distributed.get_rank()
+    losses = []
+    for _ in range(4):  # the same batch: the loss must fall
+        loss = engine(*synthetic_tokens(2, cfg.seq_len, cfg.vocab_size, 0, rank))
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    engine.throughput.reset_peak_memory()
+    engine.save_checkpoint(path, tag="t")
+    engine.load_checkpoint(path, tag="t")
+    return acc.name, type(acc).__mro__[1] is object, dict(acc.calls), losses
+
+
+@needs_plugin
+def test_an_accelerator_implementing_only_the_protocol_runs_the_engine(tmp_path):
+    """The test plugin's accelerator has no ds base class: selection checks it against the protocol, and
+    the engine (device, timers, monitor, comms logger, ZeRO, checkpoints) uses nothing else."""
+    from ds_core.testing import run_distributed
+
+    out = run_distributed(_train_on_the_plugin, 2, args=(str(tmp_path),), env={"DS_TEST_ACCEL_ACTIVE": "testaccel"},
+                          timeout=300)
+    for name, no_base, calls, losses in out:
+        assert name == "testaccel" and no_base
+        assert calls.get("device", 0) >= 1  # (no synchronize or pinned-memory question: a CPU device type)
+        assert calls.get("reset_peak_memory_stats") == 1
+        assert losses[-1] < losses[0]
+    assert out[0][3] != out[1][3]  # each rank its own data
+
+
+def test_a_plugin_missing_protocol_members_is_named(monkeypatch):
+    class Partial:
+        name, device_type, priority, visible_devices_env = "partial", "cpu", 1, None
+        capabilities = frozenset({"fp32"})
+
+        def is_available(self):
+            return True
+
+        def communication_backend(self):
+            return "gloo"
+
+    with pytest.raises(AcceleratorError, match=r"missing device\(\), device_count\(\), set_device\(\), "
+                                               r"synchronize\(\), supports\(\), memory_allocated\(\), "
+                                               r"max_memory_allocated\(\), reset_peak_memory_stats\(\)"):
+        set_accelerator(Partial())

@@ -145,10 +145,12 @@ class FakeClock:
 
 class FakeAccelerator:
     device_type = "cpu"
-    module = object()
 
     def max_memory_allocated(self) -> int:
         return 3 * 2**30
+
+    def reset_peak_memory_stats(self) -> None:
+        pass
 
 
 def test_throughput_excludes_warmup_and_uses_window():

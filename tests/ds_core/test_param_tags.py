@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 import ds_core
-from ds_core.comm import ensure_topology, get_topology, set_topology
-from ds_core.errors import CommError
+from ds_core.comm import Topology
+from ds_core.errors import ConfigError
 from ds_core.params import reduce_axis, shard_axis, tag_params
 
 
@@ -26,15 +26,13 @@ class TwoPart(torch.nn.Module):
 
 @pytest.mark.world_size(2)
 def test_expert_gradients_stay_local_and_norm_spans_experts():
-    set_topology(None)
-    ensure_topology(expert=2)
     torch.manual_seed(0)
     model = TwoPart()
     expert_init = model.expert.weight.detach().clone()
-    engine, *_ = ds_core.initialize(model=model, config={
+    engine, *_ = ds_core.initialize(model=model, topology=Topology(2, expert=2), config={
         "train_micro_batch_size_per_gpu": 1, "steps_per_print": 0, "gradient_clipping": 1e9,
         "optimizer": {"type": "SGD", "params": {"lr": 0.0}}})
-    assert get_topology().size("expert") == 2
+    assert engine.topology.size("expert") == 2
     assert torch.equal(model.expert.weight, expert_init)  # not overwritten by rank 0's expert
     x = torch.ones(1, 3) * (dist.get_rank() + 1)
     engine.backward(engine(x))
@@ -64,12 +62,33 @@ def test_tags_default_and_validation():
         tag_params([p], reduce_axis="experts")
 
 
-def test_conflicting_topology_request():
-    set_topology(None)
-    ensure_topology(expert=1)
-    with pytest.raises(CommError, match="expert=2 was requested but the current topology has expert=1"):
-        ensure_topology(expert=2)
-    set_topology(None)
+class AsksForExperts(torch.nn.Module):
+    def __init__(self, sizes):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in sizes)
+        for layer, size in zip(self.layers, sizes):
+            layer.ds_axes = {"expert": size}
+
+    def forward(self, x):
+        return sum(layer(x).sum() for layer in self.layers)
+
+
+def test_conflicting_topology_requests_fail_before_any_group():
+    with pytest.raises(ConfigError, match=r"layers layers\.0 and layers\.1 ask for expert=1 and expert=2"):
+        ds_core.initialize(model=AsksForExperts([1, 2]), config=_CFG)
+    with pytest.raises(ConfigError, match=r"layer layers\.0 needs expert=2 but the run's topology has expert=1"):
+        ds_core.initialize(model=AsksForExperts([2]), config=_CFG, topology=Topology(1))
+
+
+def test_topology_must_cover_the_world_before_any_group():
+    from ds_core.errors import CommError
+
+    with pytest.raises(CommError, match="pipe 2 × data 3 × sequence 1 × tensor 1 = 6 != world size 4"):
+        Topology(4, pipe=2, data=3)
+    was = torch.distributed.is_initialized()
+    with pytest.raises(CommError, match=r"covers 4 ranks but 1 are running.*Topology\(1, \.\.\.\)"):
+        ds_core.initialize(model=torch.nn.Linear(2, 2), config=_CFG, topology=Topology(4, pipe=2))
+    assert torch.distributed.is_initialized() == was  # refused before any process group was created
 
 
 class Experts(torch.nn.Module):
@@ -93,13 +112,11 @@ _CFG = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 0,
 
 
 def _save_two_expert_ranks(path):
-    set_topology(None)
-    ensure_topology(expert=2)
-    engine, *_ = ds_core.initialize(model=Experts([dist.get_rank()]), config=_CFG)
+    engine, *_ = ds_core.initialize(model=Experts([dist.get_rank()]), config=_CFG, topology=Topology(2, expert=2))
     engine.backward(engine(torch.ones(1, 2)))
     engine.step()
     engine.save_checkpoint(path, tag="t")
-    same, *_ = ds_core.initialize(model=Experts([dist.get_rank()]), config=_CFG)
+    same, *_ = ds_core.initialize(model=Experts([dist.get_rank()]), config=_CFG, topology=Topology(2, expert=2))
     same.load_checkpoint(path, tag="t")  # same layout: optimizer state follows
     assert torch.equal(same.module.experts[str(dist.get_rank())].weight,
                        engine.module.experts[str(dist.get_rank())].weight)
@@ -108,7 +125,6 @@ def _save_two_expert_ranks(path):
 
 def test_sharded_parameters_reload_under_another_layout(distributed, tmp_path):
     states = distributed.run(_save_two_expert_ranks, 2, args=(str(tmp_path),))
-    set_topology(None)
     both, *_ = ds_core.initialize(model=Experts([0, 1]), config=_CFG)
     with pytest.raises(ds_core.engine.checkpoint.CheckpointError, match="load_optimizer_states=False"):
         both.load_checkpoint(tmp_path, tag="t")
@@ -116,4 +132,3 @@ def test_sharded_parameters_reload_under_another_layout(distributed, tmp_path):
     for rank in (0, 1):
         assert torch.equal(both.module.experts[str(rank)].weight, states[rank][f"experts.{rank}.weight"])
     assert torch.equal(both.module.shared.weight, states[0]["shared.weight"])
-    set_topology(None)

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_core.comm import get_topology, set_topology
+from ds_core import comm
 from ds_core.errors import ConfigError
 from ds_core.params import reduce_axis, shard_axis
 from ds_moe import MoE
@@ -29,9 +29,8 @@ def _reference(**kw):
 
 def _check_parity(**kw):
     ref = _reference(**kw)
-    set_topology(None)
     moe = MoE(D, _expert(), num_experts=E, ep_size=2, **kw)
-    assert get_topology().size("expert") == 2
+    assert moe.ds_axes == {"expert": 2} and comm.get_world_size(moe._expert_group()) == 2
     rank = dist.get_rank()
     assert list(moe.experts.experts) == [str(2 * rank), str(2 * rank + 1)]
     p = next(iter(moe.experts.parameters()))
@@ -61,7 +60,6 @@ def _check_parity(**kw):
     gate = moe.gate.wg.weight.grad.clone()
     dist.all_reduce(gate)  # the gate sees each rank's own tokens
     assert torch.allclose(gate, ref.gate.wg.weight.grad, atol=1e-5)
-    set_topology(None)
 
 
 @pytest.mark.smoke
@@ -77,6 +75,5 @@ def test_expert_parallel_dropless_top1_matches_one_process():
 
 @pytest.mark.world_size(2)
 def test_ep_size_larger_than_the_world_fails_clearly():
-    set_topology(None)
     with pytest.raises(ConfigError, match="ep_size 4 does not divide the world size 2"):
         MoE(D, _expert(), num_experts=4, ep_size=4)

@@ -7,16 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_core.comm import set_topology
 from ds_core.errors import ConfigError
 from ds_moe import MoE, capacity, is_moe_param, route, split_params_into_different_moe_groups_for_optimizer
-
-
-@pytest.fixture(autouse=True)
-def _fresh_topology():
-    set_topology(None)
-    yield
-    set_topology(None)
 
 
 def mlp(d=8, h=16):

@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 
 import ds_core
-from ds_core.comm import set_topology
 from ds_core.testing.models import synthetic_tokens
 
 from ._gpt import CFG, make
@@ -28,7 +27,6 @@ def _config(stage):
 
 def _run(stage, ep, steps, first=0, engine=None):
     if engine is None:
-        set_topology(None)
         model = make(ep_size=ep, **MOE)
         engine, *_ = ds_core.initialize(model=model, config=_config(stage))
     torch.manual_seed(100)  # same routing noise (RTS, 2nd-expert sampling) in every run
@@ -75,7 +73,6 @@ def check_training_and_reload(distributed, tmp_path, stage):
         assert all(torch.equal(reloaded[k], saved[k]) for k in saved)  # same layout reloads exactly
 
     # ep_size 2 (2 ranks) -> ep_size 1 (1 process): every expert comes from its rank's file
-    set_topology(None)
     losses, single = _run(stage, 1, 0)
     try:
         single.load_checkpoint(tmp_path, tag="ep2")
@@ -91,7 +88,6 @@ def check_training_and_reload(distributed, tmp_path, stage):
     after, _ = _run(stage, 1, 2, first=20, engine=single)  # and it keeps training
     single.save_checkpoint(tmp_path, tag="ep1")
     state = {k: v.clone() for k, v in single.module.state_dict().items()}
-    set_topology(None)
 
     # ep_size 1 -> ep_size 2: each rank takes its experts
     for rank, part in enumerate(distributed.run(_load_ep1_checkpoint, 2, args=(str(tmp_path), stage))):

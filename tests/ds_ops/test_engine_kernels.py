@@ -62,7 +62,7 @@ def test_engine_fuses_unscale_clip_and_copy_into_the_cpu_step():
     kernel's pass) gives the model torch.optim.AdamW gives through separate passes. bf16 has no loss
     scale, so the numbers are the same (1e-6); fp16 multiplies once by unscale x clip instead of twice,
     a rounding apart, which Adam's normalisation carries to a few fp16 ulps after 6 steps (1e-2)."""
-    from ds_core.engine.mixed import fuses
+    from ds_core.optim.fused import fuses
 
     for precision, atol in (({"bf16": {"enabled": True}}, 1e-6),
                             ({"fp16": {"enabled": True, "initial_scale_power": 8}}, 1e-2)):

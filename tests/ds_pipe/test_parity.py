@@ -16,7 +16,6 @@ def _train(pipe: int, tied: bool, extra: dict, module_kwargs: dict, steps: int =
     from ds_pipe import PipelineModule
 
     topo = ds_core.comm.Topology(dist.get_world_size(), pipe=pipe)
-    ds_core.comm.set_topology(topo)
     model = PipelineModule(_gpt.specs(tied), topology=topo, loss_fn=_gpt.loss_fn, seed_layers=True, **module_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=_gpt.LR)
     engine, *_ = ds_core.initialize(model=model, optimizer=opt, config=_gpt.config(**extra))

@@ -130,6 +130,45 @@ def test_disk_full_during_swap_out_names_the_file_and_last_checkpoint_loads(tmp_
 
 
 @pytest.mark.world_size(2)
+def test_after_a_failed_nvme_step_saving_is_refused_until_a_checkpoint_is_loaded(tmp_path):
+    """A step that failed part-way left some masters updated and the optimizer state behind: that
+    state is never saved; loading the last checkpoint makes the engine usable again."""
+    from ds_core.engine.checkpoint import CheckpointError
+    from ds_zero.swap import SwapError
+
+    nvme = str(tmp_path / "nvme")
+    os.makedirs(nvme, exist_ok=True)
+    zero = {"stage": 2, "offload_optimizer": {**OPT, "nvme_path": nvme}}
+    model = make_model()
+    ref = ddp_losses(copy.deepcopy(model), 5)
+    engine, *_ = ds_core.initialize(model=copy.deepcopy(model), config=config(zero_optimization=zero))
+    train(engine, 3)
+    ckpt = tmp_path / "ckpt"
+    engine.save_checkpoint(ckpt, tag="three")
+    store = engine.optimizer.swapped.store
+    write = store.write_op
+
+    def disk_full(src, path, offset, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    if dist.get_rank() == 1:
+        store.write_op = disk_full
+    with pytest.raises(SwapError):
+        train(engine, 1, first_step=3)
+    store.write_op = write
+    with pytest.raises(CheckpointError, match=r"cannot save: optimizer step 4 failed \(SwapError: .*\) after it had "
+                                              r"started updating weights.*load the last good checkpoint"):
+        engine.save_checkpoint(ckpt, tag="broken")
+    assert not (ckpt / "broken").exists() and (ckpt / "latest").read_text() == "three"
+    with pytest.raises(ds_core.errors.DSError, match="cannot step"):
+        train(engine, 1, first_step=3)
+    engine.load_checkpoint(ckpt, tag="three")
+    assert max_diff(train(engine, 2, first_step=3), ref[3:]) < 1e-5
+    engine.save_checkpoint(ckpt, tag="five")  # usable again
+    engine.optimizer.close()
+
+
+@pytest.mark.world_size(2)
 def test_prefetch_and_gathered_parameters_modify_on_nvme_shards(tmp_path):
     from ds_zero import GatheredParameters
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import ds_core
-from ds_core.engine.mixed import fuses
+from ds_core.optim.fused import fuses
 from ds_zero.reduce import AllReduceGradients, PartitionedGradientReducer
 
 from ._train import CLIP, LR, WD, batch, config, ddp_losses, engine_losses, make_model, max_diff, train
@@ -83,7 +83,7 @@ def test_bf16_and_fp16_close_to_fp32_ddp():
         assert next(engine.module.parameters()).dtype == torch.bfloat16
         assert engine.optimizer.masters[0].dtype == torch.float32
         if fuses(engine.optimizer.optimizer, "grad_scale", "copy_to"):  # ds-ops installed: one fused pass
-            assert all(t is not None for (t,) in engine.optimizer._copy_targets())
+            assert all(t is not None for (t,) in engine.optimizer.zero._copy_targets())
         assert max_diff(ours, ref) < 2e-2, (stage, ours, ref)
     ours, engine = engine_losses(copy.deepcopy(model), 10, fp16={"enabled": True, "initial_scale_power": 8},
                                  zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})

@@ -26,10 +26,10 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ds_core.comm import ensure_topology
+from ds_core import comm
+from ds_core.comm import Topology
 from ds_core.errors import ConfigError
 
 from .exchange import all_to_all, exchange_counts
@@ -49,8 +49,8 @@ def _check_layout(num_experts: int, ep_size: int) -> int:
         raise ConfigError(f"num_experts {num_experts} is not divisible by ep_size {ep_size}: every expert "
                           f"rank holds num_experts / ep_size experts; pick an ep_size that divides "
                           f"{num_experts}")
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if ep_size > 1 and not dist.is_initialized():
+    world = comm.get_world_size()
+    if ep_size > 1 and not comm.is_initialized():
         raise ConfigError(f"ep_size={ep_size} needs a process group: call ds_core.init_distributed() "
                           f"before building the MoE layer (or use ep_size=1)")
     if ep_size > world or world % ep_size:
@@ -65,13 +65,18 @@ class MoE(nn.Module):
 
     ``exp_counts`` (CPU, int64, one per global expert) counts the assignments routed to each expert on
     this rank before capacity dropping; ``last_routing`` keeps the last :class:`~ds_moe.gating.Routing`.
+
+    ``topology`` (a :class:`ds_core.comm.Topology` with ``expert=ep_size``) places the experts; without
+    it the layer assumes the default layout (``Topology(world, expert=ep_size)``: experts on consecutive
+    data ranks), asks ``ds_core.initialize`` for an ``expert`` axis of that size (``ds_axes``) and is
+    given the run's topology there (``use_topology``), which must place this rank alike.
     """
 
     def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int = 1, ep_size: int = 1, k: int = 1,
                  capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
                  use_residual: bool = False, noisy_gate_policy: str | None = None, drop_tokens: bool = True,
                  use_rts: bool = True, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
-                 top2_2nd_expert_sampling: bool = True) -> None:
+                 top2_2nd_expert_sampling: bool = True, topology: Topology | None = None) -> None:
         super().__init__()
         if enable_expert_tensor_parallelism:
             raise ConfigError("enable_expert_tensor_parallelism=True is not supported by ds-moe: experts are "
@@ -87,13 +92,15 @@ class MoE(nn.Module):
         self.k = k
         self.num_local_experts = num_experts // ep_size
         self.expert_group_name = f"ep_size_{ep_size}"
-        ep_rank = 0
-        if dist.is_initialized() or ep_size > 1:
-            topology = ensure_topology(expert=ep_size)
-            if world > 1:
-                ep_rank = topology.rank("expert") if ep_size > 1 else 0
-        self.ep_rank = ep_rank
-        self.experts = Experts(expert, self.num_local_experts, ep_rank * self.num_local_experts)
+        if topology is not None:
+            topology.check_world(world, "MoE")
+            if topology.size("expert") != ep_size:
+                raise ConfigError(f"MoE(ep_size={ep_size}) was given {topology!r}, whose expert axis has "
+                                  f"{topology.size('expert')} ranks; pass a topology with expert={ep_size}")
+        self.ds_topology = topology
+        self.ds_axes = {"expert": ep_size}
+        self.ep_rank = self._layout(topology).coordinates(comm.get_rank())["expert"]
+        self.experts = Experts(expert, self.num_local_experts, self.ep_rank * self.num_local_experts)
         for p in self.experts.parameters():
             p.group_name = self.expert_group_name
         self.use_residual = use_residual
@@ -102,10 +109,25 @@ class MoE(nn.Module):
             self.coefficient = nn.Linear(hidden_size, 2)
         self.last_routing: Routing | None = None
 
-    def _expert_group(self):
-        from ds_core.comm import get_topology
+    def _layout(self, topology: Topology | None) -> Topology:
+        return topology if topology is not None else Topology(comm.get_world_size(), expert=self.ep_size)
 
-        return get_topology().group("expert")
+    def use_topology(self, topology: Topology) -> None:
+        """Take the run's topology (``ds_core.initialize`` calls this); it must place this rank's experts
+        where the layer put them."""
+        if topology is self.ds_topology:
+            return
+        rank = topology.coordinates(comm.get_rank())["expert"]
+        if rank != self.ep_rank:
+            raise ConfigError(f"this MoE layer holds the experts of expert rank {self.ep_rank} (the layout it was "
+                              f"built with) but the run's {topology!r} puts this rank at expert rank {rank}; "
+                              f"build the layer with MoE(..., topology=) the topology you pass to initialize")
+        self.ds_topology = topology
+
+    def _expert_group(self):
+        if self.ds_topology is None:  # used before (or without) initialize: the layout it was built for
+            self.ds_topology = self._layout(None)
+        return self.ds_topology.group("expert")
 
     def _run_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Tokens grouped by global expert (``counts`` per expert) -> expert outputs in the same order."""

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import build
-from .registry import OpInputError, custom_op, register_kernel
+from .registry import OpInputError, custom_op, register_kernel, register_optimizer
 
 __all__ = [
     "adam_step",
@@ -366,3 +366,8 @@ class DSCPULion(_FlatCPUOptimizer):
         beta1, beta2 = group["betas"]
         torch.ops.ds_ops.lion_step(p, p.grad, state["exp_avg"], copy, group["lr"], beta1, beta2,
                                    group["weight_decay"], grad_scale)
+
+
+# the kernel optimizers ds-core's optimizer factory may use for fp32 CPU parameters
+for _name, _cls in (("adam", DSCPUAdam), ("adamw", DSCPUAdam), ("adagrad", DSCPUAdagrad), ("lion", DSCPULion)):
+    register_optimizer(_name, _cls)

@@ -37,6 +37,7 @@ __all__ = [
     "OpsProvider",
     "custom_op",
     "register_kernel",
+    "register_optimizer",
     "catalogue",
     "register",
 ]
@@ -70,6 +71,7 @@ class OpInfo:
 
 _lock = threading.RLock()
 _ops: dict[str, OpInfo] = {}
+_optimizers: dict[str, type] = {}
 _module_errors: dict[str, str] = {}
 _provider: OpsProvider | None = None
 
@@ -122,6 +124,12 @@ def register_kernel(op_name: str, device_type: str, fn: Callable[..., Any], *, k
     with _lock:
         info = _ops.setdefault(short, OpInfo(short, getattr(fn, "__module__", "?")))
         info.kernels[device_type] = (label, probe)
+
+
+def register_optimizer(name: str, cls: type) -> None:
+    """Offer ``cls`` as the kernel optimizer for the config's optimizer ``name`` (lower case: ``"adamw"``)."""
+    with _lock:
+        _optimizers[name.lower()] = cls
 
 
 def _torch_has_op(short: str) -> bool:
@@ -181,10 +189,11 @@ class OpsProvider:
 
     @property
     def optimizer_classes(self) -> dict[str, type]:
-        """CPU optimizers the engine's factory uses for fp32 CPU parameters (the kernel seam)."""
-        from .cpu_optim import DSCPUAdagrad, DSCPUAdam, DSCPULion
-
-        return {"adam": DSCPUAdam, "adamw": DSCPUAdam, "adagrad": DSCPUAdagrad, "lion": DSCPULion}
+        """CPU optimizers the engine's factory uses for fp32 CPU parameters (the kernel seam); op modules
+        add theirs with :func:`register_optimizer` when they are imported."""
+        _define_ops()
+        with _lock:
+            return dict(_optimizers)
 
     def report_rows(self) -> list[tuple[str, str, str, str]]:
         """``(op, device, kernel, status)`` for every op and kernel; compiles nothing."""

@@ -1,11 +1,12 @@
 """The pipeline engine: ``train_batch`` / ``eval_batch`` over the local stage of a ``PipelineModule``.
 
-Everything a stage shares with plain data parallelism — precision and master weights, the
-data-parallel gradient average over ``topology.group("data")``, the optimizer wrapper (ZeRO stage 1's
-when configured), the scheduler, counters and logging — is a ds-core :class:`~ds_core.engine.Engine`
-built for the local stage. This engine only adds what is pipeline-specific: the schedule
-(``schedule.py``), the transfers between stages (``p2p.py``), tied weights (``tied.py``), a gradient
-norm over all stages, and per-layer checkpoints (``checkpoint.py``).
+A pipeline is a *schedule* that drives ds-core's :class:`~ds_core.engine.Engine` built for the local
+stage — precision, the data-parallel strategy (stage 0 or ZeRO-1) and its checkpoint state, the step
+decision, the scheduler, counters and logging are all that engine's. This module only adds what is
+pipeline-specific: the schedule (``schedule.py``) whose backward passes go through ``engine.backward``
+and whose batch ends with ``engine.reduce_gradients`` and ``engine.optimizer_step``, the transfers
+between stages (``p2p.py``), tied weights (``tied.py``), the gradient norm over all stages (a
+``grad_norm`` engine hook), and per-layer model files (``checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from ds_core import comm
 from ds_core.engine import Engine
-from ds_core.engine.checkpoint import checkpoint_options
-from ds_core.engine.precision import FlatGradients
+from ds_core.engine.strategy import FullGradients
 from ds_core.errors import ConfigError, DSError
 
 from . import checkpoint as ckpt
@@ -52,57 +51,61 @@ def _check_config(module: PipelineModule, config) -> None:
                               f"partition_method= to PipelineModule or drop the key")
         if pcfg.activation_checkpoint_interval and not module.activation_checkpoint_interval:
             module.activation_checkpoint_interval = pcfg.activation_checkpoint_interval
-    zero = config.section("zero_optimization")
-    if zero is not None and getattr(zero, "stage", 0) >= 2 and module.num_stages > 1:
-        raise ConfigError(f"zero_optimization.stage {zero.stage} partitions gradients during backward, which "
-                          f"pipeline parallelism cannot use (gradients accumulate over micro-batches); use "
-                          f"stage 0 or 1 with a pipeline, as in DeepSpeed")
 
 
 class PipelineEngine:
     """Returned by :func:`ds_core.initialize` for a :class:`PipelineModule`; drive it with :meth:`train_batch`."""
 
     def __init__(self, module: PipelineModule, config, optimizer=None, model_parameters=None,
-                 lr_scheduler=None, components: dict | None = None) -> None:
+                 lr_scheduler=None, components: dict | None = None, topology=None) -> None:
         if not isinstance(module, PipelineModule):
             raise ConfigError(f"the pipeline engine needs a ds_pipe.PipelineModule, got {type(module).__name__}; "
                               f"describe the model as PipelineModule(layers=[...]) or drop the 'pipeline' section")
         _check_config(module, config)
+        if topology is not None and topology is not module.topology and not topology.same_layout(module.topology):
+            raise ConfigError(f"initialize(topology={topology!r}) differs from the PipelineModule's "
+                              f"{module.topology!r}; build the module with topology= the one you pass")
         self.topology = module.topology
+        self.topology.check_world(comm.get_world_size())
         self.stage_id, self.num_stages = module.stage_id, module.num_stages
         config.resolve_batch(self.topology.size("data"))
         self.micro_batches = config.batch.gradient_accumulation_steps
-        self.tied = TiedWeights(module, self.topology)  # before the core copies weights into masters
+        self.tied = TiedWeights(module, self.topology)  # before the strategy copies weights into masters
         self.core = Engine(module, config, optimizer=optimizer, model_parameters=model_parameters,
-                           lr_scheduler=lr_scheduler, topology=self.topology, components=components)
+                           lr_scheduler=lr_scheduler, topology=self.topology, components=components,
+                           module_layout=ckpt.LayerFiles(module))
+        if not isinstance(self.core.strategy, FullGradients):
+            strategy = getattr(self.core.strategy, "name", type(self.core.strategy).__name__)
+            self.core.destroy()
+            raise ConfigError(f"{strategy} keeps no full gradient of each parameter, which the pipeline needs "
+                              f"(gradients accumulate over micro-batches and tied weights are summed across "
+                              f"stages before averaging); use stage 0 or ZeRO stage 1 with a pipeline, as in "
+                              f"DeepSpeed")
         self.module = self.core.module
-        multi = comm.get_world_size() > 1
         self.global_rank = comm.get_rank()
         column = self.topology.ranks_along("pipe", self.global_rank)
         self.link = StageLink(self.stage_id, column[self.stage_id - 1] if self.stage_id > 0 else None,
                               column[self.stage_id + 1] if self.stage_id < self.num_stages - 1 else None)
+        multi = comm.get_world_size() > 1
         self.pipe_group = self.topology.group("pipe") if multi and self.num_stages > 1 else None
-        # The stage-local wrapper would clip by this stage's norm; we clip by the norm of all stages.
-        clip = config.gradient_clipping
-        self.clip = clip if isinstance(clip, float) else 0.0
-        if hasattr(self.core.optimizer, "clip"):
-            self.core.optimizer.clip = 0.0
-        self._grad_norm: float | None = None
+        # the step decision clips by the norm of every stage: this hook turns the stage's into that
+        self.core.hooks.subscribe("grad_norm", self._norm_over_stages)
         self.agg_train_loss: torch.Tensor | None = None
 
     @classmethod
     def initialize(cls, args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
-                   lr_scheduler=None, collate_fn=None, config=None, dist_init_required=None, components=None):
+                   lr_scheduler=None, collate_fn=None, config=None, dist_init_required=None, components=None,
+                   topology=None):
         if dist_init_required is not False and not comm.is_initialized():
             comm.init_distributed()
         engine = cls(model, config, optimizer=optimizer, model_parameters=model_parameters,
-                     lr_scheduler=lr_scheduler, components=components)
+                     lr_scheduler=lr_scheduler, components=components, topology=topology)
         loader = None
         if training_data is not None:
             from ds_core.engine.data import build_dataloader
 
             loader = build_dataloader(training_data, engine.train_micro_batch_size_per_gpu(),
-                                      engine.dp_world_size, comm.get_rank(engine.core.dp_group),
+                                      engine.dp_world_size, engine.core.data_rank,
                                       seed=config.seed or 0, collate_fn=collate_fn)
         return engine, engine.optimizer, loader, engine.lr_scheduler
 
@@ -135,7 +138,7 @@ class PipelineEngine:
         return self.core.get_lr()
 
     def get_global_grad_norm(self) -> float | None:
-        return self._grad_norm
+        return self.core.get_global_grad_norm()
 
     def get_loss_scale(self) -> float:
         return self.core.get_loss_scale()
@@ -159,11 +162,10 @@ class PipelineEngine:
         """One all-reduce: did any rank fail, and the summed loss. Raises on every rank on failure."""
         t = torch.tensor([1.0 if st.error else 0.0, loss_sum], dtype=torch.float64)
         if comm.get_world_size() > 1:
-            dist.all_reduce(t)
+            comm.all_reduce(t)
         if t[0] == 0:
             return float(t[1])
-        self.core.optimizer.zero_grad()
-        self.core.reducer.attach_grads()
+        self.core.zero_grad()
         self.link.reset_links()
         if comm.get_world_size() > 1:
             messages = comm.all_gather_strings(st.error or "")
@@ -190,12 +192,12 @@ class PipelineEngine:
         loss = total / self.dp_world_size
         for cmd in cmds:
             if isinstance(cmd, ReduceTiedGrads):
-                self.tied.reduce(self._flat_grads())
+                self.tied.reduce(self.core.strategy)
             elif isinstance(cmd, ReduceGrads):
-                self.core.reducer.begin(True)
-                self.core.reducer.finish()
+                self.core.reduce_gradients()
             elif isinstance(cmd, OptimizerStep):
-                self._optimizer_step(loss)
+                self.core.optimizer_step(loss)
+                self.core.micro_steps += self.micro_batches
         self.agg_train_loss = torch.tensor(loss)
         return self.agg_train_loss
 
@@ -218,56 +220,30 @@ class PipelineEngine:
         return loss, logits
 
     # -- the step --------------------------------------------------------------------------------
-    def _flat_grads(self) -> FlatGradients:
-        grads = self.core.flat_grads
-        if not isinstance(grads, FlatGradients):
-            raise DSError(f"the gradient reducer {type(self.core.reducer).__name__} keeps no full gradient "
-                          f"buffer, which tied weights and the pipeline gradient norm need; use the default "
-                          f"reducer or ZeRO stage 1")
-        return grads
-
-    def _clip_over_stages(self) -> None:
-        """Global gradient norm over every stage (tied copies counted once), then clip by it."""
-        grads = self._flat_grads()
-        sq = torch.linalg.vector_norm(grads.buffer, dtype=torch.float64).pow(2).reshape(1)
+    def _norm_over_stages(self, sq: float) -> float:
+        """The ``grad_norm`` hook: this stage's squared norm -> the sum over every stage, tied copies
+        counted once (every stage but a tie's first owner subtracts its copy)."""
+        strategy = self.core.strategy
+        total = torch.tensor([sq], dtype=torch.float64)
         for p in self.tied.duplicates():
-            sq -= torch.linalg.vector_norm(grads.view_of(p), dtype=torch.float64).pow(2)
+            total -= torch.linalg.vector_norm(strategy.gradient_of(p), dtype=torch.float64).pow(2)
         if self.pipe_group is not None:
-            dist.all_reduce(sq, group=self.pipe_group)
-        norm = math.sqrt(max(float(sq), 0.0)) / self.core.optimizer.loss_scale
-        if not math.isfinite(norm):
-            if self.core.precision == "fp16":  # overflow on another stage: this stage's wrapper skips too
-                grads.buffer[0] = float("inf")
-        elif self.clip > 0:
-            coef = self.clip / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
-            if coef < 1:
-                grads.buffer.mul_(coef)
-        self._grad_norm = norm
-
-    def _optimizer_step(self, loss: float) -> None:
-        """Engine.step at an accumulation boundary, for a whole pipeline batch."""
-        core = self.core
-        self._clip_over_stages()
-        applied = core.optimizer.step()
-        if hasattr(core.optimizer, "global_grad_norm"):
-            core.optimizer.global_grad_norm = self._grad_norm if applied else float("inf")
-        core.optimizer.zero_grad()
-        core.reducer.attach_grads()
-        if applied and core.lr_scheduler is not None:
-            core.lr_scheduler.step()
-        core.micro_steps += self.micro_batches
-        core.finish_step(loss)  # counters, throughput, monitors and the log line for this batch
+            comm.all_reduce(total, group=self.pipe_group)
+        value = float(total)
+        return max(value, 0.0) if math.isfinite(value) else value
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag: str | None = None, client_state: dict | None = None,
                         save_latest: bool = True):
-        with checkpoint_options(save_latest=save_latest):
-            return ckpt.save(self, save_dir, tag or f"global_step{self.global_steps}", client_state or {})
+        """Per-layer model files, the strategy's state of each stage, the engine's JSON (``checkpoint.py``)."""
+        return self.core.save_checkpoint(save_dir, tag, client_state, save_latest,
+                                         extra_meta=ckpt.pipeline_meta(self.module))
 
     def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False):
-        return ckpt.load(self, load_dir, tag, load_optimizer_states and not load_module_only,
-                         load_lr_scheduler_states and not load_module_only)
+        with_state = load_optimizer_states and not load_module_only
+        return self.core.load_checkpoint(load_dir, tag, with_state, load_lr_scheduler_states, load_module_only,
+                                         check=lambda reader: ckpt.check(self, reader, with_state))
 
     def destroy(self) -> None:
         self.core.destroy()

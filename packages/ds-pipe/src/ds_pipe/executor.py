@@ -93,17 +93,16 @@ def _forward(engine, st: BatchState, i: int) -> None:
 
 
 def _backward(engine, st: BatchState, i: int) -> None:
+    """One micro-batch's backward through the stage engine, accumulating only (the batch's gradients
+    are averaged once, after every stage agreed the batch succeeded: ``ReduceGrads``)."""
     core = engine.core
-    core.reducer.begin(False)  # accumulate only; ReduceGrads averages once per batch
     out = st.outputs.pop(i)
     if engine.is_last_stage():
-        scaled = out.float() * core.optimizer.loss_scale if core.precision == "fp16" else out
-        (scaled / st.micro_batches).backward()
+        core.backward(out, sync=False)  # scaled by 1/micro-batches (and the fp16 loss scale) there
     else:
         pairs = [(o, g) for o, g in zip(_as_tuple(out), st.grads.pop(i)) if g is not None and o.requires_grad]
         if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-    core.reducer.finish()
+            core.backward(tuple(o for o, _ in pairs), grad_tensors=tuple(g for _, g in pairs), sync=False)
 
 
 def _run(engine, st: BatchState, cmd, data_iter) -> None:

@@ -10,6 +10,7 @@ each micro-batch of the local stage.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ds_core import comm
-from ds_core.checkpointing import checkpoint as default_checkpoint
+from ds_core.activation_checkpointing import checkpoint as default_checkpoint
 from ds_core.errors import ConfigError
 
 from .partition import balanced_boundaries, layer_weights
@@ -44,29 +45,24 @@ def _param_count(layer) -> int:
 
 
 def _resolve_topology(num_stages: int | None, topology):
-    world = comm.get_world_size() if comm.is_initialized() else 1
+    """The module's topology: ``topology``, or ``pipe=num_stages`` over every rank launched (data
+    parallelism over the rest). Checked before any process group exists; no process-wide state."""
+    world = comm.get_world_size() if comm.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if topology is not None:
         if num_stages is not None and num_stages != topology.size("pipe"):
             raise ConfigError(f"num_stages={num_stages} but topology has pipe={topology.size('pipe')}; "
                               f"pass one of them")
     else:
-        current = comm.get_topology()
         if num_stages is None:
-            if current is None:
-                raise ConfigError("PipelineModule needs num_stages= or topology= (a ds_core.comm.Topology "
-                                  "with a pipe axis)")
-            topology = current
-        elif current is not None and current.size("pipe") == num_stages and current.world_size == world:
-            topology = current
-        else:
-            if world % num_stages:
-                raise ConfigError(f"num_stages={num_stages} does not divide the {world} ranks launched; "
-                                  f"launch a multiple of {num_stages} ranks or change num_stages")
-            topology = comm.Topology(world, pipe=num_stages)
+            raise ConfigError("PipelineModule needs num_stages= or topology= (a ds_core.comm.Topology "
+                              "with a pipe axis)")
+        if world % num_stages:
+            raise ConfigError(f"num_stages={num_stages} does not divide the {world} ranks launched; "
+                              f"launch a multiple of {num_stages} ranks or change num_stages")
+        topology = comm.Topology(world, pipe=num_stages)
     if topology.world_size != world:
         raise ConfigError(f"topology covers {topology.world_size} ranks but {world} are running; build it "
                           f"with Topology({world}, pipe=...)")
-    comm.set_topology(topology)
     return topology
 
 
@@ -91,6 +87,7 @@ class PipelineModule(nn.Module):
         if activation_checkpoint_interval < 0:
             raise ConfigError(f"activation_checkpoint_interval {activation_checkpoint_interval} must be >= 0")
         self.topology = _resolve_topology(num_stages, topology)
+        self.ds_topology = self.topology  # what ds_core.initialize checks the run's topology against
         self.num_stages = self.topology.size("pipe")
         self.global_rank = comm.get_rank() if comm.is_initialized() else 0
         self.stage_id = self.topology.coordinates(self.global_rank)["pipe"]

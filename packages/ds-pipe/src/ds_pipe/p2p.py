@@ -1,4 +1,4 @@
-"""Point-to-point transfers between adjacent stages, over ``torch.distributed`` send/recv.
+"""Point-to-point transfers between adjacent stages, over ``ds_core.comm`` (torch.distributed send/recv).
 
 What crosses a stage boundary is a tensor or a tuple of tensors. Its shapes, dtypes and
 ``requires_grad`` flags are sent once per link and direction of use (training, evaluation) and
@@ -20,8 +20,8 @@ one collective, so every rank raises instead of waiting forever.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from ds_core import comm
 from ds_core.errors import DSError
 
 __all__ = ["StageLink", "PipeCommError", "DTYPES"]
@@ -104,9 +104,9 @@ class StageLink:
         meta = self.recv_meta[mode]
         if meta is None:
             n = torch.zeros(1, dtype=torch.int64)
-            dist.recv(n, src=self.prev_rank)
+            comm.recv(n, src=self.prev_rank)
             code = torch.zeros(int(n), dtype=torch.int64)
-            dist.recv(code, src=self.prev_rank)
+            comm.recv(code, src=self.prev_rank)
             code = code.tolist()
             if code[0] == _FAILED:
                 self.prev_broken[mode] = True
@@ -120,7 +120,7 @@ class StageLink:
         out = []
         for d, s, g in meta:
             t = torch.empty(s, dtype=d, device=device)
-            dist.recv(t, src=self.prev_rank)
+            comm.recv(t, src=self.prev_rank)
             out.append(t.requires_grad_(g and mode == "train"))
         return tuple(out)
 
@@ -146,13 +146,13 @@ class StageLink:
                 out.append(None)
                 continue
             t = torch.empty(s, dtype=d, device=device)
-            dist.recv(t, src=self.next_rank)
+            comm.recv(t, src=self.next_rank)
             out.append(t)
         return out
 
     # -- completion ----------------------------------------------------------------------------
     def _isend(self, t: torch.Tensor, dst: int) -> None:
-        self.pending.append((dist.isend(t, dst=dst), t))  # keep t alive until the send completes
+        self.pending.append((comm.isend(t, dst=dst), t))  # keep t alive until the send completes
 
     def wait_sends(self) -> None:
         for work, _ in self.pending:

@@ -10,7 +10,6 @@ the data-parallel average is taken separately (``ReduceGrads``).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ds_core import comm
 
@@ -31,13 +30,13 @@ class TiedWeights:
                 continue
             for column in columns:  # every rank creates every group, in the same order
                 ranks = [column[s] for s in owners]
-                group = dist.new_group(ranks)
+                group = comm.new_group(ranks)
                 if rank in ranks:
                     self.groups[key] = (group, ranks[0])
         with torch.no_grad():
             for key, (group, first) in self.groups.items():
                 for p in module.tied_parameters(key):
-                    dist.broadcast(p.data, src=first, group=group)
+                    comm.broadcast(p.data, src=first, group=group)
 
     def duplicates(self) -> list[torch.nn.Parameter]:
         """Tied parameters this stage holds but does not own (first owner): counted once in norms."""
@@ -47,12 +46,12 @@ class TiedWeights:
                 out += self.module.tied_parameters(key)
         return out
 
-    def reduce(self, grads) -> None:
-        """Sum the gradients of each tied parameter (views of the flat buffer ``grads``) over its tie."""
+    def reduce(self, strategy) -> None:
+        """Sum the gradients of each tied parameter over its tie (``strategy``: a ``FullGradients``)."""
         for key, (group, _) in self.groups.items():
-            views = [grads.view_of(p) for p in self.module.tied_parameters(key)]
+            views = [strategy.gradient_of(p) for p in self.module.tied_parameters(key)]
             flat = torch.cat([v.reshape(-1) for v in views])
-            dist.all_reduce(flat, group=group)
+            comm.all_reduce(flat, group=group)
             offset = 0
             for v in views:
                 v.copy_(flat[offset:offset + v.numel()].view_as(v))

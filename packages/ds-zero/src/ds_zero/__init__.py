@@ -1,8 +1,8 @@
 """ds-zero: ZeRO stages 1-3 (partitioned optimizer state, gradients and parameters) with CPU and NVMe offload.
 
 Enabled by a ``zero_optimization`` section in a ds/DeepSpeed config; the engine picks up this
-package's components (gradient reducer, optimizer wrapper, checkpoint layout) through the feature
-seam, so nothing here needs to be imported to train. The names below are for inspection, memory
+package's data-parallel strategy (one object per stage, ``strategy.py``) through the feature seam, so
+nothing here needs to be imported to train. The names below are for inspection, memory
 accounting and tests — except :class:`Init` and :class:`GatheredParameters`, the stage-3 contexts
 for building a partitioned model and touching its full parameters. They are imported on first use,
 so validating a config stays cheap.
@@ -23,7 +23,9 @@ _EXPORTS = {
     "AllReduceGradients": "reduce",
     "PartitionedGradientReducer": "reduce",
     "ZeroOptimizer": "optimizer",
-    "ZeroCheckpointLayout": "checkpoint",
+    "ZeroStrategy": "strategy",
+    "Zero1Strategy": "strategy",
+    "Stage3Strategy": "strategy",
     "estimate_memory": "memory",
     "memory_report": "memory",
     "format_memory_table": "memory",

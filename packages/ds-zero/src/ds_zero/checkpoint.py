@@ -1,7 +1,8 @@
-"""ZeRO checkpoints (the engine's ``checkpoint_layout`` component): partitions per rank, re-partitioned on load.
+"""ZeRO stage 1-2 checkpoint state: partitions per rank, re-partitioned on load.
 
-ds-core's directory protocol is reused (``save_tree``/``load_tree``/``resolve_tag``: everything is
-written to ``.tag.partial`` and renamed only after every rank succeeded). Inside ``save_dir/tag/``:
+The ZeRO strategies' ``save``/``load`` (``strategy.py``): the engine writes the module files and its
+own JSON and runs ds-core's atomic directory protocol (``ds_core.engine.checkpoint_layout``); this
+module adds the partitions. Inside ``save_dir/tag/``:
 
 - ``model.safetensors`` (rank 0): the full module state (parameters are replicated after each step);
 - ``zero_rank{r}.safetensors`` (every rank): ``master.{g}`` — rank r's fp32 master partition of
@@ -12,7 +13,9 @@ written to ``.tag.partial`` and renamed only after every rank succeeded). Inside
 - ``rng_rank{r}.*``: RNG states, and rank r's non-tensor optimizer state.
 
 Loading compares that layout with the model first and raises :class:`CheckpointError` listing the
-differences before anything changes. Because the unpadded flat order of a group does not depend on
+differences before anything changes. With optimizer state, the masters come from the partitions and
+must agree with ``model.safetensors`` (the model's dtype of each master, bit for bit): a checkpoint
+whose files disagree would have every rank step from different weights, so it is refused. Because the unpadded flat order of a group does not depend on
 the world size, a checkpoint loads at any data-parallel size: each rank reads just the pieces of
 the saved partitions that overlap its new slice (``safe_open(...).get_slice``), which is the
 "universal checkpoint" re-partitioning. Elementwise state (masters, moments) is re-sliced; scalar
@@ -29,28 +32,14 @@ optimizer state reload only under the same layout (same world size and tagged gr
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from ds_core.engine.checkpoint import (
-    CheckpointError,
-    load_tree,
-    resolve_tag,
-    rng_state,
-    save_tree,
-    set_rng_state,
-)
-from ds_core.engine.checkpoint_layout import (
-    check_model_tensors,
-    engine_meta,
-    restore_engine_state,
-    sharded_names,
-    split_client_state,
-)
+from ds_core.engine.checkpoint import CheckpointError
+from ds_core.engine.step import agree_any
 
-__all__ = ["ZeroCheckpointLayout", "build", "layout_differences"]
+__all__ = ["save_partitions", "load_partitions", "layout_differences", "partition_tensors"]
 
 SCALARS_KEY = "zero_optimizer_scalars"
 TAGGED_KEY = "zero_tagged_groups"
@@ -65,7 +54,7 @@ def _data_only(layout: dict) -> dict:
     return {**layout, "groups": [g for g in layout["groups"] if "axis" not in g]}
 
 
-def _partition_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
+def partition_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {f"master.{g}": m.detach() for g, m in enumerate(opt.masters)}
     scalars: dict[str, dict] = {}
     state = opt.optimizer.state_dict()
@@ -97,173 +86,152 @@ def layout_differences(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
-class ZeroCheckpointLayout:
-    """Save every rank's partition; load and re-partition to this run's data-parallel size."""
+def save_partitions(strategy, writer) -> None:
+    """Add this rank's master and optimizer-state partitions, and the layout, to ``writer``."""
+    opt, parts = strategy.zero, strategy.parts
+    part_tensors, opt_meta = partition_tensors(opt)
+    writer.meta["zero"] = {"stage": strategy.stage, **parts.describe(), "param_groups": opt_meta["param_groups"]}
+    writer.per_rank("zero", part_tensors)
+    writer.rank_meta[SCALARS_KEY] = opt_meta["scalars"]
+    writer.rank_meta[TAGGED_KEY] = [g.describe() for _, g in _tagged(parts)]
 
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
 
-    # -- save ------------------------------------------------------------------------------------
-    def save(self, engine, save_dir, tag: str, client_state: dict):
-        opt = engine.optimizer
-        part_tensors, opt_meta = _partition_tensors(opt)
-        client_tensors, client_meta = split_client_state(client_state)
-        meta = {
-            **engine_meta(engine, client_meta),
-            "zero": {"stage": opt.stage, **opt.parts.describe(), "param_groups": opt_meta["param_groups"]},
-        }
-        rng_tensors, rng_meta = rng_state()
-        state = engine.module.state_dict()
-        sharded = sharded_names(engine.module)
-        files = {"model": {k: v for k, v in state.items() if k not in sharded}, "client": client_tensors}
-        per_rank = {"files": {"rng": rng_tensors, "zero": part_tensors},
-                    "meta": {**rng_meta, SCALARS_KEY: opt_meta["scalars"],
-                             TAGGED_KEY: [g.describe() for _, g in _tagged(opt.parts)]}}
-        if sharded:
-            per_rank["files"]["model"] = {k: state[k] for k in sharded}
-        return save_tree(save_dir, tag, {"files": files, "meta": meta}, per_rank, engine.global_rank)
+def _check(reader, zero: dict, parts) -> None:
+    path = reader.path
+    diffs = layout_differences(_data_only(zero), _data_only(parts.describe()))
+    if diffs:
+        raise CheckpointError(f"checkpoint {path}: its ZeRO partition layout does not match this model's "
+                              f"parameter groups:\n  " + "\n  ".join(diffs[:10]) +
+                              "\n  load it with the same model and the same parameter groups (nothing "
+                              "was changed)")
+    for r in range(zero["world_size"]):
+        file = reader.rank_file("zero", r)
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing: the checkpoint was saved by {zero['world_size']} "
+                                  f"ranks and every rank's partition is needed to re-partition it")
+        with safe_open(str(file), framework="pt") as f:
+            for g, spec in enumerate(zero["groups"]):
+                if "axis" in spec:
+                    continue  # tagged groups are checked against this rank's own layout
+                shape = f.get_slice(f"master.{g}").get_shape()
+                if list(shape) != [spec["partition_numel"]]:
+                    raise CheckpointError(f"{file}: master.{g} has shape {shape}, the layout says "
+                                          f"[{spec['partition_numel']}]; the checkpoint is damaged")
 
-    # -- load ------------------------------------------------------------------------------------
-    def _check(self, path: Path, meta: dict, opt) -> None:
-        zero = meta.get("zero")
-        if zero is None:
-            raise CheckpointError(f"{path} was saved without ZeRO partitions (stage 0); load it with "
-                                  f"load_optimizer_states=False to take the model weights only, or load it "
-                                  f"in a run without zero_optimization")
-        diffs = layout_differences(_data_only(zero), _data_only(opt.parts.describe()))
-        if diffs:
-            raise CheckpointError(f"checkpoint {path}: its ZeRO partition layout does not match this model's "
-                                  f"parameter groups:\n  " + "\n  ".join(diffs[:10]) +
-                                  "\n  load it with the same model and the same parameter groups (nothing "
-                                  "was changed)")
-        for r in range(zero["world_size"]):
-            file = path / f"zero_rank{r}.safetensors"
-            if not file.is_file():
-                raise CheckpointError(f"{file} is missing: the checkpoint was saved by {zero['world_size']} "
-                                      f"ranks and every rank's partition is needed to re-partition it")
-            with safe_open(str(file), framework="pt") as f:
-                for g, spec in enumerate(zero["groups"]):
-                    if "axis" in spec:
-                        continue  # tagged groups are checked against this rank's own layout
-                    shape = f.get_slice(f"master.{g}").get_shape()
-                    if list(shape) != [spec["partition_numel"]]:
-                        raise CheckpointError(f"{file}: master.{g} has shape {shape}, the layout says "
-                                              f"[{spec['partition_numel']}]; the checkpoint is damaged")
 
-    def _repartition(self, path: Path, zero: dict, opt, tagged_ranks: dict[int, list[int]] | None
-                     ) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
-        """This rank's new master slices and elementwise optimizer state, read from the saved partitions.
+def _repartition(reader, zero: dict, parts, tagged_ranks: dict[int, list[int]] | None
+                 ) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
+    """This rank's new master slices and elementwise optimizer state, read from the saved partitions.
 
-        Data-axis groups are re-sliced from every saved rank; a tagged group ``g`` is read from the
-        saved ranks ``tagged_ranks[g]`` of its own axis group (same layout only), or skipped.
-        """
-        opened: dict[int, object] = {}
+    Data-axis groups are re-sliced from every saved rank; a tagged group ``g`` is read from the
+    saved ranks ``tagged_ranks[g]`` of its own axis group (same layout only), or skipped.
+    """
+    opened: dict[int, object] = {}
 
-        def handle(r: int):
-            if r not in opened:
-                opened[r] = safe_open(str(path / f"zero_rank{r}.safetensors"), framework="pt")
-            return opened[r]
+    def handle(r: int):
+        if r not in opened:
+            opened[r] = safe_open(str(reader.rank_file("zero", r)), framework="pt")
+        return opened[r]
 
-        keys = list(handle(0).keys())
-        masters, state = {}, {}
-        for g, group in enumerate(opt.parts.groups):
-            if group.axis == "data":
-                spec = zero["groups"][g]
-                ranks = list(range(zero["world_size"]))
-                saved_part, numel = spec["partition_numel"], spec["numel"]
-            elif tagged_ranks and g in tagged_ranks:
-                ranks, saved_part, numel = tagged_ranks[g], group.partition_numel, group.numel
-            else:
+    keys = list(handle(0).keys())
+    masters, state = {}, {}
+    for g, group in enumerate(parts.groups):
+        if group.axis == "data":
+            spec = zero["groups"][g]
+            ranks = list(range(zero["world_size"]))
+            saved_part, numel = spec["partition_numel"], spec["numel"]
+        elif tagged_ranks and g in tagged_ranks:
+            ranks, saved_part, numel = tagged_ranks[g], group.partition_numel, group.numel
+        else:
+            continue
+        handles = [handle(r) for r in ranks]
+        world = len(ranks)
+        lo, hi = group.lo, group.hi
+
+        def piece(key: str, lo=lo, hi=hi, saved_part=saved_part, numel=numel, handles=handles,
+                  world=world) -> torch.Tensor:
+            out = torch.zeros(hi - lo, dtype=handles[0].get_slice(key)[0:1].dtype)
+            for r in range(world):
+                a, b = max(lo, r * saved_part), min(hi, (r + 1) * saved_part, numel)
+                if a < b:
+                    out[a - lo:b - lo] = handles[r].get_slice(key)[a - r * saved_part:b - r * saved_part]
+            return out
+
+        masters[g] = piece(f"master.{g}")
+        entry = {}
+        for key in keys:
+            if not key.startswith(f"optim.{g}."):
                 continue
-            handles = [handle(r) for r in ranks]
-            world = len(ranks)
-            lo, hi = group.lo, group.hi
+            name = key.split(".", 2)[2]
+            shape = handles[0].get_slice(key).get_shape()
+            entry[name] = piece(key) if list(shape) == [saved_part] else handles[0].get_tensor(key)
+        state[g] = entry
+    return masters, state
 
-            def piece(key: str, lo=lo, hi=hi, saved_part=saved_part, numel=numel, handles=handles,
-                      world=world) -> torch.Tensor:
-                out = torch.zeros(hi - lo, dtype=handles[0].get_slice(key)[0:1].dtype)
-                for r in range(world):
-                    a, b = max(lo, r * saved_part), min(hi, (r + 1) * saved_part, numel)
-                    if a < b:
-                        out[a - lo:b - lo] = handles[r].get_slice(key)[a - r * saved_part:b - r * saved_part]
-                return out
 
-            masters[g] = piece(f"master.{g}")
-            entry = {}
-            for key in keys:
-                if not key.startswith(f"optim.{g}."):
-                    continue
-                name = key.split(".", 2)[2]
-                shape = handles[0].get_slice(key).get_shape()
-                entry[name] = piece(key) if list(shape) == [saved_part] else handles[0].get_tensor(key)
-            state[g] = entry
-        return masters, state
+def _disagreement(parts, masters: dict[int, torch.Tensor]) -> str | None:
+    """Where the loaded model's own partition is not the masters in the model's dtype (None: it is)."""
+    for g, master in masters.items():
+        group = parts.groups[g]
+        own = group.own()
+        expected = master.to(device=own.device, dtype=own.dtype)
+        if not torch.equal(own, expected):
+            bad = (own.float() - expected.float()).abs()
+            at = int(bad.argmax())
+            names = [group.names[f.index] for f in group.fragments(group.lo + at, group.lo + at + 1)] or ["padding"]
+            return (f"parameter {names[0]} differs by up to {float(bad.max()):.3g} between the model file and "
+                    f"the fp32 masters")
+    return None
 
-    def load(self, engine, load_dir, tag, load_optimizer_states: bool, load_lr_scheduler_states: bool):
-        path = resolve_tag(load_dir, tag)
-        meta, files, (rng_tensors, rng_meta) = load_tree(path, engine.global_rank)
-        saved = dict(files["model"])
-        other_ranks: set[str] = set()
-        for shard_file in sorted(path.glob("model_rank*.safetensors")):
-            with safe_open(str(shard_file), framework="pt") as f:
-                shard = {k: f.get_tensor(k) for k in f.keys()}
-            other_ranks |= set(shard)
-            saved.update(shard)
-        check_model_tensors(engine.module, saved, path, other_ranks)
-        own = engine.module.state_dict()
-        opt = engine.optimizer
-        tagged = _tagged(opt.parts)
-        tagged_ranks = None
-        if tagged:
-            same = (meta["world_size"] == engine.world_size and engine.topology is not None
-                    and rng_meta.get(TAGGED_KEY) == [g.describe() for _, g in tagged])
-            if same:
-                tagged_ranks = {i: engine.topology.ranks_along(g.axis, engine.global_rank) for i, g in tagged}
-            elif load_optimizer_states:
-                raise CheckpointError(f"{path}: partitions of tagged (expert) parameters were saved under another "
-                                      f"layout ({meta['world_size']} ranks) than this run's ({engine.world_size} "
-                                      f"ranks); their optimizer state cannot follow: pass "
-                                      f"load_optimizer_states=False to load the weights only")
-        zero = meta.get("zero")
-        if zero is not None or load_optimizer_states:
-            self._check(path, meta, opt)
-        if zero is not None and load_optimizer_states and len(zero["param_groups"]) != len(opt.param_groups):
+
+def load_partitions(strategy, reader, load_optimizer_states: bool) -> None:
+    """Check the saved partitions against this run, load the module, then the masters and state.
+
+    Without optimizer state (or from a checkpoint of another layout) the masters follow the loaded
+    model weights; with it they come from the saved fp32 partitions (``load_from_fp32_weights``) and
+    must agree with the model file (see the module docstring).
+    """
+    opt, parts, ctx = strategy.zero, strategy.parts, strategy.ctx
+    path, zero = reader.path, reader.meta.get("zero")
+    use_files = load_optimizer_states and reader.layout == strategy.layout and zero is not None
+    tagged = _tagged(parts)
+    tagged_ranks = None
+    if use_files and tagged:
+        same = (reader.engine_meta["world_size"] == ctx.world_size
+                and reader.rank_meta.get(TAGGED_KEY) == [g.describe() for _, g in tagged])
+        if not same:
+            raise CheckpointError(f"{path}: partitions of tagged (expert) parameters were saved under another "
+                                  f"layout ({reader.engine_meta['world_size']} ranks) than this run's "
+                                  f"({ctx.world_size} ranks); their optimizer state cannot follow: pass "
+                                  f"load_optimizer_states=False to load the weights only")
+        tagged_ranks = {i: ctx.topology.ranks_along(g.axis, ctx.rank) for i, g in tagged}
+    if use_files:
+        _check(reader, zero, parts)
+        if len(zero["param_groups"]) != len(opt.param_groups):
             raise CheckpointError(f"{path}: optimizer has {len(zero['param_groups'])} parameter groups, this "
                                   f"run has {len(opt.param_groups)}; pass load_optimizer_states=False")
-        if zero is not None and zero["world_size"] != opt.parts.world:
+        if zero["world_size"] != parts.world:
             warnings.warn(f"{path} was saved by {zero['world_size']} data-parallel ranks and is loaded by "
-                          f"{opt.parts.world}: partitions are re-sliced exactly, per-rank random-number "
-                          f"streams restart from the saved ranks'", stacklevel=3)
-        # every check passed: from here on state changes
-        masters, state = (self._repartition(path, zero, opt, tagged_ranks) if zero is not None
-                          else (None, None))
-        with torch.no_grad():
-            engine.module.load_state_dict({k: v for k, v in saved.items() if k in own})
+                          f"{parts.world}: partitions are re-sliced exactly, per-rank random-number "
+                          f"streams restart from the saved ranks'", stacklevel=4)
+    # every check passed: from here on state changes
+    reader.load_module()
+    masters, state = _repartition(reader, zero, parts, tagged_ranks) if use_files else (None, None)
+    with torch.no_grad():
+        if masters is not None and strategy.cfg.load_from_fp32_weights:
+            problem = _disagreement(parts, masters)
+            if agree_any(problem is not None):  # every rank (every stage) refuses together
+                raise CheckpointError(
+                    f"{path}: model.safetensors and the fp32 masters in zero_rank*.safetensors disagree "
+                    f"({problem or 'found on another rank'}); continuing would have ranks step from different "
+                    f"weights. Restore the checkpoint's files, or pass load_optimizer_states=False to take the "
+                    f"model file's weights (the masters then follow them)")
             opt.reload_masters_from_model()
-            if masters is not None and self.cfg.load_from_fp32_weights:
-                for g, new in masters.items():
-                    opt.masters[g].copy_(new)
-        if load_optimizer_states and state is not None:
-            scalars = rng_meta.get(SCALARS_KEY, {})
-            for idx, entry in scalars.items():
-                state.setdefault(int(idx), {}).update(entry)
-            opt.optimizer.load_state_dict({"state": state, "param_groups": zero["param_groups"]})
-        restore_engine_state(engine, meta, load_optimizer_states and state is not None,
-                             load_lr_scheduler_states)
-        set_rng_state(rng_tensors, {k: v for k, v in rng_meta.items() if k != SCALARS_KEY})
-        client = dict(meta["client_state"])
-        client.update(files.get("client", {}))
-        return str(path), client
-
-
-def build(engine):
-    """``checkpoint_layout`` factory: None at stage 0 (the engine's replicated layout)."""
-    cfg = engine.config.section("zero_optimization")
-    if cfg is None or cfg.stage == 0:
-        return None
-    if cfg.stage == 3:
-        from .checkpoint3 import Stage3CheckpointLayout
-
-        return Stage3CheckpointLayout(cfg)
-    return ZeroCheckpointLayout(cfg)
-
+            for g, new in masters.items():
+                opt.masters[g].copy_(new)
+        else:
+            opt.reload_masters_from_model()
+    if state is not None:
+        for idx, entry in reader.rank_meta.get(SCALARS_KEY, {}).items():
+            state.setdefault(int(idx), {}).update(entry)
+        opt.optimizer.load_state_dict({"state": state, "param_groups": zero["param_groups"]})

@@ -98,7 +98,7 @@ def memory_report(engine) -> dict:
         params = _nbytes(g.flat for g in parts.groups)
         # stage 3: parameters kept whole (persistence threshold) are full copies besides their shards
         params += _nbytes(s.param.data for g in parts.groups for s in getattr(g, "sharded", ()) if s.persistent)
-        grads = engine.reducer.buffer_bytes()
+        grads = opt.reducer.buffer_bytes()
         masters = [] if opt.aliased else list(opt.masters)
         state = _nbytes(masters + _state_tensors(opt.optimizer))
         host = 0
@@ -107,8 +107,8 @@ def memory_report(engine) -> dict:
         stage = opt.stage
     else:  # the engine's default wrapper: replicated state
         params = _nbytes(p for p in engine.module.parameters())
-        grads = _nbytes([engine.grads.buffer]) if engine.grads is not None else 0
-        masters = [opt.flat_master] if getattr(opt, "precision", "fp32") != "fp32" else []
+        grads = _nbytes([opt.grads.buffer])
+        masters = [opt.flat_master] if opt.precision.has_masters else []
         state = _nbytes(masters + _state_tensors(opt.optimizer))
         host, stage = 0, 0
     return {"stage": stage, "world_size": engine.dp_world_size, "precision": engine.precision,

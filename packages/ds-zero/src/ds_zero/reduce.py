@@ -17,14 +17,13 @@
 Groups of tagged parameters (experts; see ``partition.py``) are reduced over their own axis's process
 group and averaged by its size, exactly as ds-core's default reducer treats them at stage 0.
 
-Both are built without knowing the parameter layout; the optimizer wrapper, which decides the
-parameter groups, calls :meth:`bind` with the :class:`~ds_zero.partition.Partitions`.
+Both are built by the ZeRO strategy (``strategy.py``) over the :class:`~ds_zero.partition.Partitions`
+it made, and hand it this rank's gradient partitions (:meth:`grad_partitions`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ds_core import comm
 from ds_core.engine.precision import FlatGradients
@@ -33,13 +32,18 @@ from ds_core.params import DEFAULT_AXIS
 
 from .partition import Partitions
 
-__all__ = ["PartitionAlignedGradients", "AllReduceGradients", "PartitionedGradientReducer", "build"]
+__all__ = ["PartitionAlignedGradients", "AllReduceGradients", "PartitionedGradientReducer", "GradientPartitions",
+           "gloo_prefers_all_reduce"]
 
-COMM_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_IN_FLIGHT = 2
 #: On gloo an all-reduce beats per-owner reduces (2 CPU ranks, 44 MB: 41 ms vs 67 ms; its
 #: reduce_scatter takes 102 ms), so ``reduce_scatter: true`` all-reduces there; the result is the same.
 GLOO_PREFERS_ALL_REDUCE = True
+
+
+def gloo_prefers_all_reduce(group) -> bool:
+    """True when ``group`` spans several gloo ranks and all-reducing beats reduce-scattering there."""
+    return comm.get_world_size(group) > 1 and GLOO_PREFERS_ALL_REDUCE and comm.get_backend(group) == "gloo"
 
 
 class PartitionAlignedGradients(FlatGradients):
@@ -67,20 +71,13 @@ class PartitionAlignedGradients(FlatGradients):
 class AllReduceGradients:
     """Stage 1: full fp32 gradients all-reduced by ds-core's :class:`DataParallelReducer`."""
 
-    def __init__(self, engine, bucket_numel: int) -> None:
-        self.engine = engine
-        self.bucket_numel = bucket_numel
-        self.parts: Partitions | None = None
-        self.inner: DataParallelReducer | None = None
-
-    def bind(self, parts: Partitions) -> None:
-        cfg = self.engine.config
+    def __init__(self, parts: Partitions, ctx, bucket_numel: int) -> None:
         self.parts = parts
-        self.grads = PartitionAlignedGradients(parts, self.engine.device)
+        self.bucket_numel = bucket_numel
+        self.grads = PartitionAlignedGradients(parts, ctx.device)
         self.inner = DataParallelReducer(
-            self.grads, parts.group, bucket_bytes=self.bucket_numel * 4, prescale=cfg.prescale_gradients,
-            predivide=cfg.gradient_predivide_factor, fp32_model=self.engine.precision == "fp32",
-            comm_dtype=COMM_DTYPES.get(cfg.communication_data_type or ""),
+            self.grads, parts.group, bucket_bytes=bucket_numel * 4, reduce=ctx.reduce,
+            fp32_model=not ctx.precision.has_masters,
             axis_groups={a: g for a, g in parts.axis_groups.items() if a != DEFAULT_AXIS})
 
     def begin(self, sync: bool) -> None:
@@ -136,25 +133,22 @@ class GradientPartitions:
 class PartitionedGradientReducer(GradientPartitions):
     """Stage 2: bucketed reduction of gradients into each rank's fp32 gradient partition."""
 
-    def __init__(self, engine, bucket_numel: int, overlap: bool, reduce_scatter: bool) -> None:
-        cfg = engine.config
-        self.device = engine.device
+    def __init__(self, parts: Partitions, ctx, bucket_numel: int, overlap: bool, reduce_scatter: bool) -> None:
+        self.device = ctx.device
         self.bucket_numel = bucket_numel
         self.overlap = overlap
-        self.reduce_scatter = reduce_scatter
-        self.prescale = cfg.prescale_gradients
-        self.predivide = cfg.gradient_predivide_factor
-        self.comm_dtype = COMM_DTYPES.get(cfg.communication_data_type or "")
-        self.parts: Partitions | None = None
+        self.reduce_scatter = reduce_scatter and not gloo_prefers_all_reduce(parts.group)
+        self.settings = ctx.reduce
+        self.comm_dtype = ctx.reduce.comm_dtype
+        self.parts = parts
         self.handles: list = []
         self.peak_staging_numel = 0
-
-    def bind(self, parts: Partitions) -> None:
-        self.parts = parts
         self.grads = [torch.zeros(g.partition_numel, dtype=torch.float32, device=self.device)
                       for g in parts.groups]
         self.buckets: list[tuple[int, int, int, int]] = []  # (group, flat lo, flat hi, #params)
         self.bucket_of: list[list[int]] = []
+        self.members: list[list[int]] = []  # parameter indices (in their group) of each bucket
+        self._free: dict[int, list[torch.Tensor]] = {}  # staging buffers to reuse, by size
         for gi, g in enumerate(parts.groups):
             owner = []
             start, count = 0, 0
@@ -164,6 +158,7 @@ class PartitionedGradientReducer(GradientPartitions):
                 end = g.offsets[i] + p.numel()
                 if end - start >= self.bucket_numel or i == len(g.params) - 1:
                     self.buckets.append((gi, start, end, count))
+                    self.members.append(list(range(i + 1 - count, i + 1)))
                     start, count = end, 0
             self.bucket_of.append(owner)
             for i, p in enumerate(g.params):
@@ -176,6 +171,7 @@ class PartitionedGradientReducer(GradientPartitions):
         reduced partitions accumulate), so ``no_sync`` saves no communication here."""
         self.pending = [n for *_, n in self.buckets]
         self.ready = [False] * len(self.buckets)
+        self.arrived: list[set[int]] = [set() for _ in self.buckets]
         self.staging: list[torch.Tensor | None] = [None] * len(self.buckets)
         self.next_launch = 0
         self.in_flight: list[tuple[int, torch.Tensor, list]] = []
@@ -185,8 +181,11 @@ class PartitionedGradientReducer(GradientPartitions):
         _, lo, hi, _ = self.buckets[b]
         staging = self._staging(b)
         off = self.parts.groups[gi].offsets[i] - lo
-        staging[off:off + p.numel()].add_(p.grad.reshape(-1))
+        # each parameter's hook runs once per backward, after autograd accumulated its gradient:
+        # its slot is written once (slots of parameters without a gradient are zeroed at launch)
+        staging[off:off + p.numel()].copy_(p.grad.reshape(-1))
         p.grad = None
+        self.arrived[b].add(i)
         self.pending[b] -= 1
         if self.pending[b] == 0:
             self.ready[b] = True
@@ -195,9 +194,13 @@ class PartitionedGradientReducer(GradientPartitions):
                 self.next_launch += 1
 
     def _staging(self, b: int) -> torch.Tensor:
+        """Bucket ``b``'s staging buffer: a released one of its size when there is one. [Note: staging
+        reuse] a fresh buffer per bucket and micro-step would be mapped, faulted in and zeroed every
+        time; reused buffers are written slot by slot instead, so nothing needs zeroing."""
         if self.staging[b] is None:
             _, lo, hi, _ = self.buckets[b]
-            self.staging[b] = torch.zeros(hi - lo, dtype=torch.float32, device=self.device)
+            free = self._free.get(hi - lo)
+            self.staging[b] = free.pop() if free else torch.empty(hi - lo, dtype=torch.float32, device=self.device)
             live = sum(t.numel() for t in self.staging if t is not None)
             self.peak_staging_numel = max(self.peak_staging_numel, live)
         return self.staging[b]
@@ -205,8 +208,14 @@ class PartitionedGradientReducer(GradientPartitions):
     def _launch(self, b: int) -> None:
         gi, lo, hi, _ = self.buckets[b]
         chunk = self._staging(b)
-        if self.prescale:
-            chunk.mul_(1.0 / self.predivide)
+        if self.pending[b]:  # parameters that got no gradient in this backward count as zeros
+            g = self.parts.groups[gi]
+            for i in self.members[b]:
+                if i not in self.arrived[b]:
+                    off = g.offsets[i] - lo
+                    chunk[off:off + g.params[i].numel()].zero_()
+        if self.settings.prescale:
+            chunk.mul_(self.settings.before)
         wire = chunk.to(self.comm_dtype) if self.comm_dtype is not None else chunk
         works = []
         g = self.parts.groups[gi]
@@ -215,7 +224,7 @@ class PartitionedGradientReducer(GradientPartitions):
                 part = g.partition_numel
                 for r in range(lo // part, (hi - 1) // part + 1):
                     a, c = max(lo, r * part), min(hi, (r + 1) * part)
-                    works.append(dist.reduce(wire[a - lo:c - lo], dst=g.global_rank(r),
+                    works.append(comm.reduce(wire[a - lo:c - lo], dst=g.global_rank(r),
                                              group=g.group, async_op=True))
             else:
                 works.append(comm.all_reduce(wire, group=g.group, async_op=True))
@@ -234,10 +243,9 @@ class PartitionedGradientReducer(GradientPartitions):
         if a < c:
             # mean over the global batch: divide by the data-axis size for every group (see
             # ds_core.engine.reducer), experts included
-            world = self.parts.world
-            scale = self.predivide / world if self.prescale else 1.0 / world
-            self.grads[gi][a - g.lo:c - g.lo].add_(wire[a - lo:c - lo], alpha=scale)
-        self.staging[b] = None
+            self.grads[gi][a - g.lo:c - g.lo].add_(wire[a - lo:c - lo], alpha=self.settings.after(self.parts.world))
+        staging, self.staging[b] = self.staging[b], None
+        self._free.setdefault(staging.numel(), []).append(staging)
 
     def finish(self) -> None:
         """After backward: reduce buckets whose parameters got no gradient (as zeros), then wait for all."""
@@ -258,19 +266,3 @@ class PartitionedGradientReducer(GradientPartitions):
     def buffer_bytes(self) -> int:
         return super().buffer_bytes() + self.peak_staging_numel * 4
 
-
-def build(engine):
-    """``gradient_reducer`` factory: None at stage 0 (the engine's all-reduce), else the stage's reducer."""
-    cfg = engine.config.section("zero_optimization")
-    if cfg is None or cfg.stage == 0:
-        return None
-    if cfg.stage == 1:
-        return AllReduceGradients(engine, cfg.reduce_bucket_size)
-    if cfg.stage == 3:
-        from .reduce3 import Stage3GradientReducer
-
-        return Stage3GradientReducer(engine, cfg.overlap_comm)
-    reduce_scatter = cfg.reduce_scatter
-    if engine.dp_world_size > 1 and GLOO_PREFERS_ALL_REDUCE and dist.get_backend(engine.dp_group) == "gloo":
-        reduce_scatter = False
-    return PartitionedGradientReducer(engine, cfg.reduce_bucket_size, cfg.overlap_comm, reduce_scatter)

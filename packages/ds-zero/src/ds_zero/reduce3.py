@@ -11,55 +11,38 @@ released. The averaged shard is added to this rank's fp32 gradient partition (la
 Collectives are issued in backward order, the same on every rank; parameters that got no gradient
 in a micro-step (unused branches) are reduced as zeros in a fixed order by :meth:`finish`.
 
-The reducer also brackets the coordinator's step (``gather.py``, ``prefetch.py``): it hands it the
-config's stage-3 knobs, has the ranks compare their forward's module order before backward starts
-(so a rank that ran other modules fails there, before gradients are reduced in a different order),
-and ends the step after backward.
+Once a parameter's gradient is launched the coordinator (``gather.py``) is told it may release the
+parameter. The coordinator's per-step lifecycle (compare the forward's module order across ranks
+before backward, end the step after it) is driven by the engine hooks the stage-3 strategy subscribes
+to (``strategy.py``), not by this reducer.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
-import torch.distributed as dist
 
 from ds_core import comm
 from ds_core.engine.reducer import weak_grad_hook
 
-from .prefetch import Stage3Settings
-from .reduce import COMM_DTYPES, GLOO_PREFERS_ALL_REDUCE, GradientPartitions
+from .reduce import MAX_IN_FLIGHT, GradientPartitions, gloo_prefers_all_reduce
 from .stage3 import ShardedParameter, Stage3Partitions
 
 __all__ = ["Stage3GradientReducer"]
 
-MAX_IN_FLIGHT = 2
 
 
 class Stage3GradientReducer(GradientPartitions):
-    """The engine's ``gradient_reducer`` at stage 3; bound to the layout by the optimizer factory."""
+    """Reduces each sharded parameter's gradient into its owners' fp32 gradient partitions."""
 
-    def __init__(self, engine, overlap: bool) -> None:
-        cfg = engine.config
-        self.device = engine.device
+    def __init__(self, parts: Stage3Partitions, ctx, overlap: bool, coordinator=None) -> None:
+        self.device = ctx.device
         self.overlap = overlap
-        self.prescale = cfg.prescale_gradients
-        self.predivide = cfg.gradient_predivide_factor
-        self.comm_dtype = COMM_DTYPES.get(cfg.communication_data_type or "")
-        zero = cfg.section("zero_optimization")
-        self.settings = Stage3Settings.from_config(zero) if zero is not None else Stage3Settings()
-        self.parts: Stage3Partitions | None = None
-        self.coordinator = None
-        self.handles: list = []
-
-    def bind(self, parts: Stage3Partitions, coordinator=None) -> None:
+        self.settings = ctx.reduce
+        self.comm_dtype = ctx.reduce.comm_dtype
         self.parts = parts
         self.coordinator = coordinator
-        if coordinator is not None:
-            coordinator.configure(self.settings)
-            # the model outlives a dropped engine: take the module hooks off with this reducer
-            weakref.finalize(self, coordinator.remove)
-        self.gloo = parts.world > 1 and GLOO_PREFERS_ALL_REDUCE and dist.get_backend(parts.group) == "gloo"
+        self.handles: list = []
+        self.gloo = gloo_prefers_all_reduce(parts.group)
         self.grads = [torch.zeros(g.partition_numel, dtype=torch.float32, device=self.device)
                       for g in parts.groups]
         self.order: list[tuple[int, int]] = []
@@ -69,13 +52,10 @@ class Stage3GradientReducer(GradientPartitions):
                 self.handles.append(s.param.register_post_accumulate_grad_hook(weak_grad_hook(self._hook, gi, i)))
         self.begin(True)
 
-    # -- the engine's reducer protocol ---------------------------------------------------------------
     def begin(self, sync: bool) -> None:
         """Start a micro-step; stage 3 reduces every micro-step (``no_sync`` saves no communication)."""
         self.done: set[tuple[int, int]] = set()
         self.in_flight: list = []
-        if self.coordinator is not None:
-            self.coordinator.check_path()
 
     def _hook(self, gi: int, i: int, p: torch.Tensor) -> None:
         grad = p.grad
@@ -85,18 +65,21 @@ class Stage3GradientReducer(GradientPartitions):
     def _launch(self, gi: int, i: int, grad: torch.Tensor | None) -> None:
         s: ShardedParameter = self.parts.groups[gi].sharded[i]
         self.done.add((gi, i))
-        wire = torch.zeros(s.padded, dtype=self.comm_dtype or torch.float32, device=self.device)
+        wire = torch.empty(s.padded, dtype=self.comm_dtype or torch.float32, device=self.device)
         if grad is not None:
             wire[:s.numel].copy_(grad.reshape(-1))
-        if self.prescale:
-            wire.mul_(1.0 / self.predivide)
+            wire[s.numel:].zero_()  # the padding
+        else:  # no gradient in this backward (an unused branch): zeros
+            wire.zero_()
+        if self.settings.prescale:
+            wire.mul_(self.settings.before)
         if s.world == 1:
             out, work = wire, None
         elif self.gloo:
             out, work = wire, comm.all_reduce(wire, group=self.parts.group, async_op=True)
         else:
             out = torch.empty(s.part, dtype=wire.dtype, device=self.device)
-            work = dist.reduce_scatter_tensor(out, wire, group=self.parts.group, async_op=True)
+            work = comm.reduce_scatter(out, wire, group=self.parts.group, async_op=True)
         self.in_flight.append((gi, i, out, work))
         if self.coordinator is not None:
             self.coordinator.backward_done(s)
@@ -112,9 +95,7 @@ class Stage3GradientReducer(GradientPartitions):
         s = g.sharded[i]
         if out.numel() != s.part:  # all-reduced whole: keep this rank's shard
             out = out[s.rank * s.part:(s.rank + 1) * s.part]
-        world = self.parts.world
-        scale = self.predivide / world if self.prescale else 1.0 / world
-        self.grads[gi][g.offsets[i]:g.offsets[i] + s.part].add_(out, alpha=scale)
+        self.grads[gi][g.offsets[i]:g.offsets[i] + s.part].add_(out, alpha=self.settings.after(self.parts.world))
 
     def finish(self) -> None:
         """After backward: reduce parameters that got no gradient (as zeros), then wait for all."""
@@ -123,14 +104,6 @@ class Stage3GradientReducer(GradientPartitions):
                 self._launch(gi, i, None)
         while self.in_flight:
             self._complete_oldest()
-        if self.coordinator is not None:
-            self.coordinator.end_step()
-
-    def partition_grads(self, out: list[torch.Tensor]) -> None:
-        """Before the optimizer step: no gather may still be in flight (it would bring old values)."""
-        if self.coordinator is not None:
-            self.coordinator.end_step()
-        super().partition_grads(out)
 
     def attach_grads(self) -> None:
         """Nothing to attach: ``.grad`` is freed as soon as it is reduced."""
@@ -139,5 +112,3 @@ class Stage3GradientReducer(GradientPartitions):
         for h in self.handles:
             h.remove()
         self.handles = []
-        if self.coordinator is not None:
-            self.coordinator.remove()

@@ -2,9 +2,12 @@
 
 An accelerator carries only what PyTorch does not already know: its name and torch device type, a
 cheap availability probe, the collective backend, capability flags, the environment variable that
-limits visible devices (for the launcher) and a priority for auto-detection. Device, stream, memory
-and RNG calls go to ``torch.get_device_module(device_type)``; :class:`TorchAccelerator` forwards them
-so callers have one object to ask.
+limits visible devices (for the launcher) and a priority for auto-detection — plus the few device
+calls ds makes (which device, how many, select one, synchronize, memory counters). The
+:class:`Accelerator` protocol lists every member ds calls, nothing more: a plugin implementing it
+works everywhere in ds. :class:`TorchAccelerator` implements the device calls by forwarding to
+``torch.get_device_module(device_type)``, so a plugin for a device PyTorch knows can subclass it and
+set only the data.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ CAPABILITIES = frozenset(
 
 @runtime_checkable
 class Accelerator(Protocol):
-    """What ds needs to know about a device family beyond what torch already provides."""
+    """Everything ds asks of a device family (the selection checks a plugin against it, naming what
+    is missing)."""
 
     name: str
     device_type: str
     priority: int
-    visible_devices_env: str | None
-    capabilities: frozenset[str]
+    visible_devices_env: str | None  #: the launcher restricts each rank's devices with it (None: not needed)
+    capabilities: frozenset[str]  #: subset of :data:`CAPABILITIES`
 
     def is_available(self) -> bool:
         """Cheap probe: true when this device family can be used in this process."""
@@ -38,6 +42,38 @@ class Accelerator(Protocol):
 
     def communication_backend(self) -> str:
         """The torch.distributed backend for this device family."""
+        ...
+
+    def device(self, index: int | None = None) -> torch.device:
+        """The ``torch.device`` of device ``index`` (the engine passes the local rank; ``None``: the type)."""
+        ...
+
+    def device_count(self) -> int:
+        """Devices visible to this process (the launcher starts one rank per device)."""
+        ...
+
+    def set_device(self, index: int) -> None:
+        """Make device ``index`` current for this process (called before the process group exists)."""
+        ...
+
+    def synchronize(self) -> None:
+        """Wait for queued work on the current device (timers and the comms logger measure honest times)."""
+        ...
+
+    def supports(self, capability: str) -> bool:
+        """Whether ``capability`` (e.g. ``"pinned_memory"``, ``"bf16"``) is available."""
+        ...
+
+    def memory_allocated(self) -> int:
+        """Bytes held by tensors on the current device now."""
+        ...
+
+    def max_memory_allocated(self) -> int:
+        """Peak bytes held since the start (or :meth:`reset_peak_memory_stats`)."""
+        ...
+
+    def reset_peak_memory_stats(self) -> None:
+        """Restart the peak counted by :meth:`max_memory_allocated` (a no-op where it cannot be reset)."""
         ...
 
 
@@ -93,6 +129,12 @@ class TorchAccelerator:
         """Peak bytes held on this device (peak process RSS for host devices)."""
         fn = getattr(self.module, "max_memory_allocated", None)
         return int(fn()) if fn is not None else _peak_rss_bytes()
+
+    def reset_peak_memory_stats(self) -> None:
+        """Restart the peak (device runs; a process's peak RSS cannot be reset)."""
+        fn = getattr(self.module, "reset_peak_memory_stats", None)
+        if fn is not None:
+            fn()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} device_type={self.device_type!r}>"

@@ -14,6 +14,7 @@ import threading
 
 from .. import plugins
 from ..errors import AcceleratorError, PluginError, closest
+from ..protocol import missing_members
 from .base import Accelerator
 
 __all__ = ["get_accelerator", "set_accelerator", "available_accelerators", "BUILTIN_DIST"]
@@ -28,11 +29,12 @@ _chosen: Accelerator | None = None
 def _instantiate(ref: plugins.PluginRef) -> Accelerator:
     obj = ref.load()
     acc = obj() if isinstance(obj, type) else obj
-    if not isinstance(acc, Accelerator):
+    missing = missing_members(acc, Accelerator)
+    if missing:
         raise PluginError(
-            f"accelerator plugin {ref.name!r} ({ref.value}) does not provide the Accelerator "
-            f"protocol (name, device_type, priority, visible_devices_env, capabilities, "
-            f"is_available(), communication_backend())"
+            f"accelerator plugin {ref.name!r} ({ref.value}) does not implement the Accelerator protocol: "
+            f"missing {', '.join(missing)}; add them, or subclass ds_core.accelerator.TorchAccelerator, which "
+            f"forwards the device calls to torch"
         )
     return acc
 
@@ -111,6 +113,7 @@ def get_accelerator() -> Accelerator:
 def set_accelerator(acc: Accelerator | None) -> None:
     """Force an accelerator (or ``None`` to detect again on next use)."""
     global _chosen
-    if acc is not None and not isinstance(acc, Accelerator):
-        raise AcceleratorError(f"{acc!r} does not provide the Accelerator protocol")
+    missing = missing_members(acc, Accelerator) if acc is not None else []
+    if missing:
+        raise AcceleratorError(f"{acc!r} does not implement the Accelerator protocol: missing {', '.join(missing)}")
     _chosen = acc

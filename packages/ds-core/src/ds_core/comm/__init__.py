@@ -8,18 +8,23 @@ from .collectives import (
     all_to_all,
     barrier,
     broadcast,
+    get_backend,
     get_local_rank,
     get_rank,
     get_world_size,
+    global_rank,
     init_distributed,
     is_initialized,
+    isend,
+    new_group,
     recv,
+    reduce,
     reduce_scatter,
     send,
 )
 from .env import DistEnv, detect, expand_nodelist
 from .logger import CommsLogger, comms_logger
-from .topology import AXES, Topology, ensure_topology, get_topology, set_topology
+from .topology import AXES, Topology
 
 __all__ = [
     "init_distributed",
@@ -27,6 +32,8 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "get_local_rank",
+    "global_rank",
+    "get_backend",
     "all_reduce",
     "reduce_scatter",
     "all_gather",
@@ -34,6 +41,9 @@ __all__ = [
     "broadcast",
     "send",
     "recv",
+    "isend",
+    "reduce",
+    "new_group",
     "barrier",
     "all_gather_strings",
     "ReduceOp",
@@ -41,9 +51,6 @@ __all__ = [
     "detect",
     "expand_nodelist",
     "Topology",
-    "get_topology",
-    "set_topology",
-    "ensure_topology",
     "AXES",
     "CommsLogger",
     "comms_logger",

@@ -17,7 +17,6 @@ from ..errors import CommError
 from . import watchdog
 from .env import DistEnv, detect
 from .logger import comms_logger
-from .topology import set_topology
 
 __all__ = [
     "init_distributed",
@@ -25,6 +24,8 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "get_local_rank",
+    "global_rank",
+    "get_backend",
     "all_reduce",
     "reduce_scatter",
     "all_gather",
@@ -32,7 +33,10 @@ __all__ = [
     "broadcast",
     "send",
     "recv",
+    "isend",
+    "reduce",
     "barrier",
+    "new_group",
     "all_gather_strings",
     "ReduceOp",
 ]
@@ -72,7 +76,7 @@ def init_distributed(
     backend = dist_backend or acc.communication_backend()
     if isinstance(timeout, (int, float)):
         timeout = datetime.timedelta(seconds=timeout)
-    if acc.device_type != "cpu" and hasattr(acc, "set_device"):
+    if acc.device_type != "cpu":
         acc.set_device(env.local_rank)
     if verbose and env.rank == 0:
         print(f"[ds] init_distributed: backend={backend} world={env.world_size} from {env.source}")
@@ -83,7 +87,6 @@ def init_distributed(
         else:
             dist.init_process_group(backend=backend, init_method=init_method or "env://",
                                     rank=env.rank, world_size=env.world_size, timeout=timeout)
-        set_topology(None)  # a topology's groups belong to the process group they were built on
     except ValueError as exc:
         raise CommError(f"backend {backend!r} (from accelerator {acc.name!r}) is not usable: {exc}; "
                         f"pass dist_backend= or pick another accelerator with DS_ACCELERATOR") from exc
@@ -97,6 +100,16 @@ def get_rank(group=None) -> int:
 
 def get_world_size(group=None) -> int:
     return dist.get_world_size(group) if is_initialized() else 1
+
+
+def get_backend(group=None) -> str:
+    """The backend name of ``group`` (``"gloo"``, ``"nccl"``...); ``"none"`` without a process group."""
+    return dist.get_backend(group) if is_initialized() else "none"
+
+
+def global_rank(group, rank: int) -> int:
+    """The global rank of ``rank`` in ``group`` (``rank`` itself for the default group)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
 
 
 def get_local_rank() -> int:
@@ -158,6 +171,23 @@ def send(tensor: torch.Tensor, dst: int, group=None):
 def recv(tensor: torch.Tensor, src: int | None = None, group=None):
     with comms_logger.record("recv", _bytes(tensor), 2, _sync()):
         return dist.recv(tensor, src=src, group=group)
+
+
+def isend(tensor: torch.Tensor, dst: int, group=None):
+    """Non-blocking send; returns the work handle (keep ``tensor`` alive until it is waited)."""
+    with comms_logger.record("send", _bytes(tensor), 2, None):
+        return dist.isend(tensor, dst=dst, group=group)
+
+
+def reduce(tensor: torch.Tensor, dst: int, op=ReduceOp.SUM, group=None, async_op: bool = False):
+    """Reduce ``tensor`` of every rank into global rank ``dst``'s copy."""
+    with comms_logger.record("reduce", _bytes(tensor), get_world_size(group), _sync()):
+        return dist.reduce(tensor, dst=dst, op=op, group=group, async_op=async_op)
+
+
+def new_group(ranks: list[int]):
+    """A process group over global ``ranks``; every rank must call it, in the same order."""
+    return dist.new_group(ranks)
 
 
 def barrier(group=None):

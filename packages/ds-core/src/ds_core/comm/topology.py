@@ -5,6 +5,10 @@ axis: ``data = expert_data × expert``, experts on consecutive data ranks (as De
 out), so expert all-to-alls stay close and expert gradients reduce over ``expert_data`` only.
 The sizes are checked when the object is built, before any process group exists; the mesh itself is
 created on first use.
+
+There is no process-wide "current" topology: ``ds_core.initialize(..., topology=)`` takes one (or
+builds the default from what the model's layers ask for, see ``ds_core.engine.initialize``) and hands
+it to every component; layers that need an axis (``ds_moe.MoE(..., topology=)``) take it explicitly.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from functools import cached_property
 
 from ..errors import CommError
 
-__all__ = ["Topology", "AXES", "get_topology", "set_topology", "ensure_topology"]
+__all__ = ["Topology", "AXES"]
 
 AXES = ("pipe", "data", "expert", "sequence", "tensor")
+_MESHES: dict[tuple, tuple] = {}  # (device type, shape) -> (default group, mesh, data mesh): see Topology.mesh
 _MESH_DIMS = ("pipe", "expert_data", "expert", "sequence", "tensor")
 
 
@@ -66,13 +71,27 @@ class Topology:
 
     @cached_property
     def mesh(self):
-        """The DeviceMesh (dims pipe, expert_data, expert, sequence, tensor, plus flattened data)."""
+        """The DeviceMesh (dims pipe, expert_data, expert, sequence, tensor, plus flattened data).
+
+        [Note: shared meshes] Every process group costs memory and set-up time, so topologies of the
+        same shape over the same default process group share one mesh (and its groups): an engine
+        built after another reuses them. This memo holds communicators, not a "current topology":
+        each component still gets its topology explicitly.
+        """
+        import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
         shape = tuple(self.sizes[d] for d in _MESH_DIMS)
+        default = dist.distributed_c10d._get_default_group()
+        key = (self.device_type, shape)
+        cached = _MESHES.get(key)
+        if cached is not None and cached[0] is default:
+            mesh, self._data_mesh = cached[1], cached[2]
+            return mesh
         mesh = init_device_mesh(self.device_type, shape, mesh_dim_names=_MESH_DIMS)
         # keep the flattened data mesh ourselves: slicing it back out of the root mesh is deprecated
         self._data_mesh = mesh["expert_data", "expert"]._flatten("data")
+        _MESHES[key] = (default, mesh, self._data_mesh)
         return mesh
 
     def _axis_mesh(self, axis: str):
@@ -107,6 +126,29 @@ class Topology:
         return [r for r in range(self.world_size)
                 if all(self.coordinates(r)[d] == mine[d] for d in _MESH_DIMS if d not in keep)]
 
+    def same_layout(self, other: Topology) -> bool:
+        """True when ``other`` has the same world size and axis sizes (its groups may differ)."""
+        return self.world_size == other.world_size and self.sizes == other.sizes
+
+    def check_world(self, world_size: int, where: str = "initialize") -> None:
+        """Raise unless this topology covers exactly ``world_size`` ranks (checked before any group exists)."""
+        if self.world_size != world_size:
+            raise CommError(f"{where}: the topology {self!r} covers {self.world_size} ranks but {world_size} "
+                            f"are running; build it with Topology({world_size}, ...) so its axes multiply to "
+                            f"the number of ranks launched")
+
+    def outer_axes(self) -> list[str]:
+        """Axes outside the data axis with more than one rank (``pipe``, ``sequence``, ``tensor``)."""
+        return [a for a in ("pipe", "sequence", "tensor") if self.sizes[a] > 1]
+
+    def scope(self, global_rank: int) -> str:
+        """A file-name prefix naming ``global_rank``'s coordinates on the outer axes (``"pp1_tp0_"``;
+        ``""`` when there are none): ranks of one scope hold the same model shard and differ only
+        along ``data``, so checkpoint files of a scope are written once per data replica set."""
+        coords = self.coordinates(global_rank)
+        short = {"pipe": "pp", "sequence": "sp", "tensor": "tp"}
+        return "".join(f"{short[a]}{coords[a]}_" for a in self.outer_axes())
+
     def __repr__(self) -> str:
         axes = " × ".join(f"{a}={self.sizes[a]}" for a in AXES)
         return f"Topology({axes}; world={self.world_size})"
@@ -114,37 +156,3 @@ class Topology:
     @property
     def product(self) -> int:
         return math.prod(self.sizes[d] for d in _MESH_DIMS)
-
-
-_current: Topology | None = None
-
-
-def get_topology() -> Topology | None:
-    """The process-wide topology set by ``initialize`` or a feature (``None`` before either)."""
-    return _current
-
-
-def set_topology(topology: Topology | None) -> None:
-    global _current
-    _current = topology
-
-
-def ensure_topology(**sizes: int) -> Topology:
-    """The current topology, created from ``sizes`` over the whole world if none exists yet.
-
-    Features that need an axis (an MoE layer needs ``expert``) call this when they are built; a
-    conflicting request (``expert=2`` when the current topology has ``expert=4``) is an error.
-    """
-    from .collectives import get_world_size
-
-    global _current
-    if _current is None:
-        _current = Topology(get_world_size(), **sizes)
-        return _current
-    for axis, size in sizes.items():
-        if axis != "data" and _current.size(axis) != size:
-            raise CommError(
-                f"{axis}={size} was requested but the current topology has {axis}="
-                f"{_current.size(axis)} ({_current!r}); use one size per run or build the model "
-                f"before calling initialize with another topology")
-    return _current

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .. import comm
 from .checkpoint_files import (
@@ -191,7 +190,7 @@ def all_agree(ok: bool, group=None) -> bool:
     if comm.get_world_size(group) == 1:
         return ok
     flag = torch.tensor([0.0 if ok else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    comm.all_reduce(flag, op=comm.ReduceOp.MAX, group=group)
     return flag.item() == 0.0
 
 

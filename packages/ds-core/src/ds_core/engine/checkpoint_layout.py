@@ -1,31 +1,44 @@
-"""The default checkpoint layout: replicated data-parallel state, written once by rank 0.
+"""What goes into an engine checkpoint, and who writes each part.
 
-Features that partition state (ZeRO) provide their own layout through the ``checkpoint_layout``
-component; the directory protocol in ``checkpoint.py`` (atomic rename, ``latest``) is shared.
+A checkpoint directory (written with the atomic protocol of ``checkpoint.py``) is assembled from three
+parts, so that any module layout composes with any data-parallel strategy:
+
+- the **module** files: the module's state dict in ``model.safetensors`` (written once per scope by its
+  first data rank), parameters tagged as differing across a data sub-axis (experts) in
+  ``model_rank{r}.safetensors`` under their module names — or, for the pipeline, one file per layer
+  (``ds_pipe.checkpoint.LayerFiles``, the same interface);
+- the **strategy**'s state (master weights, optimizer state, partitions), which the strategy adds to a
+  :class:`StateWriter` and reads back from a :class:`StateReader` (``DataParallelStrategy.save/load``);
+- the **engine**'s JSON (config, counters, scheduler, loss scaler, client state: ``meta.json``) and every
+  rank's RNG state (``rng_rank{r}.*``).
+
+A *scope* is the set of ranks holding the same shard of the model — one pipeline stage, one
+tensor-parallel rank (``Topology.scope``): its files are prefixed with it (``pp1_model...``) and its JSON
+goes to ``{scope}meta.json``; with no such axes the prefix is empty and the JSON is merged into
+``meta.json``. Inside a scope, ``replicated`` files are written by data rank 0 and ``per_rank`` files by
+every data rank as ``{name}_rank{data_rank}``.
+
+Every part is collected in memory first (the strategy may run collectives while collecting, e.g. to
+gather 16-bit weights); only then is anything written, inside the atomic protocol, without collectives.
+The strategy's ``layout`` name is saved (``meta["strategy"]``); loading optimizer state under another
+layout is refused naming both, before anything changes.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from ..params import shard_axis
-from .checkpoint import (
-    CheckpointError,
-    join_optimizer_state,
-    load_tree,
-    resolve_tag,
-    rng_state,
-    save_tree,
-    set_rng_state,
-    split_optimizer_state,
-)
+from . import checkpoint as protocol
+from .checkpoint import CheckpointError
 
-__all__ = ["DefaultLayout", "check_model_tensors", "split_client_state", "sharded_names", "engine_meta",
-           "restore_engine_state"]
+__all__ = ["StateWriter", "StateReader", "ModuleFiles", "save_engine", "load_engine", "check_model_tensors",
+           "split_client_state", "sharded_names", "engine_meta", "restore_engine_state", "found_layout"]
 
 
 def split_client_state(client_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -40,14 +53,15 @@ def split_client_state(client_state: dict) -> tuple[dict[str, torch.Tensor], dic
 
 
 def check_model_tensors(module: torch.nn.Module, saved: dict[str, torch.Tensor], where,
-                        other_ranks: set[str] = frozenset()) -> None:
+                        other_ranks: set[str] = frozenset(), skip: set[str] = frozenset()) -> None:
     """Raise listing every missing, unexpected or differently shaped tensor.
 
-    ``other_ranks`` are sharded tensors saved by other ranks (experts this rank does not hold).
+    ``other_ranks`` are sharded tensors saved by other ranks (experts this rank does not hold);
+    ``skip`` are keys the strategy checks itself.
     """
-    current = module.state_dict()
+    current = {k: v for k, v in module.state_dict().items() if k not in skip}
     missing = sorted(set(current) - set(saved))
-    unexpected = sorted(set(saved) - set(current) - set(other_ranks))
+    unexpected = sorted(set(saved) - set(current) - set(other_ranks) - set(skip))
     shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(current[k].shape)}"
               for k in sorted(set(current) & set(saved)) if saved[k].shape != current[k].shape]
     if missing or unexpected or shapes:
@@ -62,9 +76,184 @@ def check_model_tensors(module: torch.nn.Module, saved: dict[str, torch.Tensor],
         raise CheckpointError("\n".join(lines))
 
 
+def sharded_names(module: torch.nn.Module, outer_axes=()) -> set[str]:
+    """Names of parameters that differ across data ranks of one scope (tagged with a shard axis that
+    is not one of the scope's ``outer_axes``: experts)."""
+    return {name for name, p in module.named_parameters()
+            if shard_axis(p) is not None and shard_axis(p) not in outer_axes}
+
+
+# -- collecting and reading one rank's part --------------------------------------------------------
+
+class StateWriter:
+    """One rank's part of a checkpoint, collected before anything is written (see the module docstring)."""
+
+    def __init__(self, rank: int, scope: str = "", data_rank: int = 0) -> None:
+        self.rank, self.scope, self.data_rank = rank, scope, data_rank
+        self.meta: dict[str, Any] = {}  #: the scope's JSON (``meta.json`` when the scope is empty)
+        self.rank_meta: dict[str, Any] = {}  #: this rank's JSON (``rng_rank{r}.json``)
+        self._files: list[tuple[str, str | None, dict[str, torch.Tensor], dict | None]] = []
+
+    def replicated(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                   scoped: bool = True) -> None:
+        """Tensors equal on every data rank of the scope: written once, as ``{scope}{name}.safetensors``
+        (``scoped=False``: ``{name}.safetensors``, for files named by something global, such as the
+        pipeline's per-layer files). With ``metadata`` the file is written as given (no tied-storage
+        aliases), with that header metadata (``{"format": "pt"}`` for files other libraries load)."""
+        if self.data_rank == 0:
+            self._files.append((f"{self.scope if scoped else ''}{name}", name if scoped else None, tensors,
+                                metadata))
+
+    def per_rank(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """This rank's own tensors: ``{scope}{name}_rank{data_rank}.safetensors``."""
+        self._files.append((f"{self.scope}{name}_rank{self.data_rank}", None, tensors, None))
+
+    def write(self, directory: Path, engine_meta: dict | None = None, rng: tuple | None = None,
+              client: dict[str, torch.Tensor] | None = None) -> None:
+        """Write everything collected into ``directory`` (inside the atomic protocol; no collectives).
+        ``engine_meta`` and ``client`` (the tensors of ``client_state``): the run's, on global rank 0 only."""
+        aliases: dict[str, dict[str, str]] = {}
+        for stem, key, tensors, metadata in self._files:
+            path = directory / f"{stem}.safetensors"
+            if metadata is not None:
+                protocol.tensors_to_safetensors(tensors, path, dedupe=False, metadata=metadata)
+                continue
+            found = protocol.tensors_to_safetensors(tensors, path)
+            if key is not None:
+                aliases[key] = found
+        if rng is not None:
+            protocol.tensors_to_safetensors(rng[0], directory / f"rng_rank{self.rank}.safetensors")
+        protocol.write_json(directory / f"rng_rank{self.rank}.json", {**(rng[1] if rng else {}), **self.rank_meta})
+        scope_meta = {**self.meta, "aliases": aliases}
+        if self.scope and self.data_rank == 0:
+            protocol.write_json(directory / f"{self.scope}meta.json", scope_meta, indent=1)
+        if engine_meta is not None:
+            meta = {**engine_meta, "format": protocol.FORMAT, **(scope_meta if not self.scope else {"aliases": {}})}
+            meta["aliases"] = {**meta["aliases"],
+                               "client": protocol.tensors_to_safetensors(client or {}, directory / "client.safetensors")}
+            protocol.write_json(directory / "meta.json", meta, indent=1)
+
+
+def found_layout(meta: dict) -> tuple[str, str]:
+    """(layout, description) of the strategy that wrote ``meta`` (a scope's JSON); checkpoints from before
+    layouts were recorded are recognised by their ZeRO entry."""
+    strategy = meta.get("strategy")
+    if strategy:
+        return strategy["layout"], f"{strategy.get('name', strategy['layout'])} state"
+    zero = meta.get("zero")
+    if zero is None:
+        return "replicated", "data parallel (stage 0) state"
+    if zero.get("layout") == "per_parameter":
+        return "zero-3", "ZeRO stage 3 state"
+    return "zero", f"ZeRO stage {zero.get('stage', '1-2')} state"
+
+
+class StateReader:
+    """One rank's view of a checkpoint being loaded: the scope's JSON and files, this rank's JSON, the
+    saved module tensors, and :meth:`load_module`, which puts them into the module."""
+
+    def __init__(self, path: Path, meta: dict, files: dict, rank_meta: dict, scope: str = "",
+                 data_rank: int = 0, module_loader=None) -> None:
+        self.path, self.scope, self.data_rank = path, scope, data_rank
+        self.engine_meta = meta
+        self.rank_meta = rank_meta
+        if scope:
+            scope_file = path / f"{scope}meta.json"
+            self.meta = protocol.read_json(scope_file) if scope_file.is_file() else None
+            self._files: dict[str, dict] = {}
+        else:
+            self.meta = meta
+            self._files = dict(files)
+        if self.meta is None:  # saved under another topology: no state for this scope
+            self.meta = {}
+            self.layout, self.layout_name = None, f"no strategy state for {scope[:-1]}"
+        else:
+            self.layout, self.layout_name = found_layout(self.meta)
+        self._module_loader = module_loader
+        self.module_loaded = False
+
+    def replicated(self, name: str) -> dict[str, torch.Tensor] | None:
+        """The tensors of ``{scope}{name}.safetensors`` (None when the checkpoint has no such file)."""
+        if name not in self._files:
+            file = self.path / f"{self.scope}{name}.safetensors"
+            if not file.is_file():
+                return None
+            self._files[name] = protocol.load_safetensors(file, self.meta.get("aliases", {}).get(name, {}))
+        return self._files[name]
+
+    def rank_file(self, name: str, data_rank: int | None = None) -> Path:
+        """The path of ``{scope}{name}_rank{r}.safetensors`` (this rank's by default)."""
+        return self.path / f"{self.scope}{name}_rank{self.data_rank if data_rank is None else data_rank}.safetensors"
+
+    def per_rank(self, name: str, data_rank: int | None = None) -> dict[str, torch.Tensor] | None:
+        file = self.rank_file(name, data_rank)
+        return protocol.load_safetensors(file) if file.is_file() else None
+
+    def rank_files(self, name: str) -> list[Path]:
+        """Every saved ``{scope}{name}_rank*.safetensors``, in rank order."""
+        files = list(self.path.glob(f"{self.scope}{name}_rank*.safetensors"))
+        return sorted(files, key=lambda f: int(f.stem.rsplit("_rank", 1)[1]))
+
+    def module_state(self) -> dict[str, torch.Tensor]:
+        """Every module tensor the checkpoint holds for this scope (model files merged)."""
+        return self._module_loader.saved(self) if self._module_loader is not None else {}
+
+    def load_module(self) -> None:
+        """Load the saved module weights into the module (keys the strategy owns excluded); idempotent.
+        A strategy calls it in ``load`` once its own checks passed, then restores its state."""
+        if not self.module_loaded and self._module_loader is not None:
+            self._module_loader.load(self)
+        self.module_loaded = True
+
+
+# -- the engine's module files -----------------------------------------------------------------------
+
+class ModuleFiles:
+    """The module layout of the engine: ``model.safetensors`` + ``model_rank{r}`` for sharded parameters."""
+
+    def __init__(self, module: torch.nn.Module, outer_axes=(), skip: set[str] = frozenset()) -> None:
+        self.module, self.outer_axes, self.skip = module, tuple(outer_axes), set(skip)
+        self._saved: tuple[dict, set] | None = None
+
+    def save(self, writer: StateWriter) -> dict:
+        state = {k: v for k, v in self.module.state_dict().items() if k not in self.skip}
+        sharded = sharded_names(self.module, self.outer_axes)
+        writer.replicated("model", {k: v for k, v in state.items() if k not in sharded})
+        if sharded:
+            writer.per_rank("model", {k: state[k] for k in sharded if k in state})
+        return {"sharded": sorted(sharded)}
+
+    def saved(self, reader: StateReader) -> dict[str, torch.Tensor]:
+        return self._read(reader)[0]
+
+    def _read(self, reader: StateReader) -> tuple[dict, set]:
+        if self._saved is None:
+            saved = dict(reader.replicated("model") or {})
+            other_ranks: set[str] = set()
+            for shard_file in reader.rank_files("model"):
+                shard = protocol.load_safetensors(shard_file)
+                other_ranks |= set(shard)
+                saved.update(shard)
+            self._saved = (saved, other_ranks)
+        return self._saved
+
+    def check(self, reader: StateReader) -> None:
+        saved, other_ranks = self._read(reader)
+        check_model_tensors(self.module, saved, reader.path, other_ranks, self.skip)
+
+    def load(self, reader: StateReader) -> None:
+        saved, _ = self._read(reader)
+        own = self.module.state_dict()
+        with torch.no_grad():
+            self.module.load_state_dict({k: v for k, v in saved.items() if k in own and k not in self.skip},
+                                        strict=False)
+
+
+# -- engine JSON -------------------------------------------------------------------------------------
+
 def engine_meta(engine, client_meta: dict) -> dict:
-    """The JSON every layout saves about the run: config, counters, world layout, scheduler, scaler."""
-    scaler = getattr(engine.optimizer, "scaler", None)
+    """The JSON every checkpoint saves about the run: config, counters, world layout, scheduler, scaler."""
+    scaler = engine.loss_scaler
     return {
         "config": engine.config.raw,
         "global_steps": engine.global_steps,
@@ -82,95 +271,68 @@ def engine_meta(engine, client_meta: dict) -> dict:
 
 def restore_engine_state(engine, meta: dict, counters: bool, scheduler: bool) -> None:
     """Undo :func:`engine_meta`: loss scaler and counters (with the optimizer state), and scheduler."""
-    opt = engine.optimizer
     if counters:
-        if meta.get("loss_scaler") and getattr(opt, "scaler", None):
-            opt.scaler.load_state_dict(meta["loss_scaler"])
+        if meta.get("loss_scaler") and engine.loss_scaler is not None:
+            engine.loss_scaler.load_state_dict(meta["loss_scaler"])
         engine.global_steps = meta["global_steps"]
         engine.global_samples = meta["global_samples"]
         engine.micro_steps = meta["micro_steps"]
-        if hasattr(opt, "skipped_steps"):
-            opt.skipped_steps = meta.get("skipped_steps", 0)
+        engine.skipped_steps = meta.get("skipped_steps", 0)
     if scheduler and meta.get("lr_scheduler") and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
 
 
-def sharded_names(module: torch.nn.Module) -> set[str]:
-    """Names of parameters that differ across ranks (tagged with a shard axis, e.g. experts)."""
-    return {name for name, p in module.named_parameters() if shard_axis(p) is not None}
+def _strategy_name(strategy) -> str:
+    return getattr(strategy, "name", type(strategy).__name__)
 
 
-class DefaultLayout:
-    """Replicated state from rank 0; sharded parameters (experts) and, when there are any, each
-    rank's optimizer state in per-rank files. Sharded parameters are stored under their module
-    names, so a model that names experts by their global index reloads under another expert layout.
+# -- save and load -----------------------------------------------------------------------------------
+
+def save_engine(engine, save_dir, tag: str, client_state: dict, module_files=None, extra_meta=None) -> Path:
+    """Collect the module files, the strategy's state and the engine's JSON; write them atomically."""
+    strategy = engine.strategy
+    client_tensors, client_meta = split_client_state(client_state)
+    writer = StateWriter(engine.global_rank, engine.scope, engine.data_rank)
+    strategy.save(writer)  # may run collectives (all ranks are here): nothing is written yet
+    module_files = module_files or engine.module_files()
+    writer.meta.update(module_files.save(writer))
+    writer.meta["strategy"] = {"layout": strategy.layout, "name": _strategy_name(strategy),
+                               "data_world_size": engine.dp_world_size}
+    meta = {**engine_meta(engine, client_meta), **(extra_meta or {})} if engine.global_rank == 0 else None
+    rng = protocol.rng_state()
+    with protocol.writing_checkpoint(save_dir, tag, engine.global_rank) as partial:
+        writer.write(partial, meta, rng, client_tensors)
+    return Path(save_dir) / tag
+
+
+def load_engine(engine, load_dir, tag, load_optimizer_states: bool, load_lr_scheduler_states: bool,
+                module_files=None, check=None):
+    """Check, then load the module files, the strategy's state and the engine's JSON.
+
+    ``check(reader)``: an extra check of the caller's (the pipeline's), run before anything changes.
     """
-
-    def save(self, engine, save_dir, tag: str, client_state: dict):
-        opt = engine.optimizer
-        opt_tensors, opt_meta = split_optimizer_state(opt.state_dict())
-        client_tensors, client_meta = split_client_state(client_state)
-        state = engine.module.state_dict()
-        sharded = sharded_names(engine.module)
-        files = {"model": {k: v for k, v in state.items() if k not in sharded},
-                 "optimizer": opt_tensors, "client": client_tensors}
-        if getattr(opt, "precision", "fp32") != "fp32":
-            files["master"] = {"flat": opt.flat_master}
-        meta = {**engine_meta(engine, client_meta), "optimizer": opt_meta, "sharded": sorted(sharded)}
-        rng_tensors, rng_meta = rng_state()
-        per_rank = {"rng": rng_tensors}
-        if sharded:  # every rank holds state nobody else has
-            per_rank["model"] = {k: state[k] for k in sharded}
-            per_rank["optimizer"] = opt_tensors
-            per_rank["master"] = files.get("master", {})
-            rng_meta = {**rng_meta, "optimizer": opt_meta}
-        return save_tree(save_dir, tag, {"files": files, "meta": meta},
-                         {"files": per_rank, "meta": rng_meta}, engine.global_rank)
-
-    def load(self, engine, load_dir, tag, load_optimizer_states: bool, load_lr_scheduler_states: bool):
-        path = resolve_tag(load_dir, tag)
-        meta, files, (rng_tensors, rng_meta) = load_tree(path, engine.global_rank)
-        saved = dict(files["model"])
-        other_ranks: set[str] = set()
-        for shard_file in sorted(path.glob("model_rank*.safetensors")):
-            shard = load_file(str(shard_file))
-            other_ranks |= set(shard)
-            saved.update(shard)
-        check_model_tensors(engine.module, saved, path, other_ranks)
-        own = sharded_names(engine.module)
-        same_layout = meta["world_size"] == engine.world_size and set(meta.get("sharded", [])) <= other_ranks
-        if meta["world_size"] != engine.world_size:
-            warnings.warn(f"{path} was saved by {meta['world_size']} ranks and is loaded by "
-                          f"{engine.world_size}: replicated state loads exactly, but per-rank random-number "
-                          f"streams restart from rank 0's", stacklevel=3)
-        if own and load_optimizer_states and not same_layout:
-            raise CheckpointError(f"{path}: sharded parameters (experts) were saved by {meta['world_size']} "
-                                  f"ranks; optimizer state cannot follow them to {engine.world_size} ranks: "
-                                  f"pass load_optimizer_states=False to load the parameters only")
-        rank_file = path / f"optimizer_rank{engine.global_rank}.safetensors"
-        if own and same_layout:
-            files["optimizer"] = load_file(str(rank_file))
-            meta["optimizer"] = rng_meta["optimizer"]
-            master_file = path / f"master_rank{engine.global_rank}.safetensors"
-            if "master" in files and master_file.exists():
-                files["master"] = load_file(str(master_file))
-        opt = engine.optimizer
-        with torch.no_grad():
-            engine.module.load_state_dict({k: v for k, v in saved.items() if k in engine.module.state_dict()})
-            if "master" in files and (not own or same_layout) and getattr(opt, "precision", "fp32") != "fp32":
-                opt.flat_master.copy_(files["master"]["flat"])
-            elif getattr(opt, "precision", "fp32") != "fp32":
-                for p in opt.grads.params:
-                    opt.master_of(p).copy_(p.float())
-        if load_optimizer_states:
-            state = join_optimizer_state(files["optimizer"], meta["optimizer"])
-            if len(state["param_groups"]) != len(opt.param_groups):
-                raise CheckpointError(f"{path}: optimizer has {len(state['param_groups'])} parameter "
-                                      f"groups, this run has {len(opt.param_groups)}; pass "
-                                      f"load_optimizer_states=False to load the model only")
-            opt.load_state_dict(state)
-        restore_engine_state(engine, meta, load_optimizer_states, load_lr_scheduler_states)
-        set_rng_state(rng_tensors, rng_meta)
-        client = dict(meta["client_state"])
-        client.update(files.get("client", {}))
-        return str(path), client
+    strategy = engine.strategy
+    path = protocol.resolve_tag(load_dir, tag)
+    meta, files, (rng_tensors, rng_meta) = protocol.load_tree(path, engine.global_rank)
+    module_files = module_files or engine.module_files()
+    reader = StateReader(path, meta, files, rng_meta, engine.scope, engine.data_rank, module_files)
+    if check is not None:
+        check(reader)
+    if load_optimizer_states and reader.layout != strategy.layout:
+        raise CheckpointError(
+            f"{path} holds {reader.layout_name} (layout {reader.layout!r}); this run's "
+            f"{_strategy_name(strategy)} expects layout {strategy.layout!r}: load it with the strategy it was "
+            f"saved with, or pass load_optimizer_states=False to take the model weights only (nothing was changed)")
+    module_files.check(reader)
+    if meta["world_size"] != engine.world_size:
+        warnings.warn(f"{path} was saved by {meta['world_size']} ranks and is loaded by {engine.world_size}: "
+                      f"per-rank random-number streams restart from the saved ranks'", stacklevel=3)
+    strategy.load(reader, load_optimizer_states)
+    if not reader.module_loaded:  # a strategy that did not load the module itself: masters follow it
+        reader.load_module()
+        strategy.sync_from_module()
+    restore_engine_state(engine, meta, load_optimizer_states, load_lr_scheduler_states)
+    protocol.set_rng_state(rng_tensors, rng_meta)
+    client = dict(meta["client_state"])
+    client.update(files.get("client", {}))
+    return str(path), client

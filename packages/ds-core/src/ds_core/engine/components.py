@@ -1,21 +1,21 @@
-"""The feature seam: engine components contributed by feature packages, chosen by config section.
+"""The feature seam: what a feature package contributes to the engine, chosen by config section.
 
-A feature's ``ds_feature.json`` maps component kinds to factories. When the feature's config section
-is present in the config, the engine calls the factory instead of its default:
+A feature's ``ds_feature.json`` maps component kinds to factories (qualified names, imported only when
+used). When the feature's config section is present — or it claims the model's class — the engine uses
+them:
 
-- ``engine_class``: ``factory() -> type`` — a different engine for a different training contract
-  (a pipeline engine with ``train_batch``); called as ``cls(**initialize_kwargs)``.
-- ``model_wrapper``: ``factory(engine, module) -> module`` — wrap or transform the model.
-- ``gradient_reducer``: ``factory(engine) -> reducer`` with ``begin(sync)``, ``finish()``,
-  ``attach_grads()`` and ``remove()`` (see :class:`~ds_core.engine.reducer.DataParallelReducer`).
-- ``optimizer_wrapper``: ``factory(engine, build_optimizer) -> wrapper`` with ``step() -> bool``,
-  ``zero_grad()``, ``state_dict()``, ``load_state_dict()``, ``param_groups``, ``global_grad_norm``
-  and ``loss_scale`` (see :class:`~ds_core.engine.mixed.MixedPrecisionOptimizer`).
-- ``checkpoint_layout``: ``factory(engine) -> layout`` with ``save(engine, save_dir, tag, client_state)``
-  and ``load(engine, load_dir, tag, load_optimizer_states, load_lr_scheduler_states)``.
+- ``engine_class``: ``factory() -> type`` — a driver with its own training contract (the pipeline's
+  ``train_batch``), called as ``cls.initialize(**initialize_kwargs)``; it builds and drives an
+  :class:`~ds_core.engine.Engine` itself. At most one.
+- ``model_wrapper``: ``factory(context, module) -> module`` — a model transform (tensor-parallel plan,
+  compression wrappers), given a :class:`~ds_core.engine.context.ModelContext`. Several features may
+  provide one; they run in ascending ``factory.order`` (default 100; ties by feature name), before the
+  data-parallel strategy takes the parameters, e.g. tensor parallelism (order 10) before compression.
+- ``data_parallel_strategy``: ``factory(section) -> strategy | None`` — a
+  :class:`~ds_core.engine.strategy.DataParallelStrategy` (ZeRO; 1-bit Adam; ZeRO++), given the
+  feature's parsed config section; ``None`` keeps stage 0. At most one.
 
-A factory may return ``None`` to keep the engine's default (e.g. ZeRO at stage 0). Two features
-may not provide the same kind; that is a config error naming both.
+Two features providing the same single kind is a config error naming both.
 """
 
 from __future__ import annotations
@@ -25,15 +25,22 @@ from typing import Any
 from .. import plugins
 from ..errors import ConfigError
 
-__all__ = ["KINDS", "select_components"]
+__all__ = ["KINDS", "SINGLE", "RETIRED", "select_components", "model_transforms"]
 
-KINDS = ("engine_class", "model_wrapper", "gradient_reducer", "optimizer_wrapper", "checkpoint_layout")
+KINDS = ("engine_class", "model_wrapper", "data_parallel_strategy")
+SINGLE = ("engine_class", "data_parallel_strategy")
+#: kinds of the earlier seam and what replaced them
+RETIRED = {
+    "gradient_reducer": "data_parallel_strategy",
+    "optimizer_wrapper": "data_parallel_strategy",
+    "checkpoint_layout": "data_parallel_strategy (its save/load)",
+}
 
 
-def select_components(config, model=None) -> dict[str, tuple[str, Any]]:
-    """kind -> (feature name, factory) for the features whose sections the config uses, or that
-    claim the model's class (``model_classes`` in the feature description)."""
-    chosen: dict[str, tuple[str, Any]] = {}
+def select_components(config, model=None) -> dict[str, Any]:
+    """kind -> ``(feature name, factory, config section name)`` for single kinds, and ``model_wrapper``
+    -> a list of them, for the features whose sections the config uses or that claim the model."""
+    chosen: dict[str, Any] = {}
     active = [plugins.feature_for_section(section) for section in config.features]
     if model is not None:
         active += [spec for spec in plugins.features().values() if spec.claims_model(model)]
@@ -43,12 +50,25 @@ def select_components(config, model=None) -> dict[str, tuple[str, Any]]:
             continue
         seen.add(spec.name)
         for kind in spec.components:
+            if kind in RETIRED:
+                raise ConfigError(f"feature {spec.name!r} ({spec.dist}) declares component {kind!r}, which the "
+                                  f"engine no longer has: provide a {RETIRED[kind]} instead (docs/engine.md)")
             if kind not in KINDS:
                 raise ConfigError(f"feature {spec.name!r} ({spec.dist}) declares component {kind!r}; "
                                   f"known kinds are {', '.join(KINDS)}")
+            entry = (spec.name, spec.component(kind), spec.config_section)
+            if kind == "model_wrapper":
+                chosen.setdefault(kind, []).append(entry)
+                continue
             if kind in chosen:
                 raise ConfigError(
                     f"features {chosen[kind][0]!r} and {spec.name!r} both provide {kind!r}; remove "
                     f"the config section of one of them")
-            chosen[kind] = (spec.name, spec.component(kind))
+            chosen[kind] = entry
     return chosen
+
+
+def model_transforms(components: dict) -> list[tuple[str, Any, str | None]]:
+    """The ``model_wrapper`` entries in the order they run (``factory.order``, then feature name)."""
+    entries = components.get("model_wrapper", [])
+    return sorted(entries, key=lambda e: (getattr(e[1], "order", 100), e[0]))

@@ -1,13 +1,21 @@
-"""The training engine: the forward / backward / step contract and nothing else.
+"""The training engine: the forward / backward / step contract, and nothing else.
 
-Each concern is a component chosen from the config (see ``components.py``): the gradient reducer,
-the optimizer wrapper (precision, loss scaling, clipping) and the checkpoint layout. The engine
-only sequences them: forward, backward with accumulation boundaries, step, logging, checkpoints.
+``Engine`` is a ``torch.nn.Module`` wrapping the model (``engine.module``), as DeepSpeed's is: ``train``,
+``eval``, ``parameters``, ``named_parameters``, ``state_dict`` (keys prefixed ``module.``) behave as for
+any wrapper. It sequences three things and owns none of their internals:
+
+- model transforms (``model_wrapper`` components), applied once, given a ``ModelContext``;
+- the data-parallel strategy (``strategy.py``: stage 0 here, ZeRO from ds-zero), given a
+  ``TrainingContext``: it averages gradients around each backward and applies the optimizer;
+- the step decision shared by every strategy (``step.py``): global norm, overflow agreed by all ranks,
+  clipping — so a strategy only ever sees "step with this coefficient".
+
+Features that must act at other points subscribe to the engine hooks (``hooks.py``). Checkpoints are
+the module files + the strategy's state + the engine's JSON (``checkpoint_layout.py``).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from contextlib import contextmanager
 from typing import Any
@@ -17,142 +25,115 @@ import torch
 from .. import comm
 from ..accelerator import get_accelerator
 from ..errors import DSError
-from ..params import reduce_axis, shard_axis
+from ..monitor.monitor import Monitor, Throughput, format_log_line
+from ..monitor.timers import make_timers
 from . import checkpoint_layout
-from .checkpoint import checkpoint_options
-from .mixed import MixedPrecisionOptimizer
-from .monitor import Monitor, Throughput, format_log_line
-from .precision import DTYPES, FlatGradients, LossScaler
-from .reducer import DataParallelReducer, broadcast_parameters
-from .timers import make_timers
+from .checkpoint import CheckpointError, checkpoint_options
+from .components import model_transforms
+from .context import ModelContext, OptimizerFactory, ProcessGroups, ReduceSettings, TrainingContext
+from .hooks import EngineHooks, StepInfo
+from .precision import LossScaler, Precision
+from .reducer import broadcast_parameters
+from .step import decide_step
+from .strategy import build_strategy, check_strategy
 
 __all__ = ["Engine", "NonFiniteLossError"]
-
-COMM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(DSError, FloatingPointError):
     """The loss became NaN or Inf in a run without loss scaling."""
 
 
-def _param_groups(module: torch.nn.Module, model_parameters) -> list[dict]:
-    if model_parameters is None:
+def _param_groups(module: torch.nn.Module, optimizer, model_parameters) -> list[dict]:
+    """Trainable parameters with their hyper-parameters: a client optimizer's groups, ``model_parameters``
+    (parameters or groups), or all of the module's."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        items = optimizer.param_groups
+    elif model_parameters is not None:
+        items = list(model_parameters)
+    else:
         return [{"params": [p for p in module.parameters() if p.requires_grad]}]
-    items = list(model_parameters)
     if items and isinstance(items[0], dict):
         return [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
     return [{"params": [p for p in items if p.requires_grad]}]
 
 
-class Engine:
+class Engine(torch.nn.Module):
     """Returned by :func:`ds_core.initialize`; drive it with ``engine(batch)``, ``backward``, ``step``."""
 
     def __init__(self, module: torch.nn.Module, config, optimizer=None, model_parameters=None,
-                 lr_scheduler=None, topology=None, components: dict | None = None) -> None:
+                 lr_scheduler=None, topology=None, components: dict | None = None, module_layout=None) -> None:
+        super().__init__()
         components = components or {}
         self.config = config
         self.accelerator = get_accelerator()
-        self.topology = topology
-        self.dp_group = topology.group("data") if topology and comm.get_world_size() > 1 else None
         self.global_rank = comm.get_rank()
         self.local_rank = comm.get_local_rank()
         self.world_size = comm.get_world_size()
-        self.dp_world_size = comm.get_world_size(self.dp_group)
+        self.topology = topology if topology is not None else comm.Topology(self.world_size)
+        self.topology.check_world(self.world_size, "Engine")
         self.precision = config.precision
-        self.dtype = DTYPES[self.precision]
+        self.precision_spec = Precision.from_name(self.precision)
+        self.dtype = self.precision_spec.dtype
         self.device = self.accelerator.device(self.local_rank if self.accelerator.device_type != "cpu" else None)
+        self.hooks = EngineHooks()
 
         module = module.to(device=self.device, dtype=self.dtype)
-        if "model_wrapper" in components:
-            module = components["model_wrapper"][1](self, module)
+        for feature, factory, section in model_transforms(components):
+            ctx = ModelContext(config.section(section) if section else None, self.topology, self.device,
+                               self.precision_spec, self.hooks, self.global_rank, self.world_size)
+            module = factory(ctx, module)
+            if not isinstance(module, torch.nn.Module):
+                raise DSError(f"the model_wrapper of feature {feature!r} returned {type(module).__name__}, not a "
+                              f"torch.nn.Module; it must return the (transformed) module")
         self.module = module
-        # Process groups of the axes tagged parameters use (ds_core.params); untagged use data.
-        axes = {reduce_axis(p) for p in self.module.parameters()} | {shard_axis(p) for p in self.module.parameters()}
-        axes.discard(None)
-        multi = topology is not None and comm.get_world_size() > 1
-        self.axis_groups = {a: topology.group(a) if multi else None for a in axes}
-        broadcast_parameters(self.module, self.dp_group, axis_groups=self.axis_groups)
+        self.groups = ProcessGroups.for_module(self.topology, module)
+        self.dp_group = self.groups.data
+        self.dp_world_size = comm.get_world_size(self.dp_group)
+        self.data_rank = comm.get_rank(self.dp_group)
+        self.scope = self.topology.scope(self.global_rank)
+        broadcast_parameters(module, self.dp_group, axis_groups=dict(self.groups.axes))
 
         self.global_steps = 0
         self.global_samples = 0
         self.micro_steps = 0
+        self.skipped_steps = 0
+        self.global_grad_norm: float | None = None
+        self.last_loss: float | None = None
         self._sync_enabled = True
         self._loss_sum = 0.0
         self._loss_count = 0
         self._tokens = 0
-        self.last_loss: float | None = None
+        self._broken: str | None = None  # why the state is inconsistent (a failed step or load), if it is
+        self._module_layout = module_layout
 
-        self.param_groups = _param_groups(self.module, model_parameters)
-        params = [p for g in self.param_groups for p in g["params"]]
-        # A component factory may return None to keep the default (e.g. ZeRO stage 0).
-        self.grads: FlatGradients | None = None
-        self.reducer = self._component(components, "gradient_reducer", self)
-        if self.reducer is None:
-            self.grads = FlatGradients(params, self.device)
-            self.reducer = DataParallelReducer(
-                self.grads, self.dp_group, prescale=config.prescale_gradients,
-                predivide=config.gradient_predivide_factor, fp32_model=self.precision == "fp32",
-                comm_dtype=COMM_DTYPES[config.communication_data_type] if config.communication_data_type else None,
-                axis_groups=self.axis_groups)
+        self.param_groups = _param_groups(module, optimizer, model_parameters)
+        self.clip = config.gradient_clipping if isinstance(config.gradient_clipping, float) else 0.0
+        self.loss_scaler = LossScaler.from_config(config.fp16) if self.precision_spec.loss_scaling else None
+        strategy, origin = build_strategy(components, config)
+        section = components.get("data_parallel_strategy", (None, None, None))[2]
+        ctx = TrainingContext(
+            module=module, param_groups=tuple(self.param_groups), groups=self.groups, device=self.device,
+            precision=self.precision_spec, reduce=ReduceSettings.from_config(config),
+            make_optimizer=OptimizerFactory(optimizer, config.optimizer), hooks=self.hooks,
+            accelerator=self.accelerator, rank=self.global_rank, world_size=self.world_size,
+            section=config.section(section) if section else None, aio=getattr(config, "aio", None))
+        strategy.prepare(ctx)
+        check_strategy(strategy, origin)
+        self.strategy = strategy
         self.client_optimizer = optimizer
-        self.optimizer = self._component(components, "optimizer_wrapper", self, optimizer)
-        if self.optimizer is None:
-            self.optimizer = self._default_optimizer(optimizer, params)
         self.lr_scheduler = self._scheduler(lr_scheduler)
-        self.checkpoint_layout = (self._component(components, "checkpoint_layout", self)
-                                  or checkpoint_layout.DefaultLayout())
 
         self.timers = make_timers(config.wall_clock_breakdown, accelerator=self.accelerator)
         self.monitor = Monitor(config, rank=self.global_rank)
         self.throughput = Throughput(window=max(1, config.steps_per_print or 10), accelerator=self.accelerator)
 
-    # -- construction helpers ------------------------------------------------------------------
-    @staticmethod
-    def _component(components: dict, kind: str, *args):
-        if kind not in components:
-            return None
-        return components[kind][1](*args)
-
-    def _default_optimizer(self, client, params) -> MixedPrecisionOptimizer:
-        if self.grads is None:
-            raise DSError("a feature replaced the gradient reducer but not the optimizer wrapper; "
-                          "the default optimizer wrapper needs the default reducer's gradient buffer")
-        clip = self.config.gradient_clipping
-        scaler = LossScaler.from_config(self.config.fp16) if self.precision == "fp16" else None
-        wrapper = MixedPrecisionOptimizer(params, self.grads, self.precision, scaler,
-                                          clip if isinstance(clip, float) else 0.0, self.dp_group,
-                                          shard_groups=self.axis_groups)
-        groups = wrapper.param_groups_for_optimizer(self.param_groups)
-        if client is None:
-            if self.config.optimizer is None:
-                raise DSError("no optimizer: pass optimizer= to initialize() or add an 'optimizer' "
-                              "section to the config")
-            from .optimizers import build_optimizer
-
-            wrapper.optimizer = build_optimizer(self.config.optimizer, groups,
-                                                device_type=self.accelerator.device_type)
-        elif isinstance(client, torch.optim.Optimizer):
-            if self.precision == "fp32":
-                wrapper.optimizer = client
-            else:  # rebuild the same optimizer over the fp32 masters, keeping its hyper-parameters
-                mapped = [{**{k: v for k, v in g.items() if k != "params"},
-                           "params": [wrapper.master_of(p) for p in g["params"]]} for g in client.param_groups]
-                accepted = inspect.signature(type(client)).parameters
-                defaults = {k: v for k, v in client.defaults.items() if k in accepted}
-                wrapper.optimizer = type(client)(mapped, **defaults)
-        elif callable(client):
-            wrapper.optimizer = client(groups)
-        else:
-            raise DSError(f"optimizer {client!r} is neither a torch.optim.Optimizer nor a callable "
-                          f"taking parameter groups")
-        return wrapper
-
     def _scheduler(self, client):
-        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        opt = self.strategy.optimizer
         if client is None:
             if self.config.scheduler is None:
                 return None
-            from .schedulers import build_scheduler
+            from ..optim.schedulers import build_scheduler
 
             return build_scheduler(self.config.scheduler, opt)
         if callable(client) and not hasattr(client, "step"):
@@ -165,7 +146,18 @@ class Engine:
             client.optimizer = opt
         return client
 
-    # -- batch sizes and state -----------------------------------------------------------------
+    # -- what DeepSpeed's engine exposes ---------------------------------------------------------------
+    @property
+    def optimizer(self):
+        """The data-parallel strategy: it owns the optimizer (``.optimizer``) and its state, as
+        DeepSpeed's ZeRO/fp16 optimizer wrappers do."""
+        return self.strategy
+
+    @property
+    def reducer(self):
+        """The strategy's gradient reducer, when it has one (for inspection)."""
+        return getattr(self.strategy, "reducer", None)
+
     def train_batch_size(self) -> int:
         return self.config.batch.train_batch_size
 
@@ -179,24 +171,13 @@ class Engine:
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
 
     def get_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
+        return [g["lr"] for g in self.strategy.optimizer.param_groups]
 
     def get_global_grad_norm(self) -> float | None:
-        return self.optimizer.global_grad_norm
+        return self.global_grad_norm
 
     def get_loss_scale(self) -> float:
-        return self.optimizer.loss_scale
-
-    @property
-    def skipped_steps(self) -> int:
-        return getattr(self.optimizer, "skipped_steps", 0)
-
-    def train(self, mode: bool = True) -> Engine:
-        self.module.train(mode)
-        return self
-
-    def eval(self) -> Engine:
-        return self.train(False)
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
 
     @contextmanager
     def no_sync(self):
@@ -207,7 +188,13 @@ class Engine:
         finally:
             self._sync_enabled = previous
 
-    # -- the training contract -----------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; the strategy's master weights then follow the loaded weights."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.strategy.sync_from_module()
+        return result
+
+    # -- the training contract -----------------------------------------------------------------------
     def cast_inputs(self, x: Any) -> Any:
         """Move inputs to the device; floating tensors take the model's dtype in bf16/fp16."""
         if isinstance(x, torch.Tensor):
@@ -223,55 +210,97 @@ class Engine:
         first = inputs[0] if inputs else None
         if isinstance(first, torch.Tensor) and first.dim() >= 2 and not first.is_floating_point():
             self._tokens += first.numel()
+        self.hooks.fire("forward_start")
         with self.timers("forward"):
             return self.module(*self.cast_inputs(inputs), **self.cast_inputs(kwargs))
 
-    __call__ = forward
+    def backward(self, loss, retain_graph: bool = False, scale_wrt_gas: bool = True, *, grad_tensors=None,
+                 sync: bool | None = None):
+        """Backward of ``loss`` (scaled by 1/accumulation and the fp16 loss scale), with the strategy's
+        gradient averaging around it at an accumulation boundary.
 
-    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
-        value = float(loss.detach().float())
-        if self.precision != "fp16" and not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"loss is {value} at optimizer step {self.global_steps}, micro-step {self.micro_steps} "
-                f"({self.precision}); lower the learning rate, enable gradient_clipping, or check the "
-                f"inputs of this batch")
-        self._loss_sum += value
-        self._loss_count += 1
-        scaled = loss.float() * self.optimizer.loss_scale if self.precision == "fp16" else loss
-        if self.gradient_accumulation_steps() > 1:
-            scaled = scaled / self.gradient_accumulation_steps()
-        self.reducer.begin(self.is_gradient_accumulation_boundary() and self._sync_enabled)
+        Schedule drivers (the pipeline) pass ``grad_tensors``: ``loss`` is then the tensors to
+        differentiate, taken as they are, and ``sync`` says whether this backward averages gradients.
+        """
+        if grad_tensors is None:
+            value = float(loss.detach().float())
+            if not self.precision_spec.loss_scaling and not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"loss is {value} at optimizer step {self.global_steps}, micro-step {self.micro_steps} "
+                    f"({self.precision}); lower the learning rate, enable gradient_clipping, or check the "
+                    f"inputs of this batch")
+            self._loss_sum += value
+            self._loss_count += 1
+            tensors = loss.float() * self.loss_scaler.scale if self.loss_scaler is not None else loss
+            if scale_wrt_gas and self.gradient_accumulation_steps() > 1:
+                tensors = tensors / self.gradient_accumulation_steps()
+        else:
+            tensors = loss
+        if sync is None:
+            sync = self.is_gradient_accumulation_boundary() and self._sync_enabled
+        self.hooks.fire("backward_start", sync)
+        self.strategy.begin_backward(sync)
         with self.timers("backward"):
-            scaled.backward(retain_graph=retain_graph)
+            torch.autograd.backward(tensors, grad_tensors, retain_graph=retain_graph)
         with self.timers("reduce"):
-            self.reducer.finish()
+            self.strategy.end_backward()
+        self.hooks.fire("backward_end", sync)
         return loss
+
+    def reduce_gradients(self) -> None:
+        """Average every gradient accumulated so far (after backward passes that did not synchronize):
+        the pipeline's once-per-batch reduction."""
+        self.strategy.begin_backward(True)
+        self.strategy.end_backward()
 
     def step(self) -> None:
         """Apply the optimizer at a gradient-accumulation boundary; otherwise only count the micro-step."""
         if self.is_gradient_accumulation_boundary():
-            with self.timers("step"):
-                applied = self.optimizer.step()
-                self.optimizer.zero_grad()
-                self.reducer.attach_grads()
-                if applied and self.lr_scheduler is not None:
-                    self.lr_scheduler.step()
-            self.finish_step()
+            self.optimizer_step()
         self.micro_steps += 1
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad()
-        self.reducer.attach_grads()
+    def optimizer_step(self, loss: float | None = None) -> bool:
+        """One optimizer step over the accumulated gradients: the shared step decision (norm, overflow
+        agreed by all ranks, clipping), the strategy's update, the scheduler, counters and the log line.
+        Schedule drivers call it once per batch; ``loss`` then overrides the averaged loss it logs."""
+        self._refuse_if_broken("step")
+        with self.timers("step"):
+            self.hooks.fire("before_step")
+            scaler = self.loss_scaler
+            decision = decide_step(self.strategy.grad_norm_terms(), scaler.scale if scaler else None, self.clip,
+                                   self.hooks)
+            applied = False
+            if decision.apply:
+                try:
+                    applied = bool(self.strategy.step(decision.coef))
+                except BaseException as exc:
+                    self._broken = (f"optimizer step {self.global_steps + 1} failed ({type(exc).__name__}: "
+                                    f"{exc}) after it had started updating weights")
+                    raise
+            if scaler is not None:
+                scaler.update(not decision.apply)
+            if not applied:
+                self.skipped_steps += 1
+            self.global_grad_norm = decision.grad_norm if applied else float("inf")
+            self.strategy.zero_grad()
+            if applied and self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        self.finish_step(loss)
+        self.hooks.fire("after_step", StepInfo(self.global_steps, applied, self.global_grad_norm,
+                                               self.get_lr()[0]))
+        return applied
 
-    @property
-    def flat_grads(self):
-        """The flat fp32 gradient buffer of every trainable parameter, when the reducer keeps one
-        (the default reducer and ZeRO stage 1; ``None`` under ZeRO stage 2)."""
-        return self.grads if self.grads is not None else getattr(self.reducer, "grads", None)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.strategy.zero_grad()
+
+    def _refuse_if_broken(self, what: str) -> None:
+        if self._broken is not None:
+            error = CheckpointError if what == "save" else DSError
+            raise error(f"cannot {what}: {self._broken}, so weights, master weights and optimizer state may "
+                        f"disagree; load the last good checkpoint (engine.load_checkpoint) and continue from it")
 
     def finish_step(self, loss: float | None = None) -> None:
-        """Count an applied optimizer step and log it. Engines that drive the optimizer themselves
-        (the pipeline engine) call this after their step; ``loss`` overrides the averaged loss."""
+        """Count an applied optimizer step and log it; ``loss`` overrides the averaged loss."""
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
         if loss is not None:
@@ -283,7 +312,7 @@ class Engine:
         if self.monitor.enabled:
             events = [("Train/Samples/train_loss", self.last_loss, self.global_samples),
                       ("Train/Samples/lr", self.get_lr()[0], self.global_samples)]
-            if self.precision == "fp16":
+            if self.loss_scaler is not None:
                 events.append(("Train/Samples/loss_scale", self.get_loss_scale(), self.global_samples))
             self.monitor.write_events(events)
         every = self.config.steps_per_print
@@ -299,19 +328,46 @@ class Engine:
                 self.timers.reset()
 
     def destroy(self) -> None:
-        """Close the monitors (flushing TensorBoard and W&B) and remove the gradient hooks."""
+        """Close the monitors (flushing TensorBoard and W&B) and release the strategy's hooks."""
         self.monitor.close()
-        self.reducer.remove()
+        self.strategy.close()
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def module_files(self):
+        """The module layout checkpoints use: the model files (``checkpoint_layout.ModuleFiles``), or the
+        one a schedule driver passed (the pipeline's per-layer files)."""
+        if self._module_layout is not None:
+            return self._module_layout
+        return checkpoint_layout.ModuleFiles(self.module, self.topology.outer_axes(), self.strategy.module_keys())
+
     def save_checkpoint(self, save_dir, tag: str | None = None, client_state: dict | None = None,
-                        save_latest: bool = True):
+                        save_latest: bool = True, extra_meta: dict | None = None):
+        self._refuse_if_broken("save")
         tag = tag or f"global_step{self.global_steps}"
         with checkpoint_options(save_latest=save_latest):
-            return self.checkpoint_layout.save(self, save_dir, tag, client_state or {})
+            return checkpoint_layout.save_engine(self, save_dir, tag, client_state or {}, extra_meta=extra_meta)
 
     def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
-                        load_lr_scheduler_states: bool = True, load_module_only: bool = False):
-        return self.checkpoint_layout.load(self, load_dir, tag,
-                                           load_optimizer_states and not load_module_only,
-                                           load_lr_scheduler_states and not load_module_only)
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False, check=None):
+        """Load a checkpoint; ``check(reader)`` is an extra check run before anything changes."""
+        holder = {}
+
+        def track(reader):  # a load that fails after the module changed leaves the engine unusable
+            holder["reader"] = reader
+            if check is not None:
+                check(reader)
+
+        try:
+            out = checkpoint_layout.load_engine(
+                self, load_dir, tag, load_optimizer_states and not load_module_only,
+                load_lr_scheduler_states and not load_module_only, check=track)
+        except BaseException as exc:
+            reader = holder.get("reader")
+            if reader is not None and reader.module_loaded:
+                self._broken = f"loading {reader.path} failed after the model weights were loaded ({exc})"
+            raise
+        self._broken = None
+        # gradients accumulated before the load belong to no step of the loaded state
+        self.strategy.zero_grad()
+        self._loss_sum, self._loss_count, self._tokens = 0.0, 0, 0
+        return out

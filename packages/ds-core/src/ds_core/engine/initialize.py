@@ -9,11 +9,12 @@ from typing import Any
 import torch
 
 from .. import comm
+from ..comm.topology import Topology
 from ..config import parse_config
 from ..errors import ConfigError
 from .components import select_components
 
-__all__ = ["initialize", "init_distributed"]
+__all__ = ["initialize", "init_distributed", "resolve_topology"]
 
 
 def init_distributed(dist_backend: str | None = None, **kwargs):
@@ -45,41 +46,81 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
+def resolve_topology(model: torch.nn.Module | None, topology, world_size: int):
+    """The run's topology: ``topology`` if given, else the one the model's layers were built with
+    (``ds_topology``), else one built from the axes they ask for (``ds_axes``, e.g. an MoE layer's
+    ``{"expert": ep_size}``). Checked against ``world_size`` and every layer's needs before any process
+    group exists; layers that asked for axes are then given it (their ``ds_topology``)."""
+    built: list[tuple[str, Topology]] = []
+    asked: dict[str, tuple[int, str]] = {}
+    users = []
+    for name, m in (model.named_modules() if model is not None else ()):
+        own = getattr(m, "ds_topology", None)
+        if isinstance(own, Topology):
+            built.append((name or type(m).__name__, own))
+        for axis, size in (getattr(m, "ds_axes", None) or {}).items():
+            label = name or type(m).__name__
+            if axis in asked and asked[axis][0] != size:
+                raise ConfigError(f"layers {asked[axis][1]} and {label} ask for {axis}={asked[axis][0]} and "
+                                  f"{axis}={size}; one run has one size per axis: build them alike")
+            asked[axis] = (size, label)
+            users.append(m)
+    if topology is None:
+        topology = built[0][1] if built else Topology(world_size, **{a: s for a, (s, _) in asked.items()})
+    if not isinstance(topology, Topology):
+        raise ConfigError(f"topology={topology!r} is not a ds_core.comm.Topology; build one with "
+                          f"ds_core.comm.Topology(world_size, pipe=..., expert=..., tensor=...)")
+    topology.check_world(world_size)
+    for name, other in built:
+        if other is not topology and not other.same_layout(topology):
+            raise ConfigError(f"layer {name} was built with {other!r} but the run uses {topology!r}; build the "
+                              f"model with the topology you pass to initialize (topology=)")
+    for axis, (size, label) in asked.items():
+        if topology.size(axis) != size:
+            raise ConfigError(f"layer {label} needs {axis}={size} but the run's topology has {axis}="
+                              f"{topology.size(axis)} ({topology!r}); build the layer with topology= or pass a "
+                              f"topology with {axis}={size}")
+    for m in users:
+        bind = getattr(m, "use_topology", None)
+        if bind is not None:
+            bind(topology)
+    return topology
+
+
 def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, model_parameters=None,
                training_data=None, lr_scheduler=None, mpu=None, dist_init_required: bool | None = None,
-               collate_fn=None, config: Any = None, config_params: Any = None):
+               collate_fn=None, config: Any = None, config_params: Any = None, topology: Topology | None = None):
     """Build the engine from a DeepSpeed-compatible config.
 
     Returns ``(engine, optimizer, dataloader, lr_scheduler)``; ``dataloader`` is ``None`` unless
-    ``training_data`` is given. The config is validated (batch triple included) before any process
-    group is created.
+    ``training_data`` is given. ``topology`` (a :class:`~ds_core.comm.Topology`) lays the ranks out
+    over named axes; without it one is built from what the model's layers need (data parallelism over
+    every rank by default). The config, the batch triple and the topology are checked before any
+    process group is created.
     """
     if model is None:
         raise ConfigError("initialize() needs model=")
     source = _config_source(args, config, config_params)
-    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    world_env = comm.get_world_size() if comm.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     cfg = parse_config(source)
     components = select_components(cfg, model)
+    comm.comms_logger.configure(cfg.comms_logger)
+    if cfg.seed is not None:
+        _seed_everything(cfg.seed)
     if "engine_class" in components:  # a feature with its own training contract (e.g. pipeline)
         cls = components["engine_class"][1]()
         others = {k: v for k, v in components.items() if k != "engine_class"}
         return cls.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                               training_data=training_data, lr_scheduler=lr_scheduler,
                               collate_fn=collate_fn, config=cfg, dist_init_required=dist_init_required,
-                              components=others)
-    # Check the batch triple against the launch's world size before touching process groups.
-    preset = comm.get_topology()
-    cfg.resolve_batch(preset.size("data") if preset else world_env)
+                              components=others, topology=topology)
+    # Check the topology and the batch triple against the launch's world size before any process group.
+    topology = resolve_topology(model, topology, world_env)
+    cfg.resolve_batch(topology.size("data"))
     if dist_init_required is not False and not comm.is_initialized():
         comm.init_distributed()
     comm.watchdog.start()  # also over a process group the caller made
-    # A feature may have set the topology already (an MoE layer asks for an expert axis).
-    topology = comm.get_topology() or comm.Topology(comm.get_world_size())
-    comm.set_topology(topology)
-    cfg.resolve_batch(topology.size("data"))
-    comm.comms_logger.configure(cfg.comms_logger)
-    if cfg.seed is not None:
-        _seed_everything(cfg.seed)
+    topology.check_world(comm.get_world_size())
 
     from .engine import Engine
 
@@ -90,6 +131,6 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
         from .data import build_dataloader
 
         loader = build_dataloader(training_data, engine.train_micro_batch_size_per_gpu(),
-                                  engine.dp_world_size, comm.get_rank(engine.dp_group),
+                                  engine.dp_world_size, engine.data_rank,
                                   seed=cfg.seed or 0, collate_fn=collate_fn)
     return engine, engine.optimizer, loader, engine.lr_scheduler

@@ -10,14 +10,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import ConfigError
 from ..params import DEFAULT_AXIS, reduce_axis, shard_axis
 
-__all__ = ["FlatGradients", "LossScaler", "DTYPES"]
+__all__ = ["FlatGradients", "LossScaler", "DTYPES", "Precision"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision choice a strategy implements: the model's dtype, the dtype of the weights the
+    optimizer steps, and whether the loss is scaled.
+
+    ``master_dtype`` is ``None`` when the optimizer steps the model's own parameters (fp32);
+    otherwise separate master weights of that dtype are kept (fp32 for bf16/fp16 today; a
+    low-precision master choice would set it to the model's 16-bit dtype).
+    """
+
+    name: str
+    dtype: torch.dtype
+    master_dtype: torch.dtype | None
+    loss_scaling: bool
+
+    @classmethod
+    def from_name(cls, name: str) -> Precision:
+        dtype = DTYPES[name]
+        return cls(name, dtype, None if dtype == torch.float32 else torch.float32, name == "fp16")
+
+    @property
+    def has_masters(self) -> bool:
+        return self.master_dtype is not None
 
 
 class FlatGradients:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.distributed as dist
 
 from .. import comm
 from ..errors import CommError
 from ..params import DEFAULT_AXIS, reduce_axis
+from .context import ReduceSettings
 from .precision import FlatGradients
 
 __all__ = ["DataParallelReducer", "DEFAULT_BUCKET_BYTES", "weak_grad_hook"]
@@ -42,20 +42,19 @@ DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 
 
 class DataParallelReducer:
-    """Averages gradients over ``group``; ``prescale``/``predivide`` follow DeepSpeed's options."""
+    """Averages gradients over ``group`` as ``reduce`` (:class:`ReduceSettings`) says."""
 
     def __init__(self, grads: FlatGradients, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 prescale: bool = False, predivide: float = 1.0, fp32_model: bool = True,
-                 comm_dtype: torch.dtype | None = None, axis_groups: dict | None = None) -> None:
+                 reduce: ReduceSettings | None = None, fp32_model: bool = True,
+                 axis_groups: dict | None = None) -> None:
         self.grads = grads
         # The process group of each reduce axis; ``group`` is the data axis's.
         self.axis_groups = {DEFAULT_AXIS: group, **(axis_groups or {})}
         self.world = comm.get_world_size(group)
-        self.prescale = prescale
-        self.predivide = predivide
+        self.settings = reduce = reduce or ReduceSettings()
         self.fp32_model = fp32_model
         # communication_data_type: all-reduce a 16-bit copy (half the bytes), accumulate in fp32.
-        self.comm_dtype = comm_dtype if comm_dtype not in (None, torch.float32) else None
+        self.comm_dtype = reduce.comm_dtype if reduce.comm_dtype not in (None, torch.float32) else None
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.buckets: list[tuple[int, int, list[int], object]] = []  # (start, end, param indices, group)
         # Gradient buffers without tags (or from other layouts) are one data-axis segment.
@@ -114,8 +113,8 @@ class DataParallelReducer:
     def _launch(self, b: int) -> None:
         start, end, _, group = self.buckets[b]
         chunk = self.grads.buffer[start:end]
-        if self.prescale:
-            chunk.mul_(1.0 / self.predivide)
+        if self.settings.prescale:
+            chunk.mul_(self.settings.before)
         if self.comm_dtype is not None:
             wire = chunk.to(self.comm_dtype)
             self.copies.append((chunk, wire))
@@ -140,12 +139,11 @@ class DataParallelReducer:
         # The gradient of the mean loss over the global batch: every bucket is divided by the
         # data-axis size, whichever group summed it. An expert's gradient already sums the tokens
         # its expert ranks routed to it, so its expert_data sum covers the whole batch too.
-        world = self.world
-        if self.prescale:
-            if self.predivide != world:
-                self.grads.buffer.mul_(self.predivide / world)
+        if self.settings.prescale:
+            if self.settings.predivide != self.world:
+                self.grads.buffer.mul_(self.settings.after(self.world))
         else:
-            self.grads.buffer.div_(world)
+            self.grads.buffer.div_(self.world)
 
     def remove(self) -> None:
         for h in self.handles:
@@ -163,5 +161,4 @@ def broadcast_parameters(module: torch.nn.Module, group=None, src: int = 0, axis
             g = groups.get(reduce_axis(t), group)
             if comm.get_world_size(g) == 1:
                 continue
-            first = dist.get_global_rank(g, src) if g is not None else src
-            dist.broadcast(t.data, src=first, group=g)
+            comm.broadcast(t.data, src=comm.global_rank(g, src), group=g)
