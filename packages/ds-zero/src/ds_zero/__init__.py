@@ -38,6 +38,11 @@ _EXPORTS = {
     "SwapError": "swap",
     "ModulePathMismatchError": "fingerprint",
     "GatherTimeoutError": "fingerprint",
+    "ReleasedParameterError": "released",
+    "ReleasedTensor": "released",
+    "ZeroParameter": "released",
+    "register_external_parameter": "released",
+    "unregister_external_parameter": "released",
 }
 
 __all__ = sorted(_EXPORTS)

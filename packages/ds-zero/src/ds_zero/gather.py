@@ -182,6 +182,7 @@ class ParameterCoordinator:
         else:
             s.held_for_backward = True
             key = key_of(f"{s.name} (read outside any module's forward)")
+        self.prefetcher.stats["on_access"] += 1
         self.prefetcher.fetch(key, [s])
         self.live[_ptr(s)] = s
         return True
