@@ -75,7 +75,8 @@ def _fixes(owned: bool) -> str:
         return ("read or change it inside `with ds_zero.GatheredParameters(params, modifier_rank=...)` (a "
                 "collective: run it on every rank); for the full weights use ds_zero.gathered_state_dict(engine) "
                 "or save with engine.save_checkpoint / stage3_gather_16bit_weights_on_model_save; code in a "
-                "module's forward may read any parameter (it is gathered there)")
+                "module's forward may read any parameter (it is gathered there); change the model's shapes "
+                "(e.g. resize_token_embeddings) before ds_core.initialize")
     return ("read or change it inside `with ds_zero.GatheredParameters(params, modifier_rank=0)` on every rank, "
             "or let a ZeRO stage-3 engine adopt the model (ds_core.initialize) and use it in the forward")
 
