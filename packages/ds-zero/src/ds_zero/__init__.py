@@ -34,6 +34,8 @@ _EXPORTS = {
     "Init": "init_context",
     "is_zero_init_parameter": "init_context",
     "zero_to_fp32": "consolidate",
+    "get_fp32_state_dict_from_zero_checkpoint": "consolidate",
+    "load_state_dict_from_zero_checkpoint": "consolidate",
     "gathered_state_dict": "checkpoint3",
     "SwapError": "swap",
     "ModulePathMismatchError": "fingerprint",

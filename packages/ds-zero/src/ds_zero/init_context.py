@@ -95,7 +95,11 @@ class Init:
                 raise ConfigError(f"ds_zero.Init partitions parameters for ZeRO stage 3, but the config's "
                                   f"zero_optimization.stage is {stage}; set it to 3 or build the model "
                                   f"without Init")
-            offload = ZeroConfig.model_validate(zero).offload_param
+            try:
+                offload = ZeroConfig.model_validate(zero).offload_param
+            except ValueError as exc:  # pydantic's ValidationError: the config's own message, as a ConfigError
+                errors = getattr(exc, "errors", lambda: [])()
+                raise ConfigError("; ".join(str(e.get("msg", e)) for e in errors) or str(exc)) from None
             if remote_device is None and offload.device != "none":
                 remote_device = offload.device
         if remote_device not in (None, "cpu", "none", "nvme"):
