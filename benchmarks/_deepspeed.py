@@ -25,6 +25,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 
@@ -63,6 +64,8 @@ def import_deepspeed():
     """In a rank process: import DeepSpeed quietly and attach it to the existing process group."""
     for key, value in rank_env().items():
         os.environ.setdefault(key, value)
+    # DeepSpeed calls torch.distributed APIs torch 2.13 marks deprecated, once per call site
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     with contextlib.redirect_stdout(io.StringIO()):
         import deepspeed
         from deepspeed.utils import logger
