@@ -52,7 +52,8 @@ from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
 
 LR, CLIP = 1e-4, 1.0
 SUB_GROUP = 500_000  # NVMe optimizer sub-group: about 5 per rank here, so swapping overlaps the step
-LABELS = {"fsdp_reshard": "FSDP2, reshard", "zero3_reshard": "ds ZeRO-3, reshard",
+LABELS = {"fsdpmod_reshard": "FSDP2 per module, reshard", "fsdpmod_keep": "FSDP2 per module, keep",
+          "fsdp_reshard": "FSDP2, reshard", "zero3_reshard": "ds ZeRO-3, reshard",
           "deepspeed_reshard": "DeepSpeed ZeRO-3, reshard",
           "fsdp_keep": "FSDP2, keep", "zero3_keep": "ds ZeRO-3, keep", "deepspeed_keep": "DeepSpeed ZeRO-3, keep",
           "zero3_cpu": "ds ZeRO-3 + CPU offload", "zero3_nvme": "ds ZeRO-3 + NVMe offload"}
@@ -83,7 +84,7 @@ def _config(which, base, micro, nvme=None):
 
 def _step(which, base, micro, batches, nvme=None):
     if which.startswith("fsdp"):
-        return _fsdp_step(base, batches, reshard=which.endswith("_reshard"))
+        return _fsdp_step(base, batches, reshard=which.endswith("_reshard"), per_module=which.startswith("fsdpmod"))
     if which.startswith("deepspeed"):
         return deepspeed_step(base, batches, _config(which, base, micro))
     return engine_step(base, batches, _config(which, base, micro, nvme))
@@ -117,12 +118,17 @@ def _swap_bytes(engine) -> int:
     return sum(s.nbytes_on_disk() for s in stores)
 
 
-def _fsdp_step(base, batches, reshard: bool = True):
+def _fsdp_step(base, batches, reshard: bool = True, per_module: bool = False):
+    """FSDP2 per transformer block plus the root; ``per_module``: one ``fully_shard`` unit per module with
+    parameters (the granularity of ZeRO-3's per-module gathers: what a ds stage 3 built on ``fully_shard``
+    would wrap to keep that behaviour for any model)."""
     from torch.distributed.fsdp import fully_shard
 
     model = copy.deepcopy(base)
-    for block in model.blocks:
-        fully_shard(block, reshard_after_forward=reshard)
+    units = ([m for m in model.modules() if m is not model and any(True for _ in m.parameters(recurse=False))]
+             if per_module else list(model.blocks))
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
     return torch_step(model, batches, LR, CLIP, set_to_none=True)
 
@@ -172,6 +178,14 @@ def _spread(values: list[float]) -> str:
     return f"spread {max(values) / min(values):.2f}×"
 
 
+def _paired(rounds: dict, ours: str, theirs: str) -> str:
+    """The ratio within each round (the two ran back to back, so they saw about the same machine load):
+    its median and range show how far noise moves it."""
+    ratios = sorted(a / b for a, b in zip(rounds[ours], rounds[theirs]))
+    return (f"per round: median {statistics.median(ratios):.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f} "
+            f"over {len(ratios)} rounds")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
@@ -183,11 +197,14 @@ def main() -> None:
                                                           "temporary directory)")
     parser.add_argument("--no-offload", action="store_true", help="skip the CPU and NVMe offload rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--fsdp-per-module", action="store_true", help="also time FSDP2 with one unit per "
+                        "module (the back-end evaluation in docs/zero.md)")
     args = parser.parse_args()
     with_deepspeed = unavailable() is None
     names = ["fsdp_reshard", "zero3_reshard"] + (["deepspeed_reshard"] if with_deepspeed else [])
     names += ["fsdp_keep", "zero3_keep"] + (["deepspeed_keep"] if with_deepspeed else [])
     names += [] if args.no_offload else ["zero3_cpu", "zero3_nvme"]
+    names += ["fsdpmod_reshard", "fsdpmod_keep"] if args.fsdp_per_module else []
     nvme = tempfile.mkdtemp(prefix="bench_zero3_nvme_", dir=args.nvme_path)
     shape = (args.dim, args.layers, args.micro)
     try:
@@ -212,8 +229,17 @@ def main() -> None:
               f"before sharding; held: rank 0's shards, gradients, masters and optimizer state in host memory "
               f"between steps" + (f"; NVMe swap files on rank 0: {swap / 2**20:.1f} MiB)" if swap else ")"))
     for pairing in ("reshard", "keep"):
-        print(f"ratio stage 3 / FSDP2, {pairing}:  {t[f'zero3_{pairing}'] / t[f'fsdp_{pairing}']:.3f}  (target <= 1.0)")
-        print(ratio_line(f"stage 3 / DeepSpeed ZeRO-3, {pairing}", t[f"zero3_{pairing}"], t.get(f"deepspeed_{pairing}")))
+        ours = f"zero3_{pairing}"
+        print(f"ratio stage 3 / FSDP2, {pairing}:  {t[ours] / t[f'fsdp_{pairing}']:.3f}  (target <= 1.0)   "
+              f"{_paired(rounds, ours, f'fsdp_{pairing}')}")
+        line = ratio_line(f"stage 3 / DeepSpeed ZeRO-3, {pairing}", t[ours], t.get(f"deepspeed_{pairing}"))
+        if f"deepspeed_{pairing}" in rounds:
+            line += "   " + _paired(rounds, ours, f"deepspeed_{pairing}")
+        print(line)
+    for pairing in ("reshard", "keep"):
+        if f"fsdpmod_{pairing}" in t:
+            print(f"ratio stage 3 / FSDP2 per module, {pairing}: "
+                  f"{t[f'zero3_{pairing}'] / t[f'fsdpmod_{pairing}']:.3f}")
     if "fsdp_keep" in mem:
         def peak(name):
             return max(m for m, _, _ in mem[name])
