@@ -125,8 +125,19 @@ def _fsdp_step(base, batches, reshard: bool = True, per_module: bool = False):
     from torch.distributed.fsdp import fully_shard
 
     model = copy.deepcopy(base)
-    units = ([m for m in model.modules() if m is not model and any(True for _ in m.parameters(recurse=False))]
-             if per_module else list(model.blocks))
+    units: list = list(model.blocks)
+    if per_module:  # modules sharing a parameter (the tied head and embedding) form one unit
+        units, owner = [], {}
+        for m in model.modules():
+            own = [id(p) for p in m.parameters(recurse=False)]
+            if m is model or not own:
+                continue
+            shared = {owner[i] for i in own if i in owner}
+            if shared:
+                units[shared.pop()].append(m)
+            else:
+                owner.update({i: len(units) for i in own})
+                units.append([m])
     for unit in units:
         fully_shard(unit, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
