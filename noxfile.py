@@ -49,6 +49,7 @@ TEST_DEPS = [
     "numpy",
     "tensorboard",  # the monitors' optional backends
     "wandb",
+    "transformers",  # Hugging Face models under ZeRO-3 (tests/ds_zero/test_stage3_hf.py)
     "tests/ds_core/plugins/ds-test-strategy",  # a third-party data-parallel strategy (tests/ds_core)
 ]
 XDIST_WORKERS = 2  # this many test processes; every multi-rank test starts its own ranks besides
@@ -128,7 +129,7 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Every benchmark script; each prints our figure, the baseline's, and the ratio."""
     _install_all(session)
-    session.install(TORCH, "numpy")
+    session.install(TORCH, "numpy", "deepspeed")  # DeepSpeed: the optional baseline (benchmarks/_deepspeed.py)
     scripts = session.posargs or sorted(glob.glob("benchmarks/bench_*.py"))
     for script in scripts:
         session.run("python", script)

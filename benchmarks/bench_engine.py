@@ -4,7 +4,8 @@
 
 Both loops do forward, backward (gradients averaged across ranks), gradient clipping and AdamW.
 Runs alternate (DDP, engine, DDP, engine, ...) so machine noise hits both; the ratio of medians is
-printed (target: engine / DDP <= 1.05).
+printed (target: engine / DDP <= 1.05). When DeepSpeed is importable its engine (stage 0, same config)
+joins the alternation and engine / DeepSpeed is printed too (``_deepspeed.py``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import torch.distributed as dist
 from _common import ddp_step as ddp_step_for
 from _common import engine_step as engine_step_for
 from _common import timed
+from _deepspeed import deepspeed_step, rank_env, ratio_line, unavailable
 
 from ds_core.testing import run_distributed
 from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
 
 
-def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
+def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int, with_deepspeed: bool = False):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=512, seq_len=128, dim=dim, layers=layers, heads=4)
     rank = dist.get_rank()
@@ -31,16 +33,17 @@ def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
 
     ddp_step = ddp_step_for(base, batches)
 
-    engine_step = engine_step_for(base, batches, {
-        "train_micro_batch_size_per_gpu": micro, "gradient_clipping": 1.0, "steps_per_print": 0,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}})
-
-    ddp_times, ds_times = [], []
+    config = {"train_micro_batch_size_per_gpu": micro, "gradient_clipping": 1.0, "steps_per_print": 0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}
+    runs = {"ddp": ddp_step, "ds": engine_step_for(base, batches, config)}
+    if with_deepspeed:
+        runs["deepspeed"] = deepspeed_step(base, batches, config)
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
-        ddp_times.append(timed(ddp_step, steps))
-        ds_times.append(timed(engine_step, steps))
+        for name, fn in runs.items():
+            times[name].append(timed(fn, steps))
     params = sum(p.numel() for p in base.parameters())
-    return params, statistics.median(ddp_times), statistics.median(ds_times)
+    return params, {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -51,13 +54,19 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--micro", type=int, default=8)
     args = parser.parse_args()
-    results = run_distributed(_bench, 2, args=(args.steps, args.dim, args.layers, args.micro, args.rounds),
-                              timeout=1800)
-    params, ddp_t, ds_t = results[0]
-    print(f"model: GPT {params / 1e6:.2f}M params, micro-batch {args.micro} × seq 128, 2 gloo ranks, 1 thread each")
+    with_deepspeed = unavailable() is None
+    results = run_distributed(_bench, 2, args=(args.steps, args.dim, args.layers, args.micro, args.rounds,
+                                               with_deepspeed), timeout=3600, env=rank_env())
+    params, t = results[0]
+    ddp_t, ds_t = t["ddp"], t["ds"]
+    print(f"model: GPT {params / 1e6:.2f}M params, micro-batch {args.micro} × seq 128, 2 gloo ranks, 1 thread each, "
+          f"median of {args.rounds} rounds × {args.steps} steps")
     print(f"PyTorch DDP   step: {ddp_t * 1e3:8.1f} ms")
     print(f"ds engine     step: {ds_t * 1e3:8.1f} ms")
+    if "deepspeed" in t:
+        print(f"DeepSpeed     step: {t['deepspeed'] * 1e3:8.1f} ms")
     print(f"ratio engine / DDP: {ds_t / ddp_t:.3f}  (target <= 1.05)")
+    print(ratio_line("engine / DeepSpeed", ds_t, t.get("deepspeed")))
 
 
 if __name__ == "__main__":

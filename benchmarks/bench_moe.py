@@ -10,18 +10,23 @@ interleaved round by round so machine noise hits all three; medians are printed 
 
 Part 2 (2 gloo ranks, ``ds_core.testing.run_distributed``): the same layer with ``ep_size=2``; the time
 spent inside the all-to-alls (counts, dispatch, combine, and their backward) is measured around each
-collective and compared with the rest of the forward + backward.
+collective and compared with the rest of the forward + backward. When DeepSpeed is importable, its
+``deepspeed.moe.layer.MoE`` (same gate settings and expert, ``ep_size=2``) runs alternating with ours on
+the same tokens and the ratio of forward + backward times is printed (``_deepspeed.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
 import time
 import types
 
 import torch
 import torch.distributed as dist
+from _deepspeed import import_deepspeed, rank_env, ratio_line, unavailable
 
 from ds_core.testing import run_distributed
 from ds_core.testing.models import MLP
@@ -95,7 +100,19 @@ def _instrument(spent: list[float]):
     a2a.comm = types.SimpleNamespace(all_to_all=timed)
 
 
-def expert_parallel(tokens: int, dim: int, experts: int, k: int, rounds: int):
+def _deepspeed_layer(dim: int, experts: int, k: int, ep: int):
+    import_deepspeed()
+    from deepspeed.moe.layer import MoE
+
+    torch.manual_seed(0)
+    layer = MoE(hidden_size=dim, expert=MLP(dim, 4 * dim), num_experts=experts, ep_size=ep, k=k,
+                capacity_factor=1.25, use_rts=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        layer.set_deepspeed_parallelism()  # DeepSpeed's engine does this; here the layer runs alone
+    return layer
+
+
+def expert_parallel(tokens: int, dim: int, experts: int, k: int, rounds: int, with_deepspeed: bool = False):
     spent: list[float] = []
     _instrument(spent)
     moe = _layer(dim, experts, k, ep=2)
@@ -106,7 +123,16 @@ def expert_parallel(tokens: int, dim: int, experts: int, k: int, rounds: int):
         out, l_aux, _ = moe(x)
         (out.sum() + l_aux).backward()
 
-    totals, comms = [], []
+    theirs = None
+    if with_deepspeed:
+        deep = _deepspeed_layer(dim, experts, k, ep=2)
+
+        def theirs():
+            out, l_aux, _ = deep(x.unsqueeze(0))
+            (out.sum() + l_aux).backward()
+
+        theirs()
+    totals, comms, deep_totals = [], [], []
     for _ in range(rounds):
         step()
         dist.barrier()
@@ -116,7 +142,15 @@ def expert_parallel(tokens: int, dim: int, experts: int, k: int, rounds: int):
             step()
         totals.append((time.perf_counter() - start) / 3)
         comms.append(sum(spent) / 3)
-    return statistics.median(totals), statistics.median(comms), len(spent) // 3
+        calls = len(spent) // 3
+        if theirs is not None:
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(3):
+                theirs()
+            deep_totals.append((time.perf_counter() - start) / 3)
+    deep_t = statistics.median(deep_totals) if deep_totals else None
+    return statistics.median(totals), statistics.median(comms), calls, deep_t
 
 
 def main() -> None:
@@ -139,13 +173,19 @@ def main() -> None:
     print(f"  dense FFN, equal active params:           {tps['dense']:12,.0f} tokens/s   "
           f"ds_moe / dense = {tps['moe'] / tps['dense']:.2f}")
 
-    results = run_distributed(expert_parallel, 2, args=shape, timeout=1800)
-    total, comm_t, calls = max(results)
+    with_deepspeed = unavailable() is None
+    results = run_distributed(expert_parallel, 2, args=(*shape, with_deepspeed), timeout=1800, env=rank_env())
+    total, comm_t, calls, deep_t = max(results, key=lambda r: r[0])
+    if with_deepspeed:
+        deep_t = max(r[3] for r in results)
     print(f"ep_size 2 on 2 gloo ranks ({args.tokens} tokens per rank, {args.experts // 2} experts per rank), "
           f"slowest rank:")
     print(f"  forward + backward {total * 1e3:8.1f} ms: all-to-all {comm_t * 1e3:.1f} ms "
           f"({100 * comm_t / total:.0f}%, {calls} collectives), compute and routing "
           f"{(total - comm_t) * 1e3:.1f} ms ({100 * (total - comm_t) / total:.0f}%)")
+    if deep_t is not None:
+        print(f"  DeepSpeed MoE (ep_size 2, same tokens): forward + backward {deep_t * 1e3:8.1f} ms")
+    print("  " + ratio_line("ds_moe / DeepSpeed MoE time", total, deep_t))
 
 
 if __name__ == "__main__":

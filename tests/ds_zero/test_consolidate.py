@@ -44,6 +44,15 @@ def test_consolidated_checkpoint_loads_into_a_plain_model(tmp_path, distributed,
     model.eval()
     with torch.no_grad():
         assert torch.allclose(model(X), logits, atol=1e-6)
+    # the same state dict in memory (DeepSpeed's Python API)
+    from ds_zero import get_fp32_state_dict_from_zero_checkpoint, load_state_dict_from_zero_checkpoint
+
+    memory = get_fp32_state_dict_from_zero_checkpoint(tmp_path)
+    assert set(memory) == set(state) and all(torch.equal(memory[k], state[k]) for k in state)
+    assert torch.equal(memory["tok.weight"], memory["head.weight"])
+    fresh = load_state_dict_from_zero_checkpoint(make_model(seed=4), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(X), logits, atol=1e-6)
 
 
 def test_ds_command_runs_and_reports_missing_checkpoint(tmp_path):

@@ -95,11 +95,16 @@ def test_gathered_parameters_read_modify_and_refuse_non_modifier_changes():
 
     model = make_model()
     engine = _engine(copy.deepcopy(model), stage3_param_persistence_threshold=0)
+    from ds_zero.released import ReleasedParameterError
+
     w = engine.module.tok.weight
-    assert torch.isnan(w).all()  # released: a placeholder of the right shape
+    assert w.shape == model.tok.weight.shape  # released: metadata only, touching the values raises
+    with pytest.raises(ReleasedParameterError, match="parameter tok.weight"):
+        w.sum()
     with GatheredParameters(w):
         assert torch.equal(w, model.tok.weight)
-    assert torch.isnan(w).all()
+    with pytest.raises(ReleasedParameterError, match="parameter tok.weight"):
+        w.sum()
     with GatheredParameters([w], modifier_rank=1):
         if dist.get_rank() == 1:
             with torch.no_grad():
@@ -128,8 +133,8 @@ def test_init_partitions_at_construction_and_trains_like_ddp():
     torch.manual_seed(0)
     with Init():
         model = GPT(CFG)
-    assert all(is_zero_init_parameter(p) and p.numel() == 0 for p in model.parameters())
-    assert tuple(model.tok.weight.ds_shape) == (CFG.vocab_size, CFG.dim)
+    assert all(is_zero_init_parameter(p) and not p.ds_shard.gathered for p in model.parameters())
+    assert tuple(model.tok.weight.ds_shape) == tuple(model.tok.weight.shape) == (CFG.vocab_size, CFG.dim)
     engine = _engine(model)
     from ._train import train
 

@@ -116,7 +116,7 @@ def _stage3_training(base: int, world: int, psi: int) -> dict:
     with Init():
         model = GPT(MODEL)
     built = _data_bytes() - base
-    assert all(is_zero_init_parameter(p) and p.numel() == 0 for p in model.parameters())
+    assert all(is_zero_init_parameter(p) and not p.ds_shard.gathered for p in model.parameters())
     # never whole: the shards (4Ψ/N) plus at most one module's parameters at a time
     assert built < 4 * psi // world + 16 * MiB < 4 * psi, built
     engine = _engine(model)

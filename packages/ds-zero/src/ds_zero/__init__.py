@@ -36,10 +36,17 @@ _EXPORTS = {
     "Init": "init_context",
     "is_zero_init_parameter": "init_context",
     "zero_to_fp32": "consolidate",
+    "get_fp32_state_dict_from_zero_checkpoint": "consolidate",
+    "load_state_dict_from_zero_checkpoint": "consolidate",
     "gathered_state_dict": "checkpoint3",
     "SwapError": "swap",
     "ModulePathMismatchError": "fingerprint",
     "GatherTimeoutError": "fingerprint",
+    "ReleasedParameterError": "released",
+    "ReleasedTensor": "released",
+    "ZeroParameter": "released",
+    "register_external_parameter": "released",
+    "unregister_external_parameter": "released",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,6 +18,7 @@ import torch
 from ds_core import comm
 
 from .fingerprint import PLAIN, Fingerprint, check_rows, decode_rows, header_len, key_of, wait_bounded
+from .released import raw_data, set_raw_data
 
 __all__ = ["PendingGather", "plain_fingerprint", "notice_round"]
 
@@ -94,9 +95,9 @@ class PendingGather:
                 full = grid[:, off:off + s.part].reshape(-1)[:s.numel].view(s.shape)
                 off += s.part
                 if s.persistent and s.gathered:
-                    s.param.data.copy_(full)
+                    raw_data(s.param).copy_(full)
                 else:
-                    s.param.data = full
+                    set_raw_data(s.param, full)
                 s.gathered = True
         self.out = None
 

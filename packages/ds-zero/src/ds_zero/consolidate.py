@@ -31,7 +31,8 @@ from safetensors import safe_open
 
 from ds_core.engine.checkpoint import CheckpointError, resolve_tag, verify_checkpoint
 
-__all__ = ["zero_to_fp32", "consolidated_tensors", "write_safetensors_streaming"]
+__all__ = ["zero_to_fp32", "consolidated_tensors", "write_safetensors_streaming",
+           "get_fp32_state_dict_from_zero_checkpoint", "load_state_dict_from_zero_checkpoint"]
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -168,3 +169,37 @@ def zero_to_fp32(checkpoint_dir, output_file, tag: str | None = None) -> int:
     path = _resolve(checkpoint_dir, tag)
     return write_safetensors_streaming(consolidated_tensors(path), output_file,
                                        {"format": "pt", "source": str(path)})
+
+
+def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag: str | None = None,
+                                             exclude_frozen_parameters: bool = False,
+                                             lazy_mode: bool = False) -> dict[str, torch.Tensor]:
+    """The consolidated state dict of a ZeRO checkpoint (any stage, any world size), in memory.
+
+    DeepSpeed's function of the same name: partitioned parameters come back in fp32 (from the masters),
+    everything else as saved; tied names the checkpoint records as aliases share one tensor. ``checkpoint_dir``: a save_dir with a
+    ``latest`` file, or one tag's directory; ``tag``: which tag (default: ``latest``). Needs host memory
+    for the whole model; :func:`zero_to_fp32` streams it to a file instead. ``exclude_frozen_parameters``
+    and ``lazy_mode`` are not supported (an error says so): the checkpoint does not record which
+    unpartitioned tensors are frozen parameters rather than buffers.
+    """
+    if exclude_frozen_parameters or lazy_mode:
+        which = "exclude_frozen_parameters" if exclude_frozen_parameters else "lazy_mode"
+        raise CheckpointError(f"get_fp32_state_dict_from_zero_checkpoint({which}=True) is not supported: a ds "
+                              f"checkpoint does not tell frozen parameters from buffers, and tensors are "
+                              f"assembled eagerly; call it with the defaults and drop the keys you do not want")
+    out: dict[str, torch.Tensor] = {}
+    made: dict[int, torch.Tensor] = {}  # id(producer) -> tensor: tied names share one tensor
+    for name, dtype, _, produce in consolidated_tensors(checkpoint_dir, tag):
+        if id(produce) not in made:
+            made[id(produce)] = produce().to(dtype).clone()
+        out[name] = made[id(produce)]
+    return out
+
+
+def load_state_dict_from_zero_checkpoint(model: torch.nn.Module, checkpoint_dir, tag: str | None = None
+                                         ) -> torch.nn.Module:
+    """Load the consolidated fp32 weights of a ZeRO checkpoint into a plain ``model`` (strictly: every key
+    must match) and return it — DeepSpeed's function of the same name, for leaving ZeRO after training."""
+    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag))
+    return model

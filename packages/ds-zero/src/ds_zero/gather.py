@@ -21,8 +21,16 @@ gradients are off.
 
 Gathering is a collective, so every rank must run the same modules in the same order (as for any
 data-parallel model); a rank that does not fails with :class:`~ds_zero.fingerprint.ModulePathMismatchError`
-naming the modules (``fingerprint.py``). Code that reads parameters outside their module
-(``module.weight`` in another module's forward) must gather them with :class:`GatheredParameters`.
+naming the modules (``fingerprint.py``).
+
+**External parameters.** A forward may use a parameter its module does not own: ``nn.MultiheadAttention``
+reads ``out_proj.weight`` without calling ``out_proj``, a parent reads a child's weight, a module gets
+another's weight as an argument. Every partitioned parameter is a
+:class:`~ds_zero.released.ZeroParameter`; when an operation touches one that is released while a step
+runs, :meth:`ParameterCoordinator.on_access` gathers it on the spot and registers it with the innermost
+module running, whose forward gathers it with its own parameters from then on (and counts as its user,
+so it stays whole until that forward ends; backward regathers it through the saved-tensor references
+like any other). Outside a step such a touch raises, naming the parameter.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch
 
 from .fingerprint import key_of
 from .prefetch import Prefetcher, Stage3Settings
+from .released import raw_data
 from .stage3 import ShardedParameter, Stage3Partitions
 
 __all__ = ["ParameterCoordinator"]
@@ -47,11 +56,39 @@ class _SavedRef:
     def __init__(self, shard: ShardedParameter, t: torch.Tensor, key: int) -> None:
         self.shard, self.key = shard, key
         self.size, self.stride = t.size(), t.stride()
-        self.offset = t.storage_offset() - shard.param.data.storage_offset()
+        self.offset = t.storage_offset() - raw_data(shard.param).storage_offset()
 
 
 def _ptr(s: ShardedParameter) -> int:
-    return s.param.data.untyped_storage().data_ptr()
+    return raw_data(s.param).untyped_storage().data_ptr()
+
+
+class _Module:
+    """One module's entry: its label, fetch keys, and the shards its forward gathers — its own
+    (non-recursive) parameters, then the external ones registered (``released.py``)."""
+
+    __slots__ = ("label", "keys", "shards", "external_keys")
+
+    def __init__(self, label: str, shards: list[ShardedParameter]) -> None:
+        self.label = label
+        self.keys = (key_of(f"{label} (forward)"), key_of(f"{label} (backward)"))
+        self.shards = shards
+        self.external_keys: dict[int, int] = {}
+
+    def external_key(self, s: ShardedParameter) -> int:
+        key = self.external_keys.get(id(s))
+        if key is None:
+            key = self.external_keys[id(s)] = key_of(f"{s.name} (read by {self.label})")
+        return key
+
+
+class _Frame:
+    """A module whose forward is running: the shards it counted as users of, and externals gathered for it."""
+
+    __slots__ = ("entry", "shards", "extra")
+
+    def __init__(self, entry: _Module) -> None:
+        self.entry, self.shards, self.extra = entry, tuple(entry.shards), []
 
 
 class ParameterCoordinator:
@@ -69,40 +106,86 @@ class ParameterCoordinator:
         self._saved_hooks = None
         self._depth = 0
         self._outer_error = None
-        self._running: list[int] = []  # backward keys of the modules in forward, innermost last
+        self._frames: list[_Frame] = []  # the modules in forward, innermost last
+        self.entries: dict[int, _Module] = {}
         self.prefetcher = Prefetcher([s for g in parts.groups for s in g.sharded], parts.group, self._release,
                                      settings)
+        for s in self.prefetcher.shards:
+            s.on_access = self.on_access
+        # [Note: hooks on every module] Modules without parameters get hooks too, so the innermost
+        # running module is known exactly when a forward touches a parameter another module owns.
         for name, m in module.named_modules():
-            shards = parts.shards_of(m.parameters(recurse=False))
-            if not shards:
-                continue
-            label = name or f"<root {type(m).__name__}>"
-            keys = (key_of(f"{label} (forward)"), key_of(f"{label} (backward)"))
-            self.handles.append(m.register_forward_pre_hook(lambda mod, args, s=shards, k=keys: self.acquire(s, k)))
-            self.handles.append(m.register_forward_hook(lambda mod, args, out, s=shards: self.drop(s),
-                                                        always_call=True))
+            entry = _Module(name or f"<root {type(m).__name__}>", parts.shards_of(m.parameters(recurse=False)))
+            self.entries[id(m)] = entry
+            for p in m.__dict__.get("_ds_external_params", {}).values():
+                self.register_external(m, getattr(p, "ds_shard", None))
+            self.handles.append(m.register_forward_pre_hook(lambda mod, args, e=entry: self.acquire(e)))
+            self.handles.append(m.register_forward_hook(lambda mod, args, out: self.drop(), always_call=True))
         self.handles.append(module.register_forward_pre_hook(self._enter, prepend=True))
         self.handles.append(module.register_forward_hook(self._exit, always_call=True))
+
+    def register_external(self, module: torch.nn.Module, s: ShardedParameter | None) -> None:
+        """Gather ``s`` with ``module``'s own parameters from now on (a no-op for a module or parameter
+        this coordinator does not manage, or one already registered)."""
+        entry = self.entries.get(id(module))
+        if entry is not None and s is not None and s.owner is self.parts and s not in entry.shards:
+            entry.shards.append(s)
+
+    def unregister_external(self, module: torch.nn.Module, s: ShardedParameter | None) -> None:
+        entry = self.entries.get(id(module))
+        own = set(map(id, module.parameters(recurse=False)))
+        if entry is not None and s is not None and s in entry.shards and id(s.param) not in own:
+            entry.shards.remove(s)
 
     def configure(self, settings: Stage3Settings) -> None:
         self.prefetcher.settings = settings
 
     # -- gather / release with use counts -------------------------------------------------------------
-    def acquire(self, shards: list[ShardedParameter], keys: tuple[int, int]) -> None:
+    def acquire(self, entry: _Module) -> None:
         """A module's forward starts: gather its shards not already whole, count one more user of each."""
-        self._running.append(keys[1])
-        for s in shards:
+        frame = _Frame(entry)
+        self._frames.append(frame)
+        if not frame.shards:
+            return
+        for s in frame.shards:
             s.users += 1
-        self.prefetcher.fetch(keys[0], [s for s in shards if not s.persistent])
-        for s in shards:
+        self.prefetcher.fetch(entry.keys[0], [s for s in frame.shards if not s.persistent])
+        for s in frame.shards:
             self.live[_ptr(s)] = s
 
-    def drop(self, shards: list[ShardedParameter]) -> None:
-        if self._running:
-            self._running.pop()
-        for s in shards:
+    def drop(self) -> None:
+        if not self._frames:
+            return
+        frame = self._frames.pop()
+        for s in frame.shards:
             s.users -= 1
             self.release_if_unused(s)
+        for s in frame.extra:
+            s.users -= 1
+            self.release_if_unused(s)
+
+    def on_access(self, s: ShardedParameter) -> bool:
+        """Model code touched released ``s`` (``released.py``): while a step runs, gather it now and
+        register it as an external parameter of the innermost module running (so its forward gathers it
+        from the next step on); outside modules (between forward and backward) keep it for backward.
+        False when no step runs: the caller raises, naming ``s``."""
+        if self.prefetcher.step is None or not self.handles:
+            return False
+        if self._frames:
+            frame = self._frames[-1]
+            entry = frame.entry
+            if s not in entry.shards:
+                entry.shards.append(s)
+            frame.extra.append(s)
+            s.users += 1
+            key = entry.external_key(s)
+        else:
+            s.held_for_backward = True
+            key = key_of(f"{s.name} (read outside any module's forward)")
+        self.prefetcher.stats["on_access"] += 1
+        self.prefetcher.fetch(key, [s])
+        self.live[_ptr(s)] = s
+        return True
 
     def release_if_unused(self, s: ShardedParameter) -> None:
         """Release ``s`` when no module, context or backward holds it and no use comes soon."""
@@ -138,7 +221,7 @@ class ParameterCoordinator:
         # the check against the parameter's current storage guards against a stale entry
         if s is None or s.persistent or not s.gathered or _ptr(s) != ptr:
             return t
-        key = self._running[-1] if self._running else key_of(f"{s.name} (backward)")
+        key = self._frames[-1].entry.keys[1] if self._frames else key_of(f"{s.name} (backward)")
         return _SavedRef(s, t, key)
 
     def _unpack(self, saved):
@@ -149,7 +232,7 @@ class ParameterCoordinator:
             self.prefetcher.fetch(saved.key, [s])  # the first use of ``s`` in this backward
             self.live[_ptr(s)] = s
         s.held_for_backward = True
-        data = s.param.data
+        data = raw_data(s.param)
         return data.as_strided(saved.size, saved.stride, data.storage_offset() + saved.offset)
 
     def _enter(self, module, args) -> None:
@@ -176,3 +259,4 @@ class ParameterCoordinator:
         for h in self.handles:
             h.remove()
         self.handles = []
+        self._frames = []

@@ -18,6 +18,7 @@ import torch
 from ds_core import comm
 from ds_core.errors import DSError
 
+from .released import settle
 from .stage3 import ShardedParameter, gather_shards
 
 __all__ = ["GatheredParameters", "ModifiedOnNonModifierRankError"]
@@ -92,6 +93,8 @@ class GatheredParameters:
                 coordinator = getattr(s.owner, "coordinator", None)  # the engine's hooks, if any
                 if coordinator is not None:
                     coordinator.release_if_unused(s)  # keeps a parameter its next module is about to use
+                elif getattr(s, "borrow_base", None) is not None:
+                    settle(s)  # borrowed before an engine adopted it: its shard takes the full value
                 elif s.users == 0 and not s.held_for_backward:
                     s.release()
 

@@ -137,8 +137,10 @@ class Prefetcher:
         self.queue: deque = deque()  # gathers in flight, oldest first
         self.resident = 0            # elements gathered or in flight (not persistent)
         # counts since construction, for tests and tuning: gathers on demand / ahead, header exchanges
-        # before a gather (steps without a logged order), notices, and the most elements ever resident
-        self.stats = {"on_demand": 0, "prefetched": 0, "guarded": 0, "notices": 0, "peak_resident": 0}
+        # before a gather (steps without a logged order), notices, the most elements ever resident, and
+        # parameters gathered because model code touched them outside their module (``gather.py``)
+        self.stats = {"on_demand": 0, "prefetched": 0, "guarded": 0, "notices": 0, "peak_resident": 0,
+                      "on_access": 0}
         if self.shards:
             s0 = self.shards[0]
             self.dtype, self.device = getattr(s0, "dtype", None) or s0.shard.dtype, s0.device

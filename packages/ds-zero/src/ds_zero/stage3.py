@@ -12,8 +12,9 @@ which is what the optimizer steps (``optimizer.py``'s :class:`ZeroOptimizer` wor
 on a stage-1/2 partition), so the group's hyper-parameters apply to every element.
 
 While a parameter is released its ``data`` is a *placeholder*: one NaN expanded to the full shape
-(no memory, ``param.shape`` still right, and any computation that forgot to gather shows NaN rather
-than silently wrong numbers; writing into it fails). Parameters of at most
+(no memory, ``param.shape`` still right; writing into it fails). Model code never computes with it:
+every partitioned parameter is a :class:`~ds_zero.released.ZeroParameter`, which gathers it where
+that is safe or raises naming it (``released.py``). Parameters of at most
 ``stage3_param_persistence_threshold`` elements stay whole on every rank (they are cheap to keep and
 costly to gather one by one); their optimizer state is still partitioned and they are re-gathered
 after every step.
@@ -35,14 +36,10 @@ from ds_core.errors import ConfigError
 from ds_core.params import DEFAULT_AXIS, reduce_axis, shard_axis
 
 from .partition import check_param_groups, padded_numel
+from .released import make_zero_parameter, placeholder, raw_data, set_raw_data, settle
 from .swap_params import ShardSwapper
 
 __all__ = ["ShardedParameter", "Stage3Group", "Stage3Partitions", "placeholder", "gather_shards"]
-
-
-def placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A released parameter's data: one NaN expanded to ``shape`` (no storage beyond one element)."""
-    return torch.full((), float("nan"), dtype=dtype, device=device).expand(shape)
 
 
 class ShardedParameter:
@@ -75,15 +72,17 @@ class ShardedParameter:
         self.gathered = source is None or source.gathered  # full data present in ``param.data``
         with torch.no_grad():
             if source is not None:
+                if getattr(source, "borrow_base", None) is not None:
+                    settle(source)  # a model change made while it was gathered on access reaches its shard
                 if source.world != world:
                     raise ConfigError(f"parameter {name} was partitioned by ds_zero.Init over {source.world} "
                                       f"ranks but the engine's data-parallel group has {world}; pass the same "
                                       f"group to Init (data_parallel_group=...)")
                 shard.copy_(source.shard)
                 if source.gathered:
-                    param.data = param.data.to(shard.dtype)
+                    set_raw_data(param, raw_data(param).to(shard.dtype))
                 else:
-                    param.data = placeholder(self.shape, shard.dtype, self.device)
+                    set_raw_data(param, placeholder(self.shape, shard.dtype, self.device))
             else:
                 flat = param.detach().reshape(-1)
                 lo = min(self.numel, rank * self.part)
@@ -91,6 +90,7 @@ class ShardedParameter:
                 shard.zero_()
                 shard[:hi - lo].copy_(flat[lo:hi])
         param.ds_shard = self
+        make_zero_parameter(param)
 
     @property
     def shard(self) -> torch.Tensor:
@@ -118,10 +118,7 @@ class ShardedParameter:
         as one of the ``buffer_count`` most recently used (its file is authoritative)."""
         if self.persistent or not self.gathered:
             return
-        if self.owner is None:  # built under Init, not yet adopted by an engine: DeepSpeed's empty tensor
-            self.param.data = torch.empty(0, dtype=self.dtype, device=self.device)
-        else:
-            self.param.data = placeholder(self.shape, self.dtype, self.device)
+        set_raw_data(self.param, placeholder(self.shape, self.dtype, self.device))
         self.gathered = False
 
 
