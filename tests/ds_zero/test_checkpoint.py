@@ -103,28 +103,19 @@ def test_stage_0_checkpoint_needs_model_only_load(tmp_path):
     assert torch.equal(zero.module.tok.weight, engine.module.tok.weight)
 
 
-def _tamper_model_file(path):
-    """What a replaced or damaged model.safetensors looks like: one weight no longer matches the masters."""
-    from safetensors.torch import load_file, save_file
-
-    file = path / "global_step2" / "model.safetensors"
-    if dist.get_rank() == 0:
-        tensors = load_file(str(file))
-        tensors["blocks.0.proj.weight"] = tensors["blocks.0.proj.weight"] * 2
-        save_file(tensors, str(file))
-    dist.barrier()
-
-
 @pytest.mark.world_size(2)
 def test_a_model_file_disagreeing_with_the_masters_is_refused_on_every_rank(tmp_path):
-    """Loaded as it is, each rank would hold the model file's weights except its own partition (the
-    masters) and step from different weights; the load is refused, and training refused until a good
-    load (weights only, here) makes every rank agree."""
-    engine, *_ = ds_core.initialize(model=make_model(), config=config(stage=2))
+    """The model's weights changed behind the strategy's back (in place, not through load_state_dict),
+    then saved: model.safetensors no longer matches the fp32 masters (its checksum is fine). Loaded as
+    it is, each rank would hold the model file's weights except its own partition (the masters) and
+    step from different weights; the load is refused, and training refused until a good load
+    (weights only, here) makes every rank agree."""
+    engine, *_ = ds_core.initialize(model=make_model(), config=config(stage=2, bf16={"enabled": True}))
     train(engine, 2)
+    with torch.no_grad():
+        engine.module.blocks[0].proj.weight.mul_(2)
     engine.save_checkpoint(tmp_path)
-    _tamper_model_file(tmp_path)
-    other, *_ = ds_core.initialize(model=make_model(seed=1), config=config(stage=2))
+    other, *_ = ds_core.initialize(model=make_model(seed=1), config=config(stage=2, bf16={"enabled": True}))
     with pytest.raises(CheckpointError, match=r"model\.safetensors and the fp32 masters in zero_rank\*\.safetensors "
                                               r"disagree \((parameter blocks\.0\.proj\.weight differs|found on another "
                                               r"rank).*ranks step from different weights"):
@@ -133,7 +124,7 @@ def test_a_model_file_disagreeing_with_the_masters_is_refused_on_every_rank(tmp_
         train(other, 1, first_step=2)
     other.load_checkpoint(tmp_path, load_optimizer_states=False)  # the model file's weights, masters follow
     train(other, 1, first_step=2)
-    mine = torch.cat([p.detach().reshape(-1) for p in other.module.parameters()])
+    mine = torch.cat([p.detach().float().reshape(-1) for p in other.module.parameters()])
     theirs = mine.clone()
     dist.broadcast(theirs, src=0)
     assert torch.equal(mine, theirs)  # every rank holds the same weights
