@@ -15,6 +15,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "init_inference": "ds_infer.engine",
+    "InferenceEngine": "ds_infer.engine",
+    "InferenceConfig": "ds_infer.config",
+    "generate": "ds_infer.generation",
+    "GenerationConfig": "ds_infer.generation",
     "load_model": "ds_infer.models",
     "from_module": "ds_infer.models",
     "CausalLM": "ds_infer.models",

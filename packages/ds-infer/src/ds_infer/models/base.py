@@ -81,6 +81,12 @@ class CausalLM(nn.Module):
         hidden = self.forward(input_ids, positions, NoCache(attention_mask))
         return self.compute_logits(hidden).view(*input_ids.shape, -1)
 
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **kwargs) -> Tensor:
+        """ds_infer's decode loop on this model (see :func:`ds_infer.generate`)."""
+        from ..generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
     def set_fused(self, enabled: bool) -> None:
         """Norms through the op registry's kernels where one exists for the device."""
         for m in self.modules():

@@ -48,7 +48,8 @@ def _index(rows: slice | None, cols: slice | None, ndim: int):
 class SafetensorsDir:
     """``model.safetensors`` or ``model.safetensors.index.json`` + shards (any ``*.safetensors`` name)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, files: list[str | Path] | None = None,
+                 aliases: dict[str, str] | None = None) -> None:
         from safetensors import safe_open
 
         self.path = Path(path)
@@ -56,7 +57,16 @@ class SafetensorsDir:
             raise CheckpointError(f"checkpoint {path}: not a directory; pass the directory save_pretrained wrote")
         index = self.path / "model.safetensors.index.json"
         self._where: dict[str, Path] = {}
-        if index.is_file():
+        self._aliases: dict[str, str] = {}
+        if files is not None:  # an explicit list (a ds engine checkpoint's model.safetensors, DeepSpeed's json)
+            missing = [str(f) for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise CheckpointError(f"checkpoint {path}: files {', '.join(missing[:5])} are missing")
+            for file in files:
+                with safe_open(str(self.path / file), framework="pt") as f:
+                    for name in f.keys():
+                        self._where[name] = self.path / file
+        elif index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map", {})
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.path / f).is_file()]
@@ -76,10 +86,15 @@ class SafetensorsDir:
                 with safe_open(str(self.path / file), framework="pt") as f:
                     for name in f.keys():
                         self._where[name] = self.path / file
+        for alias, target in (aliases or {}).items():  # tied weights stored once
+            if target in self._where:
+                self._aliases[alias] = target
+                self._where.setdefault(alias, self._where[target])
         self._open: dict[Path, object] = {}
         self._safe_open = safe_open
 
     def _file(self, name: str):
+        name = self._aliases.get(name, name)
         path = self._where.get(name)
         if path is None:
             raise CheckpointError(f"checkpoint {self.path}: no tensor {name!r}")
@@ -92,13 +107,13 @@ class SafetensorsDir:
         return set(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        return tuple(self._file(name).get_slice(self._aliases.get(name, name)).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        return _ST_DTYPES[self._file(name).get_slice(name).get_dtype()]
+        return _ST_DTYPES[self._file(name).get_slice(self._aliases.get(name, name)).get_dtype()]
 
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> Tensor:
-        sl = self._file(name).get_slice(name)
+        sl = self._file(name).get_slice(self._aliases.get(name, name))
         if rows is None and cols is None:
             return sl[:]
         return sl[_index(rows, cols, len(sl.get_shape()))]
