@@ -7,9 +7,10 @@ has the tensor (and sequence) axis the config asks for, then shards the model.
 
 [Note: topology adoption] ``initialize`` builds its default topology (everything on the data axis)
 before components run. When that topology lacks the tensor or sequence axis the config asks for,
-the wrapper replaces it — ``engine.topology``, the data-parallel group and its size, the resolved
-batch sizes and ds-core's current topology — which is safe because nothing has been built from the
-old one yet. A run that builds the model with :func:`ds_parallel.tensor_parallel` (or sets the
+the wrapper re-shapes that topology object in place (the engine's constructor still holds it in a
+local variable it builds more groups from) and refreshes what the engine already took from it: the
+data-parallel group and its size and the resolved batch sizes. That is safe because nothing else
+has been built from the old shape yet. A run that builds the model with :func:`ds_parallel.tensor_parallel` (or sets the
 topology with ``ds_core.comm.ensure_topology(tensor=N)``) before ``initialize`` needs none of this,
 and is the way to give a ``train_batch_size`` computed for the data-parallel size
 (``initialize`` checks the batch triple against the launched world before any component runs).
@@ -57,6 +58,10 @@ def adopt_topology(engine, tensor: int, sequence: int) -> None:
         pipe = expert = 1
     topology = comm.Topology(world, pipe=pipe, expert=expert, sequence=sequence, tensor=tensor,
                              device_type=getattr(old, "device_type", "cpu"))
+    if old is not None:  # the same object everywhere it is already referenced (see the note)
+        old.__dict__.clear()
+        old.__dict__.update(topology.__dict__)
+        topology = old
     comm.set_topology(topology)
     engine.topology = topology
     engine.dp_group = topology.group("data") if world > 1 else None
