@@ -45,6 +45,15 @@ _EXPORTS = {
     "load_sharded": "loading",
     "from_pretrained": "loading",
     "SafetensorsCheckpoint": "loading",
+    # sequence parallelism
+    "DistributedAttention": "sequence.ulysses",
+    "seq_all_to_all": "sequence.ulysses",
+    "shard_batch": "sequence.data",
+    "SequenceShardedLoader": "sequence.data",
+    "sequence_parallel_loss": "sequence.data",
+    "sequence_parallel": "sequence.hf",
+    "register_ulysses_attention": "sequence.hf",
+    "sequence_group": "sequence.hf",
 }
 
 __all__ = ["__version__", *_EXPORTS]
