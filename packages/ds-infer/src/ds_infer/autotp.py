@@ -34,8 +34,8 @@ def shard_in_place(engine: InferenceEngine, model: nn.Module, quant: Any) -> nn.
         raise ConfigError(f"{type(model).__name__} is on the meta device and no checkpoint= was given; pass the "
                           "checkpoint directory to load each rank's slices from")
     if cfg.checkpoint is not None and not meta:
-        from .engine import load_module_state
         from .checkpoints import open_checkpoint
+        from .engine import load_module_state
 
         ckpt = open_checkpoint(cfg.checkpoint)
         load_module_state(model, ckpt.source, ckpt.where, engine.device)
