@@ -141,7 +141,8 @@ class WeightLoader:
                                   f"config implies {expect}; the checkpoint was saved from a different config "
                                   "(compare config.json with the weights) or is corrupt")
         self.used.add(name)
-        out_shape = [_len(rows, shape[0])] + ([_len(cols, shape[1])] if len(shape) > 1 else []) + list(shape[2:])
+        out_shape = list(shape) if not shape else \
+            [_len(rows, shape[0])] + ([_len(cols, shape[1])] if len(shape) > 1 else []) + list(shape[2:])
         if self.check:
             return torch.empty(out_shape, device="meta", dtype=self.source.dtype(name))
         if isinstance(rows, (list, tuple)):  # several runs of rows (replicated KV heads): read each
