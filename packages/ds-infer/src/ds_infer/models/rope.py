@@ -131,18 +131,18 @@ class Rotary(torch.nn.Module):
         cos, sin = emb.cos(), emb.sin()
         if scaling != 1.0:
             cos, sin = cos * scaling, sin * scaling
+        # rotate_half(x) * sin == roll(x, d/2) * [-sin_1, sin_2]: the sign goes into sin once per
+        # forward (an exact negation), so each layer's rotation is roll + 2 mul + add
+        half = emb.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return cos.to(dtype).unsqueeze(2), sin.to(dtype).unsqueeze(2)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [B, T, H, D]`` by ``cos/sin [B, T, 1, d]`` (the first ``d`` channels when d < D)."""
+    """Rotate ``x [B, T, H, D]`` by :class:`Rotary`'s ``cos/sin [B, T, 1, d]`` (the first ``d``
+    channels when d < D): ``x·cos + rotate_half(x)·sin`` in the half-split (NeoX) layout."""
     d = cos.shape[-1]
     if d == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return x * cos + torch.roll(x, d // 2, dims=-1) * sin
     rot, rest = x[..., :d], x[..., d:]
-    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+    return torch.cat((rot * cos + torch.roll(rot, d // 2, dims=-1) * sin, rest), dim=-1)
