@@ -27,6 +27,7 @@ _LAZY = {
     "StaticKVCache": "ds_infer.models",
     "NoCache": "ds_infer.models",
     "QuantLinear": "ds_infer.quant",
+    "save_pretrained": "ds_infer.export",
 }
 
 __all__ = ["__version__", *_LAZY]
