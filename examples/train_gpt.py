@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--corpus-bytes", type=int, default=2_000_000)
     parser.add_argument("--save-dir", default="runs/train_gpt_checkpoint",
                         help="the checkpoint written at the end (and loaded back for the sample)")
+    parser.add_argument("--hf-dir", default="runs/train_gpt_hf",
+                        help="the trained model written as a Hugging Face directory (for `ds serve`)")
     parser.add_argument("--prompt", default="The engine ", help="prompt of the generated sample")
     parser.add_argument("--sample-tokens", type=int, default=64, help="tokens to generate (0: no sample)")
     args = parser.parse_args()
@@ -135,6 +137,13 @@ def sample(args: argparse.Namespace, cfg: GPTConfig) -> None:
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
     print(f"[train_gpt] inference: {args.save_dir} loaded by ds_infer.init_inference in {engine.load_seconds:.2f} s; "
           f"{len(stamps)} tokens sampled at {rate:,.0f} tokens/s decode:\n{text}", flush=True)
+    if args.hf_dir:  # the same weights as a Hugging Face directory with a byte tokenizer: `ds serve` it
+        ds_infer.save_pretrained(engine, args.hf_dir)
+        try:
+            ds_infer.save_byte_tokenizer(args.hf_dir)
+            print(f"[train_gpt] serve it: ds serve {args.hf_dir}", flush=True)
+        except Exception as exc:  # tokenizers/transformers are optional
+            print(f"[train_gpt] {args.hf_dir} written without a tokenizer ({exc})", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,11 @@ def test_quantized_models_are_refused(tmp_path):
     engine = ds_infer.init_inference(make("llama"), replace_with_kernel_inject=True, quant="int8")
     with pytest.raises(ConfigError, match="only dense"):
         ds_infer.save_pretrained(engine, tmp_path)
+
+
+def test_byte_tokenizer_ids_are_the_utf8_bytes(tmp_path):
+    ds_infer.save_byte_tokenizer(tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "Héllo, wörld\n\t"
+    assert tok(text)["input_ids"] == list(text.encode())
+    assert tok.decode(list(text.encode())) == text

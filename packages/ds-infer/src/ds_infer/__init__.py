@@ -28,6 +28,7 @@ _LAZY = {
     "NoCache": "ds_infer.models",
     "QuantLinear": "ds_infer.quant",
     "save_pretrained": "ds_infer.export",
+    "save_byte_tokenizer": "ds_infer.export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -24,7 +24,7 @@ from ds_core.errors import ConfigError
 from .models.base import CausalLM
 from .models.layers import SparseMoE
 
-__all__ = ["save_pretrained", "hf_config"]
+__all__ = ["save_pretrained", "hf_config", "save_byte_tokenizer"]
 
 
 def hf_config(model: CausalLM) -> dict[str, Any]:
@@ -143,3 +143,36 @@ def save_pretrained(model: Any, out_dir: str | Path) -> Path:
     (out / "config.json").write_text(json.dumps(hf_config(model), indent=2, default=str) + "\n")
     return out
 
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (printable Latin-1 bytes stand for themselves, the
+    others take the code points from 256 on), so a byte-level BPE can hold raw bytes."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def save_byte_tokenizer(out_dir: str | Path) -> Path:
+    """Write a tokenizer whose token ids are the UTF-8 bytes (ids 0-255): the tokenizer of a byte-level
+    model such as the example's GPT, so ``ds serve`` and ``AutoTokenizer`` can use its directory.
+    Needs ``tokenizers`` and ``transformers`` (``pip install ds-infer[hf]``)."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as exc:
+        raise ConfigError(f"save_byte_tokenizer needs tokenizers and transformers ({exc}); "
+                          "pip install 'ds-infer[hf]'") from exc
+    chars = _byte_chars()
+    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    out = Path(out_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
+    return out
