@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .config import RopeConfig
@@ -121,11 +122,33 @@ class Rotary(torch.nn.Module):
         self.attention_scaling = scaling
         self.length_dependent = rope.type in ("dynamic", "longrope")
 
+        self._table: tuple[Tensor, Tensor] | None = None
+
+    def reserve(self, length: int, dtype: torch.dtype) -> None:
+        """Precompute cos/sin for positions ``[0, length)`` in ``dtype`` (the decode loop knows its
+        longest position): each step then gathers two rows instead of computing them. The values
+        are the same bits :meth:`forward` computes; positions past ``length`` fail loudly."""
+        if self.length_dependent:
+            return
+        table = self._table
+        if table is not None and table[0].shape[0] >= length and table[0].dtype == dtype:
+            return
+        positions = torch.arange(length, device=self.inv_freq.device)[None]
+        cos, sin = self._compute(positions, dtype, self.inv_freq, self.attention_scaling)  # [1, L, 1, d]
+        self._table = (cos[0, :, 0].contiguous(), sin[0, :, 0].contiguous())
+
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        table = self._table
+        if table is not None and table[0].dtype == dtype:
+            return F.embedding(positions, table[0]).unsqueeze(2), F.embedding(positions, table[1]).unsqueeze(2)
         inv, scaling = self.inv_freq, self.attention_scaling
         if self.length_dependent:  # the frequencies depend on the longest position in this batch
             inv, scaling = inv_frequencies(self.rope, int(positions.max()) + 1)
             inv = inv.to(positions.device)
+        return self._compute(positions, dtype, inv, scaling)
+
+    @staticmethod
+    def _compute(positions: Tensor, dtype: torch.dtype, inv: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         freqs = positions[..., None].float() * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
