@@ -33,7 +33,6 @@ def family(request):
     return request.param, hf, ids, mask, ref
 
 
-@pytest.mark.smoke
 def test_greedy_64_tokens_equal_transformers(family):
     _, hf, ids, mask, ref = family
     engine = ds_infer.init_inference(hf, replace_with_kernel_inject=True)

@@ -13,10 +13,10 @@ import torch
 pytest.importorskip("transformers")
 
 CASES = [("llama", {}),  # 8 query heads, 2 KV heads: split over the ranks
-         ("llama", {"num_key_value_heads": 1}),  # 1 KV head: replicated on both ranks
          ("qwen2", {}), ("gpt2", {}),
          ("mixtral", {}),  # 4 experts: 2 per rank (expert parallel)
-         ("qwen2_moe", {})]
+         ("llama", {"num_key_value_heads": 1})]  # 1 KV head: replicated on both ranks (checkpoint test)
+PARITY = CASES[:4]
 
 
 def _model(name, overrides):
@@ -59,7 +59,7 @@ def test_tp2_greedy_tokens_and_logits_equal_transformers(references):
 
     import ds_infer
 
-    for i, (name, overrides) in enumerate(CASES):
+    for i, (name, overrides) in enumerate(PARITY):
         hf, ids, mask = _model(name, overrides)
         tokens, logits = references[i]
         engine = ds_infer.init_inference(hf, replace_with_kernel_inject=True, tensor_parallel={"tp_size": 2})
