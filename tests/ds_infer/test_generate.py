@@ -164,3 +164,21 @@ def test_generate_function_and_bad_input():
         generate(native, ids, max_new_tokens=300)
     with pytest.raises(GenerationError, match="top_p 1.5"):
         generate(native, ids, max_new_tokens=2, do_sample=True, top_p=1.5)
+
+
+def test_static_decode_step_is_captured_as_one_graph():
+    """compile=True runs the step's static form; fullgraph=True proves it has no graph break (the
+    "eager" backend skips inductor's code generation, which `compile=True` adds on top)."""
+    import torch._dynamo.utils
+
+    hf = make("llama", num_hidden_layers=1)
+    ids, mask = _padded(2, 6)
+    ref = ds_infer.init_inference(hf, replace_with_kernel_inject=True).generate(
+        ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    engine = ds_infer.init_inference(hf, replace_with_kernel_inject=True,
+                                     compile={"backend": "eager", "fullgraph": True})
+    assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None), ref)
+    engine.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)  # same cache: no recompile
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
