@@ -18,6 +18,7 @@ Two ways to prepare a model, chosen by ``replace_with_kernel_inject`` (DeepSpeed
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,7 @@ class InferenceEngine:
         """ds_infer's decode loop (see :func:`ds_infer.generate`); ``max_out_tokens`` bounds the length."""
         from .generation import generate
 
-        if isinstance(input_ids, dict):  # a tokenizer's BatchEncoding
+        if isinstance(input_ids, Mapping):  # a tokenizer's BatchEncoding
             kwargs.setdefault("attention_mask", input_ids.get("attention_mask"))
             input_ids = input_ids["input_ids"]
         if isinstance(input_ids, Tensor):
