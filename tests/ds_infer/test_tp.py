@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 CASES = [("llama", {}),  # 8 query heads, 2 KV heads: split over the ranks
          ("qwen2", {}), ("gpt2", {}),
-         ("mixtral", {}),  # 4 experts: 2 per rank (expert parallel)
+         ("mixtral", {}),  # 4 experts: 2 whole experts per rank (ep_size 2), then each expert split in two
          ("llama", {"num_key_value_heads": 1})]  # 1 KV head: replicated on both ranks (checkpoint test)
 PARITY = CASES[:4]
 
@@ -62,10 +62,14 @@ def test_tp2_greedy_tokens_and_logits_equal_transformers(references):
     for i, (name, overrides) in enumerate(PARITY):
         hf, ids, mask = _model(name, overrides)
         tokens, logits = references[i]
-        engine = ds_infer.init_inference(hf, replace_with_kernel_inject=True, tensor_parallel={"tp_size": 2})
-        out = engine.generate(ids, attention_mask=mask, max_new_tokens=64, eos_token_id=None)
-        assert torch.equal(out, tokens), (name, overrides, dist.get_rank())
-        torch.testing.assert_close(engine(ids), logits, atol=1e-4, rtol=0)
+        for moe in ([{"ep_size": 2}, {"ep_size": 1}] if name == "mixtral" else [{}]):
+            engine = ds_infer.init_inference(hf, replace_with_kernel_inject=True, tensor_parallel={"tp_size": 2},
+                                             moe=moe)
+            if moe:
+                assert engine.module.model.layers[0].mlp.gate_up.shape[0] == (2 if moe["ep_size"] == 2 else 4)
+            out = engine.generate(ids, attention_mask=mask, max_new_tokens=64, eos_token_id=None)
+            assert torch.equal(out, tokens), (name, overrides, moe, dist.get_rank())
+            torch.testing.assert_close(engine(ids), logits, atol=1e-4, rtol=0)
 
 
 @pytest.mark.world_size(2)

@@ -71,7 +71,7 @@ def _dtype_and_quant(cfg: InferenceConfig, device: torch.device) -> tuple[torch.
             raise ConfigError(f"dtype=torch.int8 asks for int8 weights but quant={quant!r} asks for something else; "
                               "give one of them (dtype=torch.int8, or quant=... with a float dtype)")
         return (torch.float16 if device.type == "cuda" else torch.float32), quant or "int8"
-    if dtype in (torch.int4 if hasattr(torch, "int4") else None, "int4"):
+    if dtype == "int4":
         return (torch.float16 if device.type == "cuda" else torch.float32), quant or "int4"
     if dtype is not None:
         dtype = resolve_dtype(dtype)
@@ -149,7 +149,11 @@ class InferenceEngine:
         if ep not in (1, self.tp_size):
             raise ConfigError(f"moe ep_size {ep} must be 1 or the tensor-parallel size {self.tp_size}: experts are "
                               "spread over the tensor-parallel ranks")
-        par = make_parallel(self.tp_size, group, expert_parallel=ep > 1 or self.tp_size > 1)
+        if ep > 1 and arch.moe is not None and arch.moe.num_experts % ep:
+            raise ConfigError(f"moe ep_size {ep} does not divide the {arch.moe.num_experts} experts of "
+                              f"{arch.model_type}; use ep_size 1 (each expert's hidden units split over the ranks)")
+        # ep_size == tp: whole experts per rank; ep_size 1: every expert split like a dense MLP
+        par = make_parallel(self.tp_size, group, expert_parallel=ep > 1)
         from .quant.factory import factory_for
 
         factory = factory_for(quant, checkpoint_quantized=scheme is not None)

@@ -51,7 +51,7 @@ def resolve_dtype(dtype: Any, default: torch.dtype = torch.float32) -> torch.dty
                       "in init_inference)")
 
 
-def make_parallel(tp: int | Parallel | None, group=None, expert_parallel: bool = True) -> Parallel:
+def make_parallel(tp: int | Parallel | None, group=None, expert_parallel: bool = False) -> Parallel:
     if isinstance(tp, Parallel):
         return tp
     size = int(tp or 1)

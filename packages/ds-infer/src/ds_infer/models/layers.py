@@ -32,7 +32,7 @@ class Parallel:
     vocabulary in nearly equal pieces. ``experts``: the experts held here (expert parallelism).
     """
 
-    def __init__(self, rank: int = 0, size: int = 1, group=None, expert_parallel: bool = True) -> None:
+    def __init__(self, rank: int = 0, size: int = 1, group=None, expert_parallel: bool = False) -> None:
         self.rank, self.size, self.group = rank, size, group
         self.expert_parallel = expert_parallel and size > 1
         self.tg = None
