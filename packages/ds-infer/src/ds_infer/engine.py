@@ -158,16 +158,22 @@ class InferenceEngine:
 
         factory = factory_for(quant, checkpoint_quantized=scheme is not None)
         built = build_model(arch, par)
-        weights_device = self.device if self.zero.offload == "none" else torch.device("cpu")
+        streamer = None
+        weights_device = self.device
+        if self.zero.offload != "none":  # each layer leaves for its store as soon as it is read
+            from .offload import make_streamer
+
+            streamer = make_streamer(built, self.zero, self.device, parse_bytes(self.zero.memory_budget))
+            weights_device = torch.device("cpu")
         native = load_from_source(built, source, dtype=dtype, device=weights_device, factory=factory,
-                                  quant_scheme=scheme, where=where)
+                                  quant_scheme=scheme, where=where, on_layer=streamer.pack if streamer else None)
         if model is not None and hasattr(model, "generation_config"):
             native.generation_config = model.generation_config
         native.set_fused(bool(cfg.replace_with_kernel_inject))
-        if self.zero.offload != "none":
+        if streamer is not None:
             from .offload import offload_layers
 
-            offload_layers(native, self.zero, self.device, parse_bytes(self.zero.memory_budget))
+            offload_layers(native, self.zero, self.device, parse_bytes(self.zero.memory_budget), streamer)
         return native
 
     # -- in place -------------------------------------------------------------------------------

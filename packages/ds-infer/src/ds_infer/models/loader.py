@@ -100,7 +100,7 @@ class WeightLoader:
     def __init__(self, model: nn.Module, source: TensorSource, dtype: torch.dtype, device: torch.device,
                  factory: LinearFactory | None = None, check: bool = False,
                  quant_modules: dict[str, dict] | None = None, activations: dict | None = None,
-                 where: str = "checkpoint") -> None:
+                 where: str = "checkpoint", on_layer=None) -> None:
         self.model, self.source, self.dtype, self.device = model, source, dtype, torch.device(device)
         self.factory = factory or LinearFactory()
         self.check = check
@@ -109,6 +109,11 @@ class WeightLoader:
         self.where = where
         self.names = source.names()
         self.used: set[str] = set()
+        self.on_layer = on_layer  # called with each decoder layer's index once it is filled
+
+    def layer_loaded(self, index: int) -> None:
+        if not self.check and self.on_layer is not None:
+            self.on_layer(index)
 
     # -- tensors -------------------------------------------------------------------------------
 
