@@ -18,7 +18,8 @@ One random Llama-architecture model (GQA; ``--preset`` tiny/small/medium, see PR
   that bandwidth spent reading weights) for the same model size.
 
 Variants are interleaved round by round (the machine is shared) and medians printed with ratios
-``ours / baseline`` (< 1 is faster).
+``ours / baseline`` (< 1 is faster), for the wall clock and for this process's CPU time (steadier
+when other jobs share the cores).
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ def params_of(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def ms_per_token(generate, prompt, new: int) -> float:
-    t0 = time.perf_counter()
+def ms_per_token(generate, prompt, new: int) -> tuple[float, float]:
+    """(wall, CPU) milliseconds per decoded token. CPU time counts only this process's own work, so on
+    a machine shared with other jobs it varies far less than the wall clock (one thread: CPU <= wall)."""
+    w0, c0 = time.perf_counter(), time.process_time()
     generate(prompt, 1)
-    t1 = time.perf_counter()
+    w1, c1 = time.perf_counter(), time.process_time()
     generate(prompt, new + 1)
-    t2 = time.perf_counter()
-    return ((t2 - t1) - (t1 - t0)) / new * 1e3
+    w2, c2 = time.perf_counter(), time.process_time()
+    return ((w2 - w1) - (w1 - w0)) / new * 1e3, ((c2 - c1) - (c1 - c0)) / new * 1e3
 
 
 def hf_generate(model, static: bool = False):
@@ -79,13 +82,18 @@ def ours_generate(engine):
     return run
 
 
-def report(title: str, rows: dict[str, list[float]], baseline: str, unit: str = "ms/token") -> None:
+def report(title: str, rows: dict[str, list], baseline: str, unit: str = "ms/token") -> None:
+    """Medians of (wall, CPU) pairs (or plain numbers) with their ratio to ``baseline``."""
     print(f"\n{title}")
-    base = statistics.median(rows[baseline])
-    for name, values in rows.items():
-        med = statistics.median(values)
-        spread = f"{min(values):.2f}-{max(values):.2f}"
-        print(f"  {name:34s} {med:9.2f} {unit}  (runs {spread})  ratio {med / base:5.2f}")
+    pairs = {name: [v if isinstance(v, tuple) else (v, v) for v in values] for name, values in rows.items()}
+    base_w = statistics.median(w for w, _ in pairs[baseline])
+    base_c = statistics.median(c for _, c in pairs[baseline])
+    for name, values in pairs.items():
+        wall = statistics.median(w for w, _ in values)
+        cpu = statistics.median(c for _, c in values)
+        spread = f"{min(w for w, _ in values):.2f}-{max(w for w, _ in values):.2f}"
+        print(f"  {name:34s} wall {wall:8.2f} {unit} (runs {spread}) ratio {wall / base_w:5.2f} | "
+              f"CPU {cpu:8.2f} ratio {cpu / base_c:5.2f}")
 
 
 def decode_section(args) -> None:
@@ -245,7 +253,7 @@ def cuda_section(args) -> None:
             for name, fn in fns.items():
                 rows[name].append(ms_per_token(fn, prompt, args.new))
         report(f"CUDA bf16 decode, batch {batch}", rows, "HF generate (dynamic cache)")
-        best = statistics.median(rows["ds_infer (CUDA graph)"])
+        best = statistics.median(wall for wall, _ in rows["ds_infer (CUDA graph)"])
         achieved = nbytes / (best / 1e3)
         print(f"  ds_infer (CUDA graph): {batch * 1e3 / best:,.0f} tokens/s; weights read at {achieved / 1e9:,.0f} GB/s "
               f"= {achieved / bandwidth:.0%} of the measured copy bandwidth ({bandwidth / 1e9:,.0f} GB/s)")
