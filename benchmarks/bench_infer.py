@@ -10,7 +10,8 @@ One random Llama-architecture model (GQA; ``--preset`` tiny/small/medium, see PR
   with transformers' dynamic cache and with its static cache + ``torch.compile``. ms/token is
   ``(t(1 + N new tokens) - t(1 new token)) / N``: prefill excluded, every token generated (no eos).
 - **prefill** tokens/s for a 512-token prompt: our forward vs transformers' forward.
-- **quant**: int8 (per channel) and int4 (group 64) weight-only decode ms/token vs fp32, ours.
+- **quant**: int8 (per channel) and int4 (group 64) weight-only decode ms/token vs fp32, ours, on
+  ``--quant-preset`` (default medium: weights too large for the CPU caches, as in real use).
 - **tp**: tp = 2 on 2 gloo ranks (1 thread each) vs tp = 1 on one rank, decode ms/token.
 - **cuda**: when a GPU is visible, decode in bf16 on it (``--cuda-preset``, default a 1.1B Llama)
   at batch 1 and 8: HF generate vs ours eager and with the step in a CUDA graph, tokens/s, the
@@ -156,7 +157,9 @@ def prefill_section(args) -> None:
 def quant_section(args) -> None:
     import ds_infer
 
-    hf = build_hf(args.preset)
+    hf = build_hf(args.quant_preset)
+    print(f"\nquantization model: Llama {args.quant_preset}, {params_of(hf) / 1e6:.1f}M parameters (large enough for "
+          "decoding to read its weights from memory, not cache)")
     engines = {"fp32": ds_infer.init_inference(hf, replace_with_kernel_inject=True),
                "int8 (per channel)": ds_infer.init_inference(hf, replace_with_kernel_inject=True, quant="int8"),
                "int4 (group 64)": ds_infer.init_inference(hf, replace_with_kernel_inject=True,
@@ -269,6 +272,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quant-preset", default="medium", choices=sorted(PRESETS))
     parser.add_argument("--cuda-preset", default="1b", choices=sorted(PRESETS))
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--sections", default="decode,prefill,quant,tp,cuda")
