@@ -35,12 +35,14 @@ PACKAGES = [
     "ds-zero",
     "ds-pipe",
     "ds-moe",
+    "ds-parallel",
     "ds-infer",
     "ds-compress",
 ]
 # Optional extras exercised by the tests: Triton kernels run on CPU under TRITON_INTERPRET=1.
 EXTRAS = {
     "ds-ops": "[cuda,bnb]",
+    "ds-infer": "[hf]",
 }
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
 TEST_DEPS = [
@@ -99,7 +101,7 @@ def tests(session: nox.Session) -> None:
 def isolated(session: nox.Session, package: str) -> None:
     """One package (and ds-core) alone in a fresh environment, running its smoke tests."""
     _shared_torch(session)
-    session.install(TORCH, "packages/ds-core")
+    session.install(TORCH, "packages/ds-core", *(["packages/ds-parallel"] if package == "ds-infer" else []))
     if package != "ds-core":
         session.install(TORCH, f"packages/{package}{EXTRAS.get(package, '')}")
     session.install(TORCH, *TEST_DEPS)
