@@ -44,6 +44,7 @@ class AttentionMetadata:
 
     num_tokens: int
     block_size: int
+    positions: Tensor  # (T,) long: each token's position in its sequence
     slot_mapping: Tensor  # (T,) long: cache slot (block * block_size + offset) of each token
     # decode group: sequences contributing exactly one query token
     decode_rows: Tensor | None  # (Sd,) long: their token's row in the flat batch
@@ -132,6 +133,7 @@ def build_metadata(chunks: list[tuple[list[int], int, int]], block_size: int, de
     return AttentionMetadata(
         num_tokens=total,
         block_size=block_size,
+        positions=pos.to(device),
         slot_mapping=slot_mapping.to(device),
         decode_rows=decode_rows,
         decode_slots=decode_slots,

@@ -63,7 +63,7 @@ class ServingConfig(BaseModel):
         "When blocks run out, the newest running request is preempted: 'recompute' frees its blocks and "
         "re-prefills it later; 'swap' copies its blocks to host memory and back (recompute when the swap "
         "space is full)."))
-    swap_space: int | str = Field("1GiB", description="Host memory for swapped-out KV blocks.")
+    swap_space: int | str = Field(1 << 30, description="Host memory for swapped-out KV blocks (default 1 GiB).")
     watermark: float = Field(0.01, ge=0.0, lt=1.0, description=(
         "Fraction of KV blocks kept free when admitting new requests, so running ones can grow a little "
         "before anyone is preempted."))

@@ -37,8 +37,8 @@ def apply_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
         if p.min_tokens and seq.num_output_tokens < p.min_tokens:
             banned = list(p.stop_token_ids or [])
-            if seq.eos_token_id is not None and not p.ignore_eos:
-                banned.append(seq.eos_token_id)
+            if not p.ignore_eos:
+                banned.extend(seq.eos_token_ids)
             banned = [t for t in banned if t < logits.shape[1]]
             if banned:
                 logits[row, banned] = float("-inf")

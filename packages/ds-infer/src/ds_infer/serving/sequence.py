@@ -34,7 +34,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
     deadline: float | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
     token_ids: list[int] = field(init=False)
@@ -52,6 +52,10 @@ class Sequence:
     swapped_kv: Any = None  # host copy of the KV blocks while SWAPPED
     swapped_kv_blocks: int = 0
     detok: Any = None  # incremental detokenizer state (engine)
+    index: int = 0  # which choice of its request (n > 1)
+    text_sent: int = 0  # characters of the text already handed out
+    stop_reason: str | int | None = None
+    max_tokens: int = 0  # params.max_tokens capped by the context length
     admitted: bool = False
 
     def __post_init__(self) -> None:
