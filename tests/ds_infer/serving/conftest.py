@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -53,10 +54,62 @@ def build_model(path, vocab_size: int, eos: int, seed: int = 0, **overrides):
     return model
 
 
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and on a shared machine idle OpenMP
+    workers spin against other processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """``(path, hf_model, tokenizer)``: a 2-layer GQA Llama with a 400-token byte-level BPE vocabulary."""
     path = tmp_path_factory.mktemp("tiny-llama")
-    tok = build_tokenizer(path)
-    model = build_model(path, len(tok), tok.eos_token_id)
+    with single_thread():
+        tok = build_tokenizer(path)
+        model = build_model(path, len(tok), tok.eos_token_id)
     return path, model, tok
+
+
+def prompts(n: int = 32, seed: int = 1) -> list[str]:
+    """Prompts of 1 to ~90 tokens (some long enough to be split into several prefill chunks)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = rng.randint(1, 40) if i % 4 else rng.randint(40, 60)
+        out.append(" ".join(rng.choice(WORDS) for _ in range(words)))
+    return out
+
+
+def hf_greedy(model, tok, prompt: str | list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens from Hugging Face ``generate`` for one prompt, alone (no padding)."""
+    import torch
+
+    ids = tok(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_model_dir):
+    """``(prompts, token ids, texts)``: sequential HF generate, 16 greedy tokens for each of 32 prompts."""
+    _, model, tok = tiny_model_dir
+    ps = prompts()
+    with single_thread():
+        ids = [hf_greedy(model, tok, p, 16) for p in ps]
+    return ps, ids, [tok.decode(t, skip_special_tokens=True) for t in ids]

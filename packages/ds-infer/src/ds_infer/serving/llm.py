@@ -61,16 +61,25 @@ class LLM:
                  dtype: Any = None, quant: Any = None, device: Any = None, trust_remote_code: bool = False,
                  **options: Any) -> None:  # fmt: skip
         self.config = ServingConfig.build(**options)
-        self.engine = build_engine(model, tokenizer=tokenizer, tensor_parallel_size=tensor_parallel_size,
-                                   dtype=dtype, quant=quant, device=device, trust_remote_code=trust_remote_code,
-                                   config=self.config)  # fmt: skip
+        engine = build_engine(model, tokenizer=tokenizer, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                              quant=quant, device=device, trust_remote_code=trust_remote_code, config=self.config)
+        # on a worker rank of a launched tensor-parallel run there is no engine, only a follower
+        self.engine = engine if isinstance(engine, LLMEngine) else None
+        self._follower = None if self.engine is not None else engine
+        self._tokenizer = engine.tokenizer
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return self._tokenizer
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:  # fmt: skip
-        """Generate for every prompt (text, token ids, or ``{"prompt_token_ids": [...]}`` / ``{"prompt": ...}``)."""
+        """Generate for every prompt (text, token ids, or ``{"prompt_token_ids": [...]}`` / ``{"prompt": ...}``).
+
+        In a launched tensor-parallel run every rank calls this; rank 0's prompts are the ones run and
+        every rank returns rank 0's outputs.
+        """
+        if self._follower is not None:
+            return self._follower.follow_batch()
         if isinstance(prompts, str | dict) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -94,14 +103,18 @@ class LLM:
                 engine.abort(rid)
                 engine.release(rid)
             raise
-        return [engine.release(rid) for rid in ids]
+        outputs = [engine.release(rid) for rid in ids]
+        end_batch = getattr(engine.executor, "end_batch", None)
+        if end_batch is not None:
+            end_batch(outputs)
+        return outputs
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None, *, chat_template: str | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:  # fmt: skip
         """Generate replies to one conversation or a list of them, through the tokenizer's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tok = self.engine.tokenizer
+        tok = self._tokenizer
         prompts = []
         for conv in conversations:
             text = render_chat(tok, conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template)
@@ -109,7 +122,8 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def close(self) -> None:
-        close = getattr(self.engine.executor, "close", None)
+        """Stop tensor-parallel workers (a no-op for a single process)."""
+        close = getattr(self.engine.executor, "close", None) if self.engine is not None else None
         if close is not None:
             close()
 

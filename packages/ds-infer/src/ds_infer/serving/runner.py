@@ -30,6 +30,7 @@ class StepPlan:
     swap_out: list[tuple[int, list[int]]] = field(default_factory=list)  # (sequence id, blocks) to host
     swap_in: list[tuple[int, list[int]]] = field(default_factory=list)  # (sequence id, blocks) from host
     drop_swapped: list[int] = field(default_factory=list)  # host copies no longer needed
+    pause: bool = False  # launched tensor-parallel workers: the offline batch is over
     shutdown: bool = False  # tensor-parallel workers leave their loop
 
 
