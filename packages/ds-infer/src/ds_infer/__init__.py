@@ -27,6 +27,8 @@ _LAZY = {
     "StaticKVCache": "ds_infer.models",
     "NoCache": "ds_infer.models",
     "QuantLinear": "ds_infer.quant",
+    "LLM": "ds_infer.serving.llm",
+    "SamplingParams": "ds_infer.serving.sampling_params",
 }
 
 __all__ = ["__version__", *_LAZY]
