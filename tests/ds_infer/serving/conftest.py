@@ -113,3 +113,13 @@ def hf_reference(tiny_model_dir):
     with single_thread():
         ids = [hf_greedy(model, tok, p, 16) for p in ps]
     return ps, ids, [tok.decode(t, skip_special_tokens=True) for t in ids]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    """``(native model, tokenizer)`` loaded once per module, for engines and servers built in tests."""
+    from ds_infer.serving.config import ServingConfig
+    from ds_infer.serving.llm import build_engine
+
+    engine = build_engine(tiny_model_dir[0], config=ServingConfig(block_size=4, num_kv_blocks=1))
+    return engine.model, engine.tokenizer

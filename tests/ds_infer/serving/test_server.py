@@ -10,50 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 
 import httpx
 import openai
 import pytest
 
-from ds_infer.serving.api_server import start_server
-from ds_infer.serving.config import ServingConfig
-from ds_infer.serving.engine import LLMEngine
-from ds_infer.serving.llm import build_engine
-
+from ._helpers import HANG_GUARD, MODEL, metric, serve, wait_for
 from .conftest import hf_greedy
-
-MODEL = "tiny"
-HANG_GUARD = 120.0  # seconds; only ever reached if something is broken
-
-
-def wait_for(condition, what: str):
-    deadline = time.monotonic() + HANG_GUARD
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.005)
-
-
-def metric(url: str, name: str, labels: str = "") -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(f"ds_serve_{name}{labels} "):
-            return float(line.split()[-1])
-    raise AssertionError(f"metric ds_serve_{name}{labels} not found")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    """The native model, loaded once and shared by every server of this module."""
-    engine = build_engine(tiny_model_dir[0], config=ServingConfig(block_size=4))
-    return engine.model, engine.tokenizer
-
-
-def serve(model, **options):
-    net, tok = model
-    options.setdefault("block_size", 4)
-    options.setdefault("max_num_tokens", 32)
-    api_key = options.pop("api_key", None)
-    return start_server(LLMEngine(net, tok, ServingConfig(**options)), model_name=MODEL, api_key=api_key)
 
 
 @pytest.fixture(scope="module")
