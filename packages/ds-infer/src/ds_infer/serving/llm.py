@@ -122,8 +122,12 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def close(self) -> None:
-        """Stop tensor-parallel workers (a no-op for a single process)."""
-        close = getattr(self.engine.executor, "close", None) if self.engine is not None else None
+        """Stop tensor-parallel workers (a no-op for a single process). In a launched tensor-parallel
+        run every rank calls it: rank 0 tells the others to stop, they return once told."""
+        if self._follower is not None:
+            self._follower.serve_forever()
+            return
+        close = getattr(self.engine.executor, "close", None)
         if close is not None:
             close()
 
