@@ -15,9 +15,9 @@ nox.options.reuse_existing_virtualenvs = False
 TORCH = "torch==2.13.0"
 PACKAGES = ["ds-core", "ds-ops", "ds-zero", "ds-pipe", "ds-moe", "ds-infer", "ds-compress"]
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
-TEST_DEPS = ["pytest>=8", "numpy", "tensorboard", "wandb"]  # the monitors' optional backends
+TEST_DEPS = ["pytest>=8", "numpy", "tensorboard", "wandb", "openai"]  # monitors' backends; the serving client
 # Optional extras exercised by the tests: Triton kernels run on CPU under TRITON_INTERPRET=1.
-EXTRAS = {"ds-ops": "[cuda,bnb]"}
+EXTRAS = {"ds-ops": "[cuda,bnb]", "ds-infer": "[serve]"}
 
 
 def _install_all(session: nox.Session, editable: bool = True, extras: bool = True) -> None:

@@ -138,3 +138,15 @@ def test_swap_out_releases_and_swap_in_takes_fresh_blocks():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="num_blocks=0"):
         BlockManager(0, 16)
+
+
+def test_reset_prefix_cache_forgets_only_unused_blocks():
+    bm = BlockManager(8, 2)
+    kept, dropped = _seq([1, 2, 3], "kept"), _seq([7, 8, 9], "dropped")
+    _compute(bm, kept, 3)
+    _compute(bm, dropped, 3)
+    bm.free(dropped)
+    assert bm.reset_prefix_cache() == 1
+    assert bm.lookup_prefix(_seq([7, 8, 9], "x")) == [] and len(bm.lookup_prefix(_seq([1, 2, 3], "y"))) == 1
+    assert bm.num_free_blocks == 6
+    bm.check_invariants()

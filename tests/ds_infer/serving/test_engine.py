@@ -219,4 +219,29 @@ def test_logits_rows_are_only_the_sampled_ones(llm):
     finally:
         del model.compute_logits
     assert calls and all(rows is not None and len(rows) <= 1 for _, rows in calls)
-    assert torch.is_tensor(torch.tensor(0))
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_weights_serve_the_quantized_models_tokens(tiny_model_dir, hf_reference, quant):
+    """Reference: ds_infer.generate (static KV cache) on the very same quantized model object."""
+    from ds_infer import generate
+
+    llm = LLM(tiny_model_dir[0], quant=quant, block_size=4, max_num_tokens=24)
+    tok = llm.get_tokenizer()
+    prompts = hf_reference[0][:4]
+    outs = llm.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, outs):
+        ids = tok(prompt)["input_ids"]
+        ref = generate(llm.engine.model, torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):]
+        assert out.outputs[0].token_ids == ref.tolist()[: len(out.outputs[0].token_ids)]
+        assert len(out.outputs[0].token_ids) == 16 or out.outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.cuda
+def test_cuda_engine_with_the_triton_kernel_equals_hf_generate(tiny_model_dir, hf_reference):
+    """On a GPU the engine picks ds_ops::paged_attention (the compiled Triton kernel) for attention."""
+    pytest.importorskip("ds_ops", reason="the Triton paged-attention kernel lives in ds-ops")
+    prompts, ids, _ = hf_reference
+    llm = LLM(tiny_model_dir[0], device="cuda", block_size=16, max_num_tokens=64)
+    assert llm.engine.executor.use_op and llm.engine.executor.cache.device.type == "cuda"
+    assert _tokens(llm.generate(prompts, GREEDY)) == ids

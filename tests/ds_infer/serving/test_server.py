@@ -224,3 +224,24 @@ def test_requests_past_the_timeout_are_aborted(model):
             for _ in client.completions.create(model=MODEL, prompt="hi", max_tokens=50, stream=True):
                 pass
         wait_for(lambda: metric(handle.url, "kv_blocks_used") == 0, "blocks freed")
+
+
+def test_a_failing_forward_fails_its_requests_and_the_server_serves_on(model):
+    with serve(model) as handle:
+        runner = handle.engine.engine.executor
+        original, calls = runner.execute, []
+
+        def flaky(plan):
+            calls.append(plan)
+            if len(calls) == 1:
+                raise RuntimeError("injected failure")
+            return original(plan)
+
+        runner.execute = flaky
+        body = {"model": MODEL, "prompt": "the cat", "max_tokens": 5, "temperature": 0}
+        r = httpx.post(f"{handle.url}/v1/completions", json=body, timeout=HANG_GUARD)
+        assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+        assert metric(handle.url, "kv_blocks_used") == 0
+        r = httpx.post(f"{handle.url}/v1/completions", json=body, timeout=HANG_GUARD)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        assert httpx.get(f"{handle.url}/health").status_code == 200

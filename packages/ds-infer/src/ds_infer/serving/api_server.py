@@ -10,7 +10,9 @@ Robustness rules, each answered without touching the requests already running:
 - a wrong or missing API key (when the server has one): 401;
 - admission queue full: 429 with ``Retry-After`` (seconds);
 - the client goes away: the request is aborted and its KV blocks freed before the next forward;
-- a request older than ``request_timeout``: aborted; 408 (or an error event when streaming).
+- a request older than ``request_timeout``: aborted; 408 (or an error event when streaming);
+- a forward that fails (a bug, out of memory): the requests in flight get 500 (or an error event),
+  their blocks are freed, and the server goes on serving.
 
 This module needs the ``serve`` extra (``pip install 'ds-infer[serve]'``: FastAPI and uvicorn).
 """
@@ -32,7 +34,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from .async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError
 from .metrics import ServerMetrics
 from .outputs import SequenceUpdate
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body, now, random_id
@@ -224,6 +226,8 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
         exc = work.exception()
         if isinstance(exc, EngineDeadError):
             raise HTTPError(503, str(exc), type="server_error")
+        if isinstance(exc, RequestFailedError):
+            raise HTTPError(500, str(exc), type="server_error")
         if exc is not None:
             raise exc
 
@@ -311,8 +315,8 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                     if include_usage:
                         yield _sse({**base, "choices": [], "usage": usage(subs)})
                     yield "data: [DONE]\n\n"
-                except EngineDeadError as exc:
-                    yield _sse(error_body(str(exc), type="server_error", code=503))
+                except (EngineDeadError, RequestFailedError) as exc:
+                    yield _sse(error_body(str(exc), type="server_error", code=500))
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -370,8 +374,8 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
                     if include_usage:
                         yield _sse({**base, "choices": [], "usage": usage(subs)})
                     yield "data: [DONE]\n\n"
-                except EngineDeadError as exc:
-                    yield _sse(error_body(str(exc), type="server_error", code=503))
+                except (EngineDeadError, RequestFailedError) as exc:
+                    yield _sse(error_body(str(exc), type="server_error", code=500))
 
             return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -23,7 +23,7 @@ from .engine import LLMEngine
 from .outputs import SequenceUpdate
 from .sampling_params import SamplingParams
 
-__all__ = ["AsyncEngine", "QueueFullError", "EngineDeadError"]
+__all__ = ["AsyncEngine", "QueueFullError", "EngineDeadError", "RequestFailedError"]
 
 log = logging.getLogger("ds_infer.serving")
 
@@ -37,7 +37,11 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped (a failed step or shutdown); the request cannot be served."""
+    """The engine thread is not running (shut down); the request cannot be served."""
+
+
+class RequestFailedError(RuntimeError):
+    """A step failed while the request was in flight; it was aborted, the engine serves on."""
 
 
 @dataclass
@@ -62,6 +66,11 @@ class _Stream:
 
     def put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _put_all(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 class AsyncEngine:
@@ -196,12 +205,15 @@ class AsyncEngine:
 
     def _deliver(self, updates: list[SequenceUpdate]) -> None:
         ended = []
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for update in updates:
             stream = self._streams.get(update.request_id)
             if stream is not None:
-                stream.put(update)
+                batches.setdefault(stream.loop, []).append((stream.queue, update))
             if update.finish_reason is not None:
                 ended.append(update.request_id)
+        for loop, items in batches.items():  # one wake-up of the event loop per step, not per token
+            loop.call_soon_threadsafe(_put_all, items)
         for request_id in ended:  # after every update went out: choices may end in the same step
             req = self.engine.requests.get(request_id)
             if req is not None and all(s.is_finished for s in req.seqs):
@@ -226,13 +238,14 @@ class AsyncEngine:
                     self._deliver(engine.step())
             except Exception as exc:  # a failed step: fail what is in flight, free it, keep serving
                 log.exception("engine step failed; aborting %d requests", len(self._streams))
-                self._fail_all(exc)
+                self._fail_all(RequestFailedError(f"the engine step failed ({type(exc).__name__}: {exc}); "
+                                                  "the request was aborted"))
             self._stats = engine.stats()
         self._fail_all(EngineDeadError("the server is shutting down"))
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id, stream in list(self._streams.items()):
-            stream.put(EngineDeadError(f"request {request_id} failed: {exc!r}"))
+            stream.put(exc)
             try:
                 self.engine.abort(request_id)
                 self.engine.release(request_id)

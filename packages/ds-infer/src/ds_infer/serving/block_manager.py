@@ -122,6 +122,18 @@ class BlockManager:
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block nobody references (they become plain free blocks); blocks in
+        use keep their hashes. Returns how many were dropped."""
+        dropped = 0
+        while self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self._hash[block]]
+            self._hash[block] = None
+            self._free.append(block)
+            dropped += 1
+        return dropped
+
     # --- allocation -----------------------------------------------------------------------------
 
     def _take(self) -> int:

@@ -50,8 +50,9 @@ class ServingConfig(BaseModel):
         "new or partly prefilled prompts (SplitFuse), until the budget is spent."))
     max_num_seqs: int = Field(64, ge=1, description="Most requests running (holding KV blocks) at once.")
     kv_memory: int | str | None = Field(None, description=(
-        "Bytes of KV cache ('2GiB'). Default: 90% of the free device memory after loading on CUDA, "
-        "1 GiB on CPU. Ignored when num_kv_blocks is set."))
+        "Bytes of KV cache ('2GiB'). Default on CUDA: the free memory after loading the model less "
+        "max(1 GiB, 10% of the device) for activations; on CPU: enough for max_num_seqs requests of "
+        "max_model_len tokens, at most 1 GiB. Ignored when num_kv_blocks is set."))
     num_kv_blocks: int | None = Field(None, ge=1, description="Exact number of KV blocks (overrides kv_memory).")
     max_model_len: int | None = Field(None, ge=2, description=(
         "Longest prompt + output in tokens. Default: the model's max_position_embeddings, capped by the "
@@ -67,7 +68,7 @@ class ServingConfig(BaseModel):
     watermark: float = Field(0.01, ge=0.0, lt=1.0, description=(
         "Fraction of KV blocks kept free when admitting new requests, so running ones can grow a little "
         "before anyone is preempted."))
-    max_queue_size: int = Field(256, ge=0, description=(
+    max_queue_size: int = Field(256, ge=1, description=(
         "Requests allowed to wait for admission; past it the server answers 429 with Retry-After."))
     request_timeout: float | None = Field(600.0, gt=0, description=(
         "Seconds from arrival after which a request is aborted (finish_reason 'timeout'); None: never."))

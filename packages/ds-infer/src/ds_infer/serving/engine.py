@@ -62,9 +62,9 @@ def plan_kv_cache(spec, config: ServingConfig, max_position: int) -> tuple[int, 
     else:
         budget = config.kv_memory
         if budget is None:
-            if spec.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(spec.device)
-                budget = int(free * 0.9)
+            if spec.device.type == "cuda":  # free memory after loading, less room for activations
+                free, total = torch.cuda.mem_get_info(spec.device)
+                budget = max(free - max(1 << 30, total // 10), 0)
             else:  # enough for every running request at full length, at most 1 GiB
                 budget = min(_CPU_KV_DEFAULT, config.max_num_seqs * max_len * spec.bytes_per_token())
         num_blocks = budget // bytes_per_block
@@ -305,6 +305,11 @@ class LLMEngine:
             seq.detok.finish()  # flushes a held-back partial character unless a stop string cut the text
         self.observer.on_finish(seq, self.clock() - seq.arrival_time)
         return self._update(seq, new_tokens or [])
+
+    def reset_prefix_cache(self) -> int:
+        """Drop the cached blocks no request uses (e.g. between benchmark rounds); call it from the
+        thread that steps the engine. Returns the number of blocks dropped."""
+        return self.block_manager.reset_prefix_cache()
 
     # --- introspection --------------------------------------------------------------------------
 
