@@ -13,11 +13,11 @@ nox.options.sessions = ["lint", "tests", "isolated"]
 nox.options.reuse_existing_virtualenvs = False
 
 TORCH = "torch==2.13.0"
-PACKAGES = ["ds-core", "ds-ops", "ds-zero", "ds-pipe", "ds-moe", "ds-infer", "ds-compress"]
+PACKAGES = ["ds-core", "ds-ops", "ds-zero", "ds-pipe", "ds-moe", "ds-parallel", "ds-infer", "ds-compress"]
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
 TEST_DEPS = ["pytest>=8", "numpy", "tensorboard", "wandb", "openai"]  # monitors' backends; the serving client
 # Optional extras exercised by the tests: Triton kernels run on CPU under TRITON_INTERPRET=1.
-EXTRAS = {"ds-ops": "[cuda,bnb]", "ds-infer": "[serve]"}
+EXTRAS = {"ds-ops": "[cuda,bnb]", "ds-infer": "[hf,serve]"}
 
 
 def _install_all(session: nox.Session, editable: bool = True, extras: bool = True) -> None:
@@ -42,7 +42,7 @@ def tests(session: nox.Session) -> None:
 def isolated(session: nox.Session, package: str) -> None:
     """One package (and ds-core) alone in a fresh environment, running its own tests."""
     session.install(TORCH)
-    session.install("packages/ds-core")
+    session.install("packages/ds-core", *(["packages/ds-parallel"] if package == "ds-infer" else []))
     if package != "ds-core":
         session.install(f"packages/{package}{EXTRAS.get(package, '')}")
     session.install(*TEST_DEPS)
