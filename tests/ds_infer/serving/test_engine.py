@@ -245,3 +245,22 @@ def test_cuda_engine_with_the_triton_kernel_equals_hf_generate(tiny_model_dir, h
     llm = LLM(tiny_model_dir[0], device="cuda", block_size=16, max_num_tokens=64)
     assert llm.engine.executor.use_op and llm.engine.executor.cache.device.type == "cuda"
     assert _tokens(llm.generate(prompts, GREEDY)) == ids
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral", "qwen3", "mixtral"])
+def test_other_families_equal_hf_generate(tmp_path, tiny_model_dir, family):
+    """GPT-2 (learned positions), Mistral (sliding window 7 < the prompts, so windowed masks in both
+    prefill chunks and decode), Qwen3 (q/k norms), Mixtral (MoE): the engine's tokens are HF's."""
+    from .._hf import make
+    from .conftest import single_thread
+
+    tok = tiny_model_dir[2]
+    eos = tok.eos_token_id
+    with single_thread():
+        hf = make(family, vocab_size=len(tok), eos_token_id=eos, bos_token_id=eos, pad_token_id=eos)
+        hf.save_pretrained(tmp_path)
+        tok.save_pretrained(tmp_path)
+        prompts = ["the cat sat on a mat and ran to the house under the tree", "a", "big red fox over the river"]
+        llm = LLM(tmp_path, block_size=4, max_num_tokens=16)
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+        assert _tokens(outs) == [hf_greedy(hf, tok, p, 12) for p in prompts]
