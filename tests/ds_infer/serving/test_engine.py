@@ -32,7 +32,6 @@ def _tokens(outs):
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.smoke
 def test_greedy_equals_hf_generate_request_by_request(llm, hf_reference):
     prompts, ids, texts = hf_reference
     outs = llm.generate(prompts, GREEDY)
