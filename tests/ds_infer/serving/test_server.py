@@ -245,3 +245,15 @@ def test_a_failing_forward_fails_its_requests_and_the_server_serves_on(model):
         r = httpx.post(f"{handle.url}/v1/completions", json=body, timeout=HANG_GUARD)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
         assert httpx.get(f"{handle.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"model": MODEL, "messages": [{"content": "no role"}]}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 300}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+])  # fmt: skip
+def test_malformed_chat_requests_name_the_field(server, body, field):
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text

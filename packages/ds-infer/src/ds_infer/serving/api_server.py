@@ -116,9 +116,8 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
             body = model_cls.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
-            loc = [str(p) for p in err["loc"] if not isinstance(p, int)] or ["body"]
-            param = loc[0] if len(loc) == 1 else ".".join(loc)
-            raise HTTPError(400, f"{param}: {err['msg']}", param=param) from None
+            loc = [str(p) for p in err["loc"]] or ["body"]
+            raise HTTPError(400, f"{'.'.join(loc)}: {err['msg']}", param=loc[0]) from None
         if body.model != model_name:
             raise HTTPError(400, f"model {body.model!r} is not served here; this server serves {model_name!r} "
                                  "(GET /v1/models)", param="model")  # fmt: skip

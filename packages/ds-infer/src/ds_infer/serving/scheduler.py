@@ -156,8 +156,8 @@ class Scheduler:
             if grown + self.bm.watermark_blocks > self.bm.num_free_blocks:
                 break
             blocks = self.bm.swap_in(seq, seq.swapped_kv_blocks)
-            assert blocks is not None  # checked above
-            assert self.bm.allocate(seq, n)
+            if blocks is None or not self.bm.allocate(seq, n):  # both were checked just above
+                raise RuntimeError(f"swap-in of {seq} failed with {self.bm.num_free_blocks} free blocks")
             self.swapped.popleft()
             self.swapped_blocks -= seq.swapped_kv_blocks
             out.swap_in.append((seq, blocks))
