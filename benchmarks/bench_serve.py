@@ -24,7 +24,8 @@ hf-static throughput.
 Prefix caching: 24 requests sharing a 192-token system prompt with short distinct questions, ds with
 prefix caching on vs off: hit rate and the speedup of the batch.
 
-On a machine with CUDA the same comparison runs on the GPU (bf16), and against vLLM when it imports.
+On a machine with CUDA the same comparison runs on the GPU (bf16, a larger 8-layer hidden-1024 model),
+and against vLLM when it imports; :func:`cuda_section` returns those figures for GPU scripts.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ WORDS = ("the cat dog sat on a mat and ran to house tree big small red blue gree
 # --- the model and the workload --------------------------------------------------------------------
 
 
-def build_model_dir(path: Path, vocab: int = 2048):
+def build_model_dir(path: Path, vocab: int = 2048, hidden: int = 256, layers: int = 4, heads: int = 8,
+                    kv_heads: int = 4):  # fmt: skip
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -63,8 +65,8 @@ def build_model_dir(path: Path, vocab: int = 2048):
     fast.padding_side = "left"
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
                       eos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     return fast
@@ -246,7 +248,7 @@ def compare(llm, hf, tok, work, rounds: int, batch: int, device, server=None) ->
     return results
 
 
-def prefix_section(model_dir, tok, rounds: int, device, dtype) -> None:
+def prefix_section(model_dir, tok, rounds: int, device, dtype, **options) -> None:
     from ds_infer import LLM, SamplingParams
 
     rng = random.Random(2)
@@ -258,7 +260,7 @@ def prefix_section(model_dir, tok, rounds: int, device, dtype) -> None:
     times: dict[bool, list[float]] = {True: [], False: []}
     cpu: dict[bool, list[float]] = {True: [], False: []}
     outs, rates = {}, {}
-    llms = {c: LLM(model_dir, enable_prefix_caching=c, device=device, dtype=dtype) for c in (True, False)}
+    llms = {c: LLM(model_dir, enable_prefix_caching=c, device=device, dtype=dtype, **options) for c in (True, False)}
     for _ in range(rounds):
         for caching in (True, False):
             llm = llms[caching]
@@ -271,7 +273,8 @@ def prefix_section(model_dir, tok, rounds: int, device, dtype) -> None:
             outs[caching] = [o.outputs[0].token_ids for o in res]
             rates[caching] = (bm.prefix_hits - h0) / max(1, bm.prefix_queries - q0)
             # a fresh cache each round, so every round measures the same thing
-            llms[caching] = LLM(model_dir, enable_prefix_caching=caching, device=device, dtype=dtype)
+            llms[caching] = None  # free the old cache first
+            llms[caching] = LLM(model_dir, enable_prefix_caching=caching, device=device, dtype=dtype, **options)
     on, off = statistics.median(times[True]), statistics.median(times[False])
     speedup = statistics.median(b / a for a, b in zip(times[True], times[False]))
     speedup_cpu = statistics.median(b / a for a, b in zip(cpu[True], cpu[False]))
@@ -342,18 +345,39 @@ def main() -> None:
         prefix_section(model_dir, tok, args.rounds, "cpu", None)
 
         if torch.cuda.is_available():
-            print("\nCUDA")
-            hf_gpu = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16).cuda().eval()
-            llm_gpu = LLM(model_dir, device="cuda", dtype=torch.bfloat16)
-            run_ds(llm_gpu, work[:2])
-            results = compare(llm_gpu, hf_gpu, tok, work, args.rounds, args.batch, "cuda")
-            vllm = try_vllm(model_dir, work)
-            if vllm is not None:
-                results["vllm"] = [vllm]
-            report("CUDA (bf16)", results)
-            prefix_section(model_dir, tok, args.rounds, "cuda", torch.bfloat16)
+            cuda_section(args.requests, args.rounds, args.batch)
         else:
             print("\nCUDA: no GPU here; the CUDA section runs where torch.cuda.is_available()")
+
+
+def cuda_section(requests: int = 32, rounds: int = 3, batch: int = 8) -> dict[str, dict[str, float]]:
+    """The comparison on the GPU (bf16) with a larger model (8 layers, hidden 1024, ~100M parameters),
+    vLLM too when it imports; prints the table and returns each system's medians (tokens/s, TTFT and
+    inter-token p50/p95 in seconds) for scripts that collect GPU figures."""
+    from transformers import LlamaForCausalLM
+
+    from ds_infer import LLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp)
+        tok = build_model_dir(model_dir, hidden=1024, layers=8, heads=16, kv_heads=8)
+        work = workload(tok, requests)
+        hf = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16).cuda().eval()
+        # a bounded KV cache: HF and vLLM share the device in the same run
+        llm = LLM(model_dir, device="cuda", dtype=torch.bfloat16, kv_memory="4GiB")
+        run_ds(llm, work[:2])
+        results = compare(llm, hf, tok, work, rounds, batch, "cuda")
+        vllm = try_vllm(model_dir, work)
+        if vllm is not None:
+            results["vllm"] = [vllm]
+        report(f"CUDA (bf16, {torch.cuda.get_device_name()}, 8 layers, hidden 1024)", results)
+        prefix_section(model_dir, tok, rounds, "cuda", torch.bfloat16, kv_memory="2GiB")
+    return {name: {"tok_s": statistics.median(r["tok_s"] for r in runs),
+                   "ttft_p50": statistics.median(pct(r["ttft"], .5) for r in runs),
+                   "ttft_p95": statistics.median(pct(r["ttft"], .95) for r in runs),
+                   "itl_p50": statistics.median(pct(r["itl"], .5) for r in runs),
+                   "itl_p95": statistics.median(pct(r["itl"], .95) for r in runs)}
+            for name, runs in results.items()}
 
 
 if __name__ == "__main__":
