@@ -61,6 +61,8 @@ CASES = {
     "mixed": [(9, 9), (13, 1), (6, 3), (1, 1), (17, 1), (12, 5)],
     "decode_only": [(5, 1), (16, 1), (3, 1)],
     "prefill_only": [(8, 8), (11, 4)],
+    # enough decode rows to be split into groups by context length, mixed with a prefill chunk
+    "many_decodes": [((7 * i) % 37 + 1, 1) for i in range(20)] + [(10, 6)] + [(3 * i + 2, 1) for i in range(6)],
 }
 
 
@@ -86,6 +88,16 @@ def test_ds_ops_default_matches_torch_path(window):
     meta = build_metadata(chunks, BLOCK, "cpu")
     out = PagedAttention(cache, meta, use_op=True).attend(0, q[None], k[None], v[None], scale=0.3, window=window)[0]
     torch.testing.assert_close(out, _dense(cases, q, full_k, full_v, 0.3, window), **TOL)
+
+
+def test_many_decode_rows_are_grouped_by_context_length():
+    cache, chunks, *_ = _batch(CASES["many_decodes"])
+    meta = build_metadata(chunks, BLOCK, "cpu")
+    assert len(meta.decode_groups) == 3 and not meta.decode_all
+    lengths = [g.ctx.tolist() for g in meta.decode_groups]
+    assert all(max(a) <= min(b) for a, b in zip(lengths, lengths[1:]))  # sorted: little padding per group
+    assert sorted(r for g in meta.decode_groups for r in g.rows.tolist()) == [
+        i for i, (_, _, n) in enumerate(chunks) if n == 1 and i < 20] + list(range(26, 32))
 
 
 def test_swap_copies_round_trip():

@@ -9,10 +9,12 @@ the last ``window`` of them for a sliding-window layer.
 :class:`AttentionMetadata` is built once per step from the block tables and shared by every layer.
 Two implementations compute the same thing:
 
-- :func:`paged_attention_torch`, the PyTorch path used on CPU: the decode rows of all sequences go
-  through one batched ``scaled_dot_product_attention`` over keys gathered through the block tables
-  (padded to the longest context, padding masked), each prefill chunk through its own call. Gather
-  indices and masks are computed once per step (and window), not per layer.
+- :func:`paged_attention_torch`, the PyTorch path used on CPU: decode rows go through batched
+  ``scaled_dot_product_attention`` calls over keys gathered through the block tables, padded to the
+  longest context of their group (padding masked); decode sequences are sorted by context length and
+  cut into up to :data:`MAX_DECODE_GROUPS` groups, so a few long contexts do not make every row pay
+  for their padding. Each prefill chunk has its own call. Gather indices and masks are computed once
+  per step (and window), not per layer.
 - ``ds_ops::paged_attention`` (ds-ops), a ``torch.library`` op whose CUDA kernel is Triton and
   whose default is plain PyTorch; chosen on CUDA, or when ``attention_backend='ds_ops'``.
 """
@@ -25,7 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AttentionMetadata", "PrefillChunk", "paged_attention_torch", "build_metadata"]
+__all__ = ["AttentionMetadata", "DecodeGroup", "PrefillChunk", "paged_attention_torch", "build_metadata"]
+
+MAX_DECODE_GROUPS = 4
+MIN_DECODE_GROUP = 8  # sequences per group below which another call costs more than the padding saved
+
+
+@dataclass
+class DecodeGroup:
+    """Decode sequences attended in one call: their rows, context slots padded to ``lmax``, lengths."""
+
+    rows: Tensor  # (n,) long: each sequence's token row in the flat batch
+    slots: Tensor  # (n * lmax,) long: cache slot of each context position (padding: a valid slot, masked)
+    ctx: Tensor  # (n,) long
+    lmax: int
 
 
 @dataclass
@@ -46,12 +61,9 @@ class AttentionMetadata:
     block_size: int
     positions: Tensor  # (T,) long: each token's position in its sequence
     slot_mapping: Tensor  # (T,) long: cache slot (block * block_size + offset) of each token
-    # decode group: sequences contributing exactly one query token
-    decode_rows: Tensor | None  # (Sd,) long: their token's row in the flat batch
-    decode_slots: Tensor | None  # (Sd * Lmax,) long: cache slot of each context position (padding: 0)
-    decode_ctx: Tensor | None  # (Sd,) long: context length
-    decode_lmax: int
-    decode_all: bool  # every token of the batch is a decode token (rows are 0..T-1)
+    # sequences contributing exactly one query token, in groups of similar context length
+    decode_groups: list[DecodeGroup]
+    decode_all: bool  # one group holding every token of the batch, rows 0..T-1 in order
     prefills: list[PrefillChunk]
     # the same batch in the layout of ds_ops::paged_attention
     block_tables: Tensor  # (S, max_blocks) int32
@@ -60,14 +72,15 @@ class AttentionMetadata:
     max_query_len: int
     _masks: dict = field(default_factory=dict, repr=False)
 
-    def decode_mask(self, window: int | None) -> Tensor:
-        """(Sd, 1, 1, Lmax) bool: context positions each decode query sees."""
-        key = ("decode", window)
+    def decode_mask(self, i: int, window: int | None) -> Tensor:
+        """(n, 1, 1, lmax) bool for decode group ``i``: context positions each query sees."""
+        key = ("decode", i, window)
         if key not in self._masks:
-            pos = torch.arange(self.decode_lmax, device=self.decode_ctx.device)[None, :]
-            keep = pos < self.decode_ctx[:, None]
+            group = self.decode_groups[i]
+            pos = torch.arange(group.lmax, device=group.ctx.device)[None, :]
+            keep = pos < group.ctx[:, None]
             if window is not None:
-                keep &= pos >= self.decode_ctx[:, None] - window
+                keep &= pos >= group.ctx[:, None] - window
             self._masks[key] = keep[:, None, None, :]
         return self._masks[key]
 
@@ -94,9 +107,7 @@ def build_metadata(chunks: list[tuple[list[int], int, int]], block_size: int, de
     """Metadata for a batch of ``(block_table, num_computed_tokens, num_new_tokens)`` chunks, in batch order."""
     num_seqs = len(chunks)
     max_blocks = max(len(table) for table, _, _ in chunks)
-    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
-    for s, (table, _, _) in enumerate(chunks):
-        tables[s, : len(table)] = torch.tensor(table, dtype=torch.long)
+    tables = torch.tensor([table + [0] * (max_blocks - len(table)) for table, _, _ in chunks], dtype=torch.long)
     q_lens = torch.tensor([n for _, _, n in chunks], dtype=torch.long)
     ctx_lens = torch.tensor([c + n for _, c, n in chunks], dtype=torch.long)
     starts = torch.zeros(num_seqs + 1, dtype=torch.long)
@@ -108,22 +119,22 @@ def build_metadata(chunks: list[tuple[list[int], int, int]], block_size: int, de
     pos = torch.arange(total) - starts[:-1][seq_of_token] + (ctx_lens - q_lens)[seq_of_token]
     slot_mapping = tables[seq_of_token, pos // block_size] * block_size + pos % block_size
 
-    decode_rows = decode_slots = decode_ctx = None
-    decode_lmax = 0
+    groups: list[DecodeGroup] = []
     prefills: list[PrefillChunk] = []
     decode_all = False
     if with_torch_path:
         is_decode = q_lens == 1
         offsets = torch.arange(block_size)
-        if bool(is_decode.any()):
-            d = is_decode.nonzero().squeeze(1)
-            decode_lmax = int(ctx_lens[d].max())
-            nb = -(-decode_lmax // block_size)
-            slots = (tables[d, :nb, None] * block_size + offsets).reshape(len(d), nb * block_size)
-            decode_rows = starts[d].to(device)
-            decode_slots = slots[:, :decode_lmax].reshape(-1).to(device)
-            decode_ctx = ctx_lens[d].to(device)
-            decode_all = len(d) == num_seqs
+        decode = is_decode.nonzero().squeeze(1)
+        parts = min(MAX_DECODE_GROUPS, max(1, len(decode) // MIN_DECODE_GROUP))
+        if parts > 1:  # similar lengths together: less padding to gather and attend over
+            decode = decode[torch.argsort(ctx_lens[decode], stable=True)]
+        for d in torch.tensor_split(decode, parts) if len(decode) else ():
+            lmax = int(ctx_lens[d].max())
+            nb = -(-lmax // block_size)
+            slots = (tables[d, :nb, None] * block_size + offsets).reshape(len(d), nb * block_size)[:, :lmax]
+            groups.append(DecodeGroup(starts[d].to(device), slots.reshape(-1).to(device), ctx_lens[d].to(device), lmax))
+        decode_all = parts == 1 and len(decode) == num_seqs
         for s in (~is_decode).nonzero().squeeze(1).tolist():
             rows, ctx = int(q_lens[s]), int(ctx_lens[s])
             nb = -(-ctx // block_size)
@@ -135,10 +146,7 @@ def build_metadata(chunks: list[tuple[list[int], int, int]], block_size: int, de
         block_size=block_size,
         positions=pos.to(device),
         slot_mapping=slot_mapping.to(device),
-        decode_rows=decode_rows,
-        decode_slots=decode_slots,
-        decode_ctx=decode_ctx,
-        decode_lmax=decode_lmax,
+        decode_groups=groups,
         decode_all=decode_all,
         prefills=prefills,
         block_tables=tables.to(device=device, dtype=torch.int32),
@@ -156,19 +164,17 @@ def paged_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Att
     keys and values. Hq must be a multiple of Hkv (grouped-query attention).
     """
     gqa = q.shape[1] != k_cache.shape[1]
-    if meta.decode_rows is not None:
-        n, lmax = len(meta.decode_ctx), meta.decode_lmax
-        k = k_cache.index_select(0, meta.decode_slots).view(n, lmax, *k_cache.shape[1:]).transpose(1, 2)
-        v = v_cache.index_select(0, meta.decode_slots).view(n, lmax, *v_cache.shape[1:]).transpose(1, 2)
-        qd = q if meta.decode_all else q.index_select(0, meta.decode_rows)
-        o = F.scaled_dot_product_attention(qd.unsqueeze(2), k, v, attn_mask=meta.decode_mask(window),
+    out = None if meta.decode_all else torch.empty_like(q)
+    for i, group in enumerate(meta.decode_groups):
+        n, lmax = len(group.ctx), group.lmax
+        k = k_cache.index_select(0, group.slots).view(n, lmax, *k_cache.shape[1:]).transpose(1, 2)
+        v = v_cache.index_select(0, group.slots).view(n, lmax, *v_cache.shape[1:]).transpose(1, 2)
+        qd = q if meta.decode_all else q.index_select(0, group.rows)
+        o = F.scaled_dot_product_attention(qd.unsqueeze(2), k, v, attn_mask=meta.decode_mask(i, window),
                                            scale=scale, enable_gqa=gqa).squeeze(2)  # fmt: skip
         if meta.decode_all:
             return o
-        out = torch.empty_like(q)
-        out[meta.decode_rows] = o
-    else:
-        out = torch.empty_like(q)
+        out.index_copy_(0, group.rows, o)
     for i, chunk in enumerate(meta.prefills):
         k = k_cache.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
         v = v_cache.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
