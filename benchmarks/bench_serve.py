@@ -1,7 +1,5 @@
 """Serving throughput and latency: ds-infer's engine vs Hugging Face ``generate``, same requests, same run.
 
-    python benchmarks/bench_serve.py [--requests 32] [--rounds 3] [--threads 1] [--batch 8] [--quick]
-
 A small random Llama (4 layers, hidden 256, GQA 8/4 heads, a byte-level BPE vocabulary trained here; no
 downloads) serves one offline batch of requests with mixed prompt lengths (8-128 tokens) and output
 lengths (8-64 tokens, EOS ignored so every system produces exactly the same number of tokens), all
@@ -9,17 +7,19 @@ arriving at t = 0. Three systems:
 
 - ``ds``: ``ds_infer.LLM`` — continuous batching over the paged KV cache, split prefill;
 - ``hf-seq``: Hugging Face ``generate`` request by request (what a naive server does);
-- ``hf-static``: ``generate`` on static left-padded batches of ``--batch`` requests in arrival order,
-  each batch decoding until its longest request is done;
+- ``hf-staticB``: ``generate`` on static left-padded batches of B requests in arrival order, each
+  batch decoding until its longest request is done (B = 8, and 32: the whole run in one batch);
 - ``ds-http``: the same engine behind ``ds serve``'s HTTP server, every request streamed at once over
   loopback (what a client sees; skip with ``--no-http``).
 
-Rounds alternate the systems (ds, hf-seq, ds-http, hf-static, then the next round) so machine noise hits
+Rounds alternate the systems (ds, hf-seq, ds-http, the static batches, then the next round) so machine noise hits
 all of them; figures are medians over rounds, speedups medians of per-round ratios. Throughput is
 generated tokens per second of wall time, and per second of this process's CPU time (steadier on a
 shared machine); TTFT is from t = 0 to a request's first token; inter-token latency is the gap between
 consecutive tokens of a request (p50/p95 over all gaps). Targets on CPU: >= 4x hf-seq and >= 1.5x
 hf-static throughput.
+
+    python benchmarks/bench_serve.py [--requests 32] [--rounds 3] [--threads 1] [--batch 8,32] [--quick]
 
 Prefix caching: 24 requests sharing a 192-token system prompt with short distinct questions, ds with
 prefix caching on vs off: hit rate and the speedup of the batch.
@@ -216,7 +216,7 @@ def report(title: str, results: dict[str, list[dict]], base: str = "ds") -> None
     """Medians over rounds; the speedups are medians of per-round ratios (paired, so slow phases of a
     shared machine cancel), by wall time and by CPU time."""
     print(f"\n{title}")
-    print(f"  {'system':<11}{'tok/s':>8}{'tok/CPU-s':>11}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}{'ITL p95':>9}"
+    print(f"  {'system':<13}{'tok/s':>8}{'tok/CPU-s':>11}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}{'ITL p95':>9}"
           f"{'ds speedup (wall, CPU)':>25}")
     for name, runs in results.items():
         def m(key, q, runs=runs):
@@ -230,19 +230,22 @@ def report(title: str, results: dict[str, list[dict]], base: str = "ds") -> None
         speed = "" if name == base else f"{r_wall:.2f}x, {r_cpu:.2f}x"
         ttft = f"{m('ttft', .5) * 1e3:>8.0f}ms{m('ttft', .95) * 1e3:>8.0f}ms" if runs[0]["ttft"] else " " * 20
         itl = f"{m('itl', .5) * 1e3:>7.1f}ms{m('itl', .95) * 1e3:>7.1f}ms" if runs[0]["itl"] else " " * 18
-        print(f"  {name:<11}{wall:>8.1f}{cpu:>11.1f}{ttft}{itl}{speed:>25}")
+        print(f"  {name:<13}{wall:>8.1f}{cpu:>11.1f}{ttft}{itl}{speed:>25}")
 
 
-def compare(llm, hf, tok, work, rounds: int, batch: int, device, server=None) -> dict[str, list[dict]]:
-    results: dict[str, list[dict]] = {"ds": [], "hf-seq": [], "hf-static": []}
+def compare(llm, hf, tok, work, rounds: int, batches: list[int], device, server=None) -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {"ds": [], "hf-seq": []}
     if server is not None:
         results["ds-http"] = []
+    for batch in batches:
+        results[f"hf-static{batch}"] = []
     for r in range(rounds):
         results["ds"].append(run_ds(llm, work))
         results["hf-seq"].append(run_hf_seq(hf, work, device))
         if server is not None:
             results["ds-http"].append(run_http(server, work))
-        results["hf-static"].append(run_hf_static(hf, work, batch, tok.pad_token_id, device))
+        for batch in batches:
+            results[f"hf-static{batch}"].append(run_hf_static(hf, work, batch, tok.pad_token_id, device))
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]['tok_s']:.0f} tok/s" for k, v in results.items()),
               flush=True)
     return results
@@ -305,13 +308,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8, help="static batch size of the hf-static baseline")
+    p.add_argument("--batch", default="8,32", help="static batch sizes of the hf-static baselines (default 8,32: "
+                                                  "32 puts every request of the default run in one batch)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both systems)")
     p.add_argument("--quick", action="store_true", help="8 requests, 1 round (a smoke run)")
     p.add_argument("--no-http", action="store_true", help="skip the run through the HTTP server")
     args = p.parse_args()
     if args.quick:
         args.requests, args.rounds = 8, 1
+    batches = [int(b) for b in str(args.batch).split(",")]
     torch.set_num_threads(args.threads)
 
     from transformers import LlamaForCausalLM
@@ -337,7 +342,7 @@ def main() -> None:
             server = start_server(LLMEngine(net, llm.get_tokenizer(), llm.config), model_name="bench")
             run_http(server, work[:2])
         try:
-            results = compare(llm, hf, tok, work, args.rounds, args.batch, "cpu", server)
+            results = compare(llm, hf, tok, work, args.rounds, batches, "cpu", server)
         finally:
             if server is not None:
                 server.stop()
@@ -345,12 +350,12 @@ def main() -> None:
         prefix_section(model_dir, tok, args.rounds, "cpu", None)
 
         if torch.cuda.is_available():
-            cuda_section(args.requests, args.rounds, args.batch)
+            cuda_section(args.requests, args.rounds, batches)
         else:
             print("\nCUDA: no GPU here; the CUDA section runs where torch.cuda.is_available()")
 
 
-def cuda_section(requests: int = 32, rounds: int = 3, batch: int = 8) -> dict[str, dict[str, float]]:
+def cuda_section(requests: int = 32, rounds: int = 3, batches=(8, 32)) -> dict[str, dict[str, float]]:
     """The comparison on the GPU (bf16) with a larger model (8 layers, hidden 1024, ~100M parameters),
     vLLM too when it imports; prints the table and returns each system's medians (tokens/s, TTFT and
     inter-token p50/p95 in seconds) for scripts that collect GPU figures."""
@@ -366,7 +371,7 @@ def cuda_section(requests: int = 32, rounds: int = 3, batch: int = 8) -> dict[st
         # a bounded KV cache: HF and vLLM share the device in the same run
         llm = LLM(model_dir, device="cuda", dtype=torch.bfloat16, kv_memory="4GiB")
         run_ds(llm, work[:2])
-        results = compare(llm, hf, tok, work, rounds, batch, "cuda")
+        results = compare(llm, hf, tok, work, rounds, list(batches), "cuda")
         vllm = try_vllm(model_dir, work)
         if vllm is not None:
             results["vllm"] = [vllm]

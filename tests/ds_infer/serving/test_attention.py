@@ -71,7 +71,7 @@ CASES = {
 def test_paged_attention_matches_dense(name, window):
     cases = CASES[name]
     cache, chunks, q, k, v, full_k, full_v = _batch(cases)
-    meta = build_metadata(chunks, BLOCK, "cpu")
+    meta = build_metadata(chunks, BLOCK, "cpu", num_kv_heads=HKV)
     out = PagedAttention(cache, meta).attend(0, q[None], k[None], v[None], scale=0.3, window=window)[0]
     torch.testing.assert_close(out, _dense(cases, q, full_k, full_v, 0.3, window), **TOL)
     # the step's keys and values landed in their slots
@@ -85,14 +85,14 @@ def test_ds_ops_default_matches_torch_path(window):
     pytest.importorskip("ds_ops", reason="ds-ops is not installed; the op path is not available")
     cases = CASES["mixed"]
     cache, chunks, q, k, v, full_k, full_v = _batch(cases, seed=1)
-    meta = build_metadata(chunks, BLOCK, "cpu")
+    meta = build_metadata(chunks, BLOCK, "cpu", num_kv_heads=HKV)
     out = PagedAttention(cache, meta, use_op=True).attend(0, q[None], k[None], v[None], scale=0.3, window=window)[0]
     torch.testing.assert_close(out, _dense(cases, q, full_k, full_v, 0.3, window), **TOL)
 
 
 def test_many_decode_rows_are_grouped_by_context_length():
     cache, chunks, *_ = _batch(CASES["many_decodes"])
-    meta = build_metadata(chunks, BLOCK, "cpu")
+    meta = build_metadata(chunks, BLOCK, "cpu", num_kv_heads=HKV)
     assert len(meta.decode_groups) == 3 and not meta.decode_all
     lengths = [g.ctx.tolist() for g in meta.decode_groups]
     assert all(max(a) <= min(b) for a, b in zip(lengths, lengths[1:]))  # sorted: little padding per group

@@ -13,10 +13,11 @@
 - ``max_query_len``: the longest run of queries (sizes the kernel's grid without a device sync).
 - ``window``: sliding window (a key is seen when ``q_pos - k_pos < window``); 0 for none.
 
-Returns (T, Hq, D) in ``q``'s dtype; softmax in fp32. The default is plain PyTorch (one
-``scaled_dot_product_attention`` per sequence); the "cuda" kernel is :mod:`ds_ops.triton.paged_attention`
-(block sizes a power of two >= 16, head dim <= 256; anything else runs the default). ds-infer's
-serving engine calls it through ``ds_core.ops.get_op``.
+Returns (T, Hq, D) in ``q``'s dtype. The default is plain PyTorch: one
+``scaled_dot_product_attention`` per sequence over its keys and values gathered head-major (already in
+SDPA's contiguous layout). The "cuda" kernel is :mod:`ds_ops.triton.paged_attention` (block sizes a
+power of two >= 16, head dim <= 256; anything else runs the default). ds-infer's serving engine
+calls it through ``ds_core.ops.get_op``.
 """
 
 from __future__ import annotations
@@ -48,23 +49,27 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, se
                          f"{tuple(query_start_loc.shape)}")
 
 
-def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                              seq_lens: Tensor, query_start_loc: Tensor, scale: float,
-                              window: int = 0) -> Tensor:  # fmt: skip
-    """One ``scaled_dot_product_attention`` per sequence over its gathered keys and values."""
-    _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+def _gather(cache: Tensor, blocks: Tensor, ctx: int) -> Tensor:
+    """One sequence's keys (or values) as a contiguous ``(1, Hkv, ctx, D)`` tensor."""
+    num_blocks, block_size, heads, dim = cache.shape
+    if cache.is_contiguous():  # rows of the (slots * Hkv, D) view, head by head: already in SDPA's layout
+        slots = (blocks[:, None] * block_size + torch.arange(block_size, device=cache.device)).reshape(-1)[:ctx]
+        rows = slots[None, :] * heads + torch.arange(heads, device=cache.device)[:, None]
+        return cache.view(-1, dim).index_select(0, rows.reshape(-1)).view(1, heads, ctx, dim)
+    return cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
+
+
+def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, lens: list[int], starts: list[int],
+            seqs, scale: float, window: int, out: Tensor) -> None:  # fmt: skip
+    """``scaled_dot_product_attention`` per sequence of ``seqs`` over its gathered keys and values."""
     block_size = k_cache.shape[1]
-    out = torch.empty_like(q)
     gqa = q.shape[1] != k_cache.shape[2]
-    starts = query_start_loc.tolist()
-    for s, ctx in enumerate(seq_lens.tolist()):
-        lo, hi = starts[s], starts[s + 1]
+    for s in seqs:
+        lo, hi, ctx = starts[s], starts[s + 1], lens[s]
         if hi == lo:
             continue
-        nb = -(-ctx // block_size)
-        blocks = block_tables[s, :nb].long()
-        k = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
-        v = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).unsqueeze(0)
+        blocks = block_tables[s, : -(-ctx // block_size)].long()
+        k, v = _gather(k_cache, blocks, ctx), _gather(v_cache, blocks, ctx)
         qs = q[lo:hi].transpose(0, 1).unsqueeze(0)
         rows = hi - lo
         diff = torch.arange(ctx - rows, ctx, device=q.device)[:, None] - torch.arange(ctx, device=q.device)[None, :]
@@ -72,14 +77,25 @@ def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block
         o = F.scaled_dot_product_attention(qs, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
                                            enable_gqa=gqa)  # fmt: skip
         out[lo:hi] = o.squeeze(0).transpose(0, 1)
+
+
+def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                              seq_lens: Tensor, query_start_loc: Tensor, scale: float,
+                              window: int = 0) -> Tensor:  # fmt: skip
+    """One ``scaled_dot_product_attention`` per sequence over its gathered keys and values."""
+    _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    out = torch.empty_like(q)
+    lens = seq_lens.tolist()
+    _attend(q, k_cache, v_cache, block_tables, lens, query_start_loc.tolist(), range(len(lens)), scale, window, out)
     return out
 
 
 def kernel_supports(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
     """Shapes the Triton kernel handles; others run the default."""
     block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
-    return (block_size >= 16 and block_size & (block_size - 1) == 0 and head_dim <= 256
-            and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride() and q.dtype in (torch.float32, torch.float16, torch.bfloat16))
+    return (block_size >= 16 and block_size & (block_size - 1) == 0 and head_dim <= 256 and k_cache.stride(3) == 1
+            and v_cache.stride() == k_cache.stride() and q.dtype in (torch.float32, torch.float16, torch.bfloat16))
+
 
 
 @custom_op("paged_attention")

@@ -35,10 +35,10 @@ MIN_DECODE_GROUP = 8  # sequences per group below which another call costs more 
 
 @dataclass
 class DecodeGroup:
-    """Decode sequences attended in one call: their rows, context slots padded to ``lmax``, lengths."""
+    """Decode sequences attended in one call: their rows, context rows padded to ``lmax``, lengths."""
 
     rows: Tensor  # (n,) long: each sequence's token row in the flat batch
-    slots: Tensor  # (n * lmax,) long: cache slot of each context position (padding: a valid slot, masked)
+    kv_rows: Tensor  # (n * Hkv * lmax,) long: rows of the cache's (slots * Hkv, D) view (see the note)
     ctx: Tensor  # (n,) long
     lmax: int
 
@@ -50,7 +50,7 @@ class PrefillChunk:
     start: int
     rows: int
     ctx: int
-    slots: Tensor  # (ctx,) long: cache slot of each context position
+    kv_rows: Tensor  # (Hkv * ctx,) long: rows of the cache's (slots * Hkv, D) view (see the note)
 
 
 @dataclass
@@ -92,7 +92,7 @@ class AttentionMetadata:
             if chunk.ctx == chunk.rows and (window is None or window >= chunk.ctx):
                 mask = None
             else:
-                dev = chunk.slots.device
+                dev = chunk.kv_rows.device
                 diff = torch.arange(chunk.ctx - chunk.rows, chunk.ctx, device=dev)[:, None] - \
                     torch.arange(chunk.ctx, device=dev)[None, :]
                 mask = diff >= 0
@@ -102,9 +102,21 @@ class AttentionMetadata:
         return self._masks[key]
 
 
+def _head_major(slots: Tensor, num_kv_heads: int) -> Tensor:
+    """Rows of the ``(slots * Hkv, D)`` view holding ``slots`` of every head, ordered head by head."""
+    heads = torch.arange(num_kv_heads)
+    return (slots[..., None, :] * num_kv_heads + heads[:, None]).reshape(-1)
+
+
 def build_metadata(chunks: list[tuple[list[int], int, int]], block_size: int, device: torch.device | str,
-                   *, with_torch_path: bool = True) -> AttentionMetadata:  # fmt: skip
-    """Metadata for a batch of ``(block_table, num_computed_tokens, num_new_tokens)`` chunks, in batch order."""
+                   *, num_kv_heads: int = 1, with_torch_path: bool = True) -> AttentionMetadata:  # fmt: skip
+    """Metadata for a batch of ``(block_table, num_computed_tokens, num_new_tokens)`` chunks, in batch order.
+
+    [Note: head-major gathers] The cache of a layer is ``(slots, Hkv, D)``; seen as ``(slots * Hkv, D)``
+    its row ``slot * Hkv + h`` is one head's key at one slot. Gathering the rows ordered (sequence,
+    head, position) yields keys already laid out ``(n, Hkv, L, D)`` and contiguous, which
+    ``scaled_dot_product_attention`` reads at full speed (about twice as fast as a strided view).
+    """
     num_seqs = len(chunks)
     max_blocks = max(len(table) for table, _, _ in chunks)
     tables = torch.tensor([table + [0] * (max_blocks - len(table)) for table, _, _ in chunks], dtype=torch.long)
@@ -133,13 +145,14 @@ def build_metadata(chunks: list[tuple[list[int], int, int]], block_size: int, de
             lmax = int(ctx_lens[d].max())
             nb = -(-lmax // block_size)
             slots = (tables[d, :nb, None] * block_size + offsets).reshape(len(d), nb * block_size)[:, :lmax]
-            groups.append(DecodeGroup(starts[d].to(device), slots.reshape(-1).to(device), ctx_lens[d].to(device), lmax))
+            groups.append(DecodeGroup(starts[d].to(device), _head_major(slots, num_kv_heads).to(device),
+                                      ctx_lens[d].to(device), lmax))  # fmt: skip
         decode_all = parts == 1 and len(decode) == num_seqs
         for s in (~is_decode).nonzero().squeeze(1).tolist():
             rows, ctx = int(q_lens[s]), int(ctx_lens[s])
             nb = -(-ctx // block_size)
             slots = (tables[s, :nb, None] * block_size + offsets).reshape(-1)[:ctx]
-            prefills.append(PrefillChunk(int(starts[s]), rows, ctx, slots.to(device)))
+            prefills.append(PrefillChunk(int(starts[s]), rows, ctx, _head_major(slots, num_kv_heads).to(device)))
 
     return AttentionMetadata(
         num_tokens=total,
@@ -163,21 +176,25 @@ def paged_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Att
     ``k_cache``/``v_cache`` are one layer's ``(num_slots, Hkv, D)`` views, already holding this step's
     keys and values. Hq must be a multiple of Hkv (grouped-query attention).
     """
-    gqa = q.shape[1] != k_cache.shape[1]
+    num_heads, (num_kv_heads, head_dim) = q.shape[1], k_cache.shape[1:]
+    gqa = num_heads != num_kv_heads
+    k_rows, v_rows = k_cache.view(-1, head_dim), v_cache.view(-1, head_dim)
     out = None if meta.decode_all else torch.empty_like(q)
     for i, group in enumerate(meta.decode_groups):
         n, lmax = len(group.ctx), group.lmax
-        k = k_cache.index_select(0, group.slots).view(n, lmax, *k_cache.shape[1:]).transpose(1, 2)
-        v = v_cache.index_select(0, group.slots).view(n, lmax, *v_cache.shape[1:]).transpose(1, 2)
+        k = k_rows.index_select(0, group.kv_rows).view(n, num_kv_heads, lmax, head_dim)
+        v = v_rows.index_select(0, group.kv_rows).view(n, num_kv_heads, lmax, head_dim)
         qd = q if meta.decode_all else q.index_select(0, group.rows)
-        o = F.scaled_dot_product_attention(qd.unsqueeze(2), k, v, attn_mask=meta.decode_mask(i, window),
-                                           scale=scale, enable_gqa=gqa).squeeze(2)  # fmt: skip
+        # one query per sequence: fold the query heads sharing a kv head into the query axis
+        o = F.scaled_dot_product_attention(qd.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim), k, v,
+                                           attn_mask=meta.decode_mask(i, window), scale=scale)  # fmt: skip
+        o = o.reshape(n, num_heads, head_dim)
         if meta.decode_all:
             return o
         out.index_copy_(0, group.rows, o)
     for i, chunk in enumerate(meta.prefills):
-        k = k_cache.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
-        v = v_cache.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
+        k = k_rows.index_select(0, chunk.kv_rows).view(1, num_kv_heads, chunk.ctx, head_dim)
+        v = v_rows.index_select(0, chunk.kv_rows).view(1, num_kv_heads, chunk.ctx, head_dim)
         qs = q[chunk.start:chunk.start + chunk.rows].transpose(0, 1).unsqueeze(0)
         mask = meta.prefill_mask(i, window)
         o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,

@@ -54,7 +54,8 @@ class ModelRunner:
             self.cache.copy_in(self.swapped.pop(seq_id), blocks)
         if not plan.chunks:
             return None
-        meta = build_metadata(plan.chunks, self.cache.block_size, self.device, with_torch_path=not self.use_op)
+        meta = build_metadata(plan.chunks, self.cache.block_size, self.device, num_kv_heads=self.cache.num_kv_heads,
+                              with_torch_path=not self.use_op)  # fmt: skip
         input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
         kv = PagedAttention(self.cache, meta, use_op=self.use_op)
         hidden = self.model(input_ids[None], meta.positions[None], kv)
