@@ -1,10 +1,14 @@
-"""Train a small byte-level GPT on text bundled with this repository, on CPU ranks.
+"""Train a small byte-level GPT on text bundled with this repository, on CPU ranks, then generate.
 
     ds run --nproc 2 examples/train_gpt.py --config examples/configs/gpt_cpu.json
 
 The corpus is the repository's own documentation and source (Markdown and Python files), read as
 bytes, so nothing is downloaded. Edit the JSON config (batch sizes, optimizer, scheduler, precision,
 steps_per_print, ...) — it is a DeepSpeed config and ds reads it unchanged.
+
+At the end the checkpoint just written is loaded for inference with ``ds_infer.init_inference``
+(the native model and its static-KV-cache decoder) and a sample is generated from a prompt, with
+the decode speed in tokens/s: training and inference in one run.
 """
 
 from __future__ import annotations
@@ -53,7 +57,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--corpus-bytes", type=int, default=2_000_000)
-    parser.add_argument("--save-dir", default=None, help="save a checkpoint here at the end")
+    parser.add_argument("--save-dir", default="runs/train_gpt_checkpoint",
+                        help="the checkpoint written at the end (and loaded back for the sample)")
+    parser.add_argument("--hf-dir", default="runs/train_gpt_hf",
+                        help="the trained model written as a Hugging Face directory (for `ds serve`)")
+    parser.add_argument("--prompt", default="The engine ", help="prompt of the generated sample")
+    parser.add_argument("--sample-tokens", type=int, default=64, help="tokens to generate (0: no sample)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # one core per rank on small machines
@@ -101,9 +110,40 @@ def main() -> None:
               f"{engine.global_samples / elapsed:.1f} samples/s | "
               f"{engine.global_samples * args.seq_len / elapsed:,.0f} tokens/s | peak memory per rank "
               f"{', '.join(f'{p / 2**20:.0f} MiB' for p in peaks)}", flush=True)
+    if rank == 0 and args.save_dir and args.sample_tokens > 0:
+        sample(args, model.cfg)
     if dist.is_initialized():  # an orderly teardown: gloo's threads are joined before the interpreter exits
         dist.barrier()
         dist.destroy_process_group()
+
+
+def sample(args: argparse.Namespace, cfg: GPTConfig) -> None:
+    """Load the checkpoint with ds_infer and generate from ``args.prompt`` (rank 0)."""
+    try:
+        import ds_infer
+    except ImportError:
+        print("[train_gpt] ds-infer is not installed: `pip install ds-infer` to generate a sample", flush=True)
+        return
+    with torch.device("meta"):  # no weights of its own: they come from the checkpoint
+        shell = GPT(cfg)
+    engine = ds_infer.init_inference(shell, checkpoint=args.save_dir, replace_with_kernel_inject=True,
+                                     dtype=torch.float32, device="cpu")
+    prompt = torch.tensor([list(args.prompt.encode())])
+    new = min(args.sample_tokens, cfg.seq_len - prompt.shape[1])
+    stamps: list[float] = []
+    out = engine.generate(prompt, max_new_tokens=new, do_sample=True, temperature=0.7, top_k=20, seed=0,
+                          streamer=lambda step, tokens: stamps.append(time.perf_counter()))
+    text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    print(f"[train_gpt] inference: {args.save_dir} loaded by ds_infer.init_inference in {engine.load_seconds:.2f} s; "
+          f"{len(stamps)} tokens sampled at {rate:,.0f} tokens/s decode:\n{text}", flush=True)
+    if args.hf_dir:  # the same weights as a Hugging Face directory with a byte tokenizer: `ds serve` it
+        ds_infer.save_pretrained(engine, args.hf_dir)
+        try:
+            ds_infer.save_byte_tokenizer(args.hf_dir)
+            print(f"[train_gpt] serve it: ds serve {args.hf_dir}", flush=True)
+        except Exception as exc:  # tokenizers/transformers are optional
+            print(f"[train_gpt] {args.hf_dir} written without a tokenizer ({exc})", flush=True)
 
 
 if __name__ == "__main__":

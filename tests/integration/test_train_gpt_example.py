@@ -18,5 +18,6 @@ def test_train_gpt_runs_through_ds_run(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "[ds] step 10 | loss" in out.stdout
     assert "[train_gpt] done: 12 steps" in out.stdout
+    assert "loaded by ds_infer.init_inference" in out.stdout  # the checkpoint, generating a sample
     assert (tmp_path / "ckpt" / "latest").read_text() == "global_step12"
     assert (tmp_path / "runs" / "train_gpt" / "Train_Samples_train_loss.csv").exists()

@@ -27,6 +27,8 @@ _LAZY = {
     "StaticKVCache": "ds_infer.models",
     "NoCache": "ds_infer.models",
     "QuantLinear": "ds_infer.quant",
+    "save_pretrained": "ds_infer.export",
+    "save_byte_tokenizer": "ds_infer.export",
     "LLM": "ds_infer.serving.llm",
     "SamplingParams": "ds_infer.serving.sampling_params",
 }

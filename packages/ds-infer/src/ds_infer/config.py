@@ -24,7 +24,7 @@ __all__ = ["InferenceConfig", "TensorParallelConfig", "ZeroInferenceConfig", "Mo
 ACCEPTED_WITHOUT_EFFECT = ("triangular_masking", "return_tuple", "min_out_tokens", "use_triton",
                            "triton_autotune", "injection_policy", "injection_policy_tuple", "replace_method",
                            "training_mp_size", "set_empty_params", "save_mp_checkpoint_path", "base_dir",
-                           "transposed_mode", "keep_module_on_host", "enable_qkvo_scales", "config")
+                           "transposed_mode", "keep_module_on_host", "enable_qkvo_scales")
 
 
 class _Section(BaseModel):

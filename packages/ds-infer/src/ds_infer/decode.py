@@ -59,6 +59,9 @@ class Decoder:
         if c is None or c.batch != batch or c.max_len < max_len:
             self.cache = StaticKVCache(self.model.kv_spec(self.cache_dtype), batch, size)
             self._step_fn, self._graph = None, None
+        rotary = getattr(self.model, "rotary", None)
+        if rotary is not None:  # cos/sin tables for every position this cache can hold
+            rotary.reserve(self.cache.max_len, self.model.dtype)
         return self.cache
 
     # -- prefill and decode --------------------------------------------------------------------

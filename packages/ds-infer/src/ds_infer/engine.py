@@ -18,6 +18,7 @@ Two ways to prepare a model, chosen by ``replace_with_kernel_inject`` (DeepSpeed
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def _dtype_and_quant(cfg: InferenceConfig, device: torch.device) -> tuple[torch.
             raise ConfigError(f"dtype=torch.int8 asks for int8 weights but quant={quant!r} asks for something else; "
                               "give one of them (dtype=torch.int8, or quant=... with a float dtype)")
         return (torch.float16 if device.type == "cuda" else torch.float32), quant or "int8"
-    if dtype in (torch.int4 if hasattr(torch, "int4") else None, "int4"):
+    if dtype == "int4":
         return (torch.float16 if device.type == "cuda" else torch.float32), quant or "int4"
     if dtype is not None:
         dtype = resolve_dtype(dtype)
@@ -129,9 +130,13 @@ class InferenceEngine:
         check_parallel(arch, self.tp_size)  # before any weight is read
         if ckpt is not None:
             source = ckpt.source
-            if arch.model_type == "ds_gpt" or (found is not None and found[0].model_type == "ds_gpt"):
-                source = RenamedSource(source, ds_gpt_names)
             scheme, where = ckpt.quant_scheme, ckpt.where
+            if arch.model_type == "ds_gpt":  # the module's own names -> the GPT-2 names the loader reads
+                source = RenamedSource(source, ds_gpt_names)
+                if scheme is not None:
+                    modules = {ds_gpt_names(f"{k}.weight").removesuffix(".weight"): v
+                               for k, v in scheme.get("modules", {}).items()}
+                    scheme = dict(scheme, modules=modules)
         else:
             source, scheme, where = found[1], None, f"{type(model).__name__} state dict"
             if any(p.is_meta for p in model.parameters()):
@@ -144,21 +149,31 @@ class InferenceEngine:
         if ep not in (1, self.tp_size):
             raise ConfigError(f"moe ep_size {ep} must be 1 or the tensor-parallel size {self.tp_size}: experts are "
                               "spread over the tensor-parallel ranks")
-        par = make_parallel(self.tp_size, group, expert_parallel=ep > 1 or self.tp_size > 1)
+        if ep > 1 and arch.moe is not None and arch.moe.num_experts % ep:
+            raise ConfigError(f"moe ep_size {ep} does not divide the {arch.moe.num_experts} experts of "
+                              f"{arch.model_type}; use ep_size 1 (each expert's hidden units split over the ranks)")
+        # ep_size == tp: whole experts per rank; ep_size 1: every expert split like a dense MLP
+        par = make_parallel(self.tp_size, group, expert_parallel=ep > 1)
         from .quant.factory import factory_for
 
         factory = factory_for(quant, checkpoint_quantized=scheme is not None)
         built = build_model(arch, par)
-        weights_device = self.device if self.zero.offload == "none" else torch.device("cpu")
+        streamer = None
+        weights_device = self.device
+        if self.zero.offload != "none":  # each layer leaves for its store as soon as it is read
+            from .offload import make_streamer
+
+            streamer = make_streamer(built, self.zero, self.device, parse_bytes(self.zero.memory_budget))
+            weights_device = torch.device("cpu")
         native = load_from_source(built, source, dtype=dtype, device=weights_device, factory=factory,
-                                  quant_scheme=scheme, where=where)
+                                  quant_scheme=scheme, where=where, on_layer=streamer.pack if streamer else None)
         if model is not None and hasattr(model, "generation_config"):
             native.generation_config = model.generation_config
         native.set_fused(bool(cfg.replace_with_kernel_inject))
-        if self.zero.offload != "none":
+        if streamer is not None:
             from .offload import offload_layers
 
-            offload_layers(native, self.zero, self.device, parse_bytes(self.zero.memory_budget))
+            offload_layers(native, self.zero, self.device, parse_bytes(self.zero.memory_budget), streamer)
         return native
 
     # -- in place -------------------------------------------------------------------------------
@@ -211,7 +226,7 @@ class InferenceEngine:
         """ds_infer's decode loop (see :func:`ds_infer.generate`); ``max_out_tokens`` bounds the length."""
         from .generation import generate
 
-        if isinstance(input_ids, dict):  # a tokenizer's BatchEncoding
+        if isinstance(input_ids, Mapping):  # a tokenizer's BatchEncoding
             kwargs.setdefault("attention_mask", input_ids.get("attention_mask"))
             input_ids = input_ids["input_ids"]
         if isinstance(input_ids, Tensor):

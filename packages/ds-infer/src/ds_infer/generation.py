@@ -242,19 +242,26 @@ def _last_logits(out: Any) -> Tensor:
     return logits[:, -1].float()
 
 
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else getattr(out, "cache", None)
+
+
 def _hf_stepper(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None):
     b, p = input_ids.shape
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    # transformers renames past_key_values to cache (5.x); pass whichever this model's forward takes
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    state = {"past": out.past_key_values, "mask": mask, "pos": positions[:, -1:]}
+    state = {"past": _cache_of(out), "mask": mask, "pos": positions[:, -1:]}
 
     def step(tokens: Tensor) -> Tensor:
         state["mask"] = torch.cat([state["mask"], torch.ones_like(tokens[:, None])], dim=1)
         state["pos"] = state["pos"] + 1
         o = model(input_ids=tokens[:, None], attention_mask=state["mask"], position_ids=state["pos"],
-                  past_key_values=state["past"], use_cache=True)
-        state["past"] = o.past_key_values
+                  use_cache=True, **{cache_arg: state["past"]})
+        state["past"] = _cache_of(o)
         return _last_logits(o)
 
     return _last_logits(out), step

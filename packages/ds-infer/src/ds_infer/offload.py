@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ds_core.errors import ConfigError
 from ds_core.ops import get_op
 
-__all__ = ["LayerStreamer", "offload_layers", "decoder_layers"]
+__all__ = ["LayerStreamer", "offload_layers", "make_streamer", "decoder_layers"]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -111,37 +111,57 @@ def _pwrite_default(src: Tensor, path: str, offset: int, block_size: int, worker
 
 
 class LayerStreamer:
-    """Owns the layers' off-device copies, the device slots and the hooks that fetch and release."""
+    """Owns the layers' off-device copies, the device slots and the hooks that fetch and release.
+
+    Built before the weights are read: :meth:`pack` takes layer ``i`` to its store (and frees its
+    tensors) as soon as the loader has filled it, so loading holds one layer at a time;
+    :meth:`finish` then sizes the slots, keeps what fits the budget resident and installs the hooks.
+    """
 
     def __init__(self, model: nn.Module, offload: str, device: torch.device, *, nvme_path: str | None = None,
                  pin_memory: bool = True, prefetch: int = 1, memory_budget: int | None = None) -> None:
-        self.layers_module = decoder_layers(model)
-        self.device, self.offload, self.prefetch = device, offload, max(0, prefetch)
         if offload == "cpu" and device.type == "cpu" and memory_budget is not None:
             raise ConfigError("zero.memory_budget with offload='cpu' on a CPU-only run: the weights already live in "
                               "host memory; use offload='nvme' (with nvme_path) to keep them on disk")
         if offload == "nvme" and not nvme_path:
             raise ConfigError("zero.offload='nvme' needs zero.nvme_path (a directory on a fast local disk)")
+        self.model = model
+        self.layers_module = decoder_layers(model)
+        self.device, self.offload, self.prefetch = device, offload, max(0, prefetch)
         self.dir = Path(nvme_path) if nvme_path else None
+        self.pin = pin_memory and device.type == "cuda"
+        self.budget = memory_budget
         self._pread = get_op("aio_pread", _pread_default)
         self._pwrite = get_op("aio_pwrite", _pwrite_default)
-        pin = pin_memory and device.type == "cuda"
+        self.layers: list[_Layer | None] = [None] * len(self.layers_module)
+        self.fetches = 0
+        self.peak_bytes = 0
+
+    def pack(self, i: int) -> None:
+        """Move layer ``i``'s filled tensors to the offload store and leave placeholders behind."""
+        self.layers[i] = self._pack(i, self.layers_module[i], self.pin)
+        self._release(i)
+
+    def finish(self) -> LayerStreamer:
+        for i, layer in enumerate(self.layers):
+            if layer is None:
+                self.pack(i)
+        device = self.device
         layer_ids = {id(t) for layer in self.layers_module for _, _, t, _ in _tensors(layer)}
-        self.other_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
-                               if id(t) not in layer_ids)
-        self.layers: list[_Layer] = [self._pack(i, layer, pin) for i, layer in enumerate(self.layers_module)]
+        self.other_bytes = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()]
+                               if id(t) not in layer_ids and t.numel())
         self.slot_bytes = max(layer.nbytes for layer in self.layers)
         self.num_slots = min(len(self.layers), self.prefetch + 1)
-        self.budget = memory_budget
+        budget = self.budget
         working = self.other_bytes + self.num_slots * self.slot_bytes
-        if memory_budget is not None and memory_budget < working:
+        if budget is not None and budget < working:
             raise ConfigError(
-                f"zero.memory_budget {memory_budget:,} bytes is below the working set: {self.other_bytes:,} bytes of "
+                f"zero.memory_budget {budget:,} bytes is below the working set: {self.other_bytes:,} bytes of "
                 f"embeddings/head/norm + {self.num_slots} layer slot(s) x {self.slot_bytes:,} bytes = {working:,}; "
                 f"raise the budget or lower zero.prefetch")
         # within the budget, the first layers stay resident and are never fetched again
-        spare = (memory_budget - working) if memory_budget is not None else 0
-        if offload == "cpu" and device.type == "cpu":
+        spare = (budget - working) if budget is not None else 0
+        if self.offload == "cpu" and device.type == "cpu":
             spare = float("inf")  # nothing to stream: host memory is the compute memory
         for layer in self.layers:
             if layer.nbytes > spare:
@@ -150,20 +170,17 @@ class LayerStreamer:
             spare -= layer.nbytes
             layer.host = None
         self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=device) for _ in range(self.num_slots)]
-        self.staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(self.num_slots)] \
-            if offload == "nvme" and device.type == "cuda" else None
+        self.staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=self.pin)
+                        for _ in range(self.num_slots)] if self.offload == "nvme" and device.type == "cuda" else None
         self._free = list(range(self.num_slots))
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ds-infer-prefetch")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._lock = threading.Lock()
-        self.fetches = 0
-        self.peak_bytes = 0
-        for i in range(len(self.layers)):
-            self._release(i)
         for i, module in enumerate(self.layers_module):
             module.register_forward_pre_hook(self._pre_hook(i))
             module.register_forward_hook(self._post_hook(i))
         self._track()
+        return self
 
     # -- packing -------------------------------------------------------------------------------
 
@@ -282,21 +299,32 @@ class LayerStreamer:
 
     def resident_bytes(self) -> int:
         """Bytes of model weights this process holds now: non-layer weights, slots, resident layers."""
-        layers = sum(layer.nbytes for layer in self.layers if layer.resident is not None)
-        host = sum(layer.host.numel() for layer in self.layers if layer.host is not None)
+        layers = sum(layer.nbytes for layer in self.layers if layer is not None and layer.resident is not None)
+        host = sum(layer.host.numel() for layer in self.layers if layer is not None and layer.host is not None)
         return self.other_bytes + layers + self.num_slots * self.slot_bytes + host
 
     def total_bytes(self) -> int:
         return self.other_bytes + sum(layer.nbytes for layer in self.layers)
 
 
-def offload_layers(model: nn.Module, config: Any, device: torch.device, memory_budget: int | None) -> LayerStreamer:
-    """Stream ``model``'s decoder layers (``config``: ``ZeroInferenceConfig``); returns the streamer."""
-    streamer = LayerStreamer(model, config.offload, device, nvme_path=config.nvme_path,
-                             pin_memory=config.pin_memory, prefetch=config.prefetch, memory_budget=memory_budget)
+def offload_layers(model: nn.Module, config: Any, device: torch.device, memory_budget: int | None,
+                   streamer: LayerStreamer | None = None) -> LayerStreamer:
+    """Stream ``model``'s decoder layers (``config``: ``ZeroInferenceConfig``); returns the streamer.
+
+    ``streamer``: one made before loading whose :meth:`~LayerStreamer.pack` the loader already called
+    layer by layer; the layers not packed yet are packed now.
+    """
+    if streamer is None:
+        streamer = make_streamer(model, config, device, memory_budget)
+    streamer.finish()
     model.offload = streamer
-    non_layer = {id(t) for layer in streamer.layers_module for _, _, t, _ in _tensors(layer)}
+    layer_ids = {id(t) for layer in streamer.layers_module for _, _, t, _ in _tensors(layer)}
     for t in [*model.parameters(), *model.buffers()]:  # embeddings, norm, head go to the device
-        if id(t) not in non_layer and t.device != device:
+        if id(t) not in layer_ids and t.device != device:
             t.data = t.data.to(device)
     return streamer
+
+
+def make_streamer(model: nn.Module, config: Any, device: torch.device, memory_budget: int | None) -> LayerStreamer:
+    return LayerStreamer(model, config.offload, device, nvme_path=config.nvme_path, pin_memory=config.pin_memory,
+                         prefetch=config.prefetch, memory_budget=memory_budget)

@@ -107,17 +107,13 @@ def _woq_linear_cpu(x, qweight, scales, zeros, bits, group_size, symmetric):
     ext = build.load_or_none("woq") if 0 < m <= CPU_GEMV_ROWS else None
     if ext is None:
         return woq_linear_reference(x, qweight, scales, zeros, bits, group_size, symmetric)
-    p = 8 // bits if bits < 8 else 1
-    xf = x.float()
-    # planes: plane j holds columns j, j+P, j+2P, ... so each field of a byte meets its column
-    planes = xf.view(m, k // p, p).transpose(1, 2).contiguous() if p > 1 else xf.contiguous()
-    xsum = xf.view(m, k // group, group).sum(-1).contiguous()
+    xf = x.float().contiguous()
     s = scales.float().contiguous()
     off, a = _offsets(bits, symmetric)
     z = zeros.float().contiguous() if zeros is not None and not symmetric and bits > 1 else None
     q = qweight.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    ext.woq_gemv(planes.data_ptr(), xsum.data_ptr(), q.data_ptr(), s.data_ptr(), z.data_ptr() if z is not None else 0,
+    ext.woq_gemv(xf.data_ptr(), q.data_ptr(), s.data_ptr(), z.data_ptr() if z is not None else 0,
                  off, a, m, k, n, k // group, group, bits, bits == 8 and symmetric, y.data_ptr())
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 

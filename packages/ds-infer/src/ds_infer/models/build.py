@@ -51,7 +51,7 @@ def resolve_dtype(dtype: Any, default: torch.dtype = torch.float32) -> torch.dty
                       "in init_inference)")
 
 
-def make_parallel(tp: int | Parallel | None, group=None, expert_parallel: bool = True) -> Parallel:
+def make_parallel(tp: int | Parallel | None, group=None, expert_parallel: bool = False) -> Parallel:
     if isinstance(tp, Parallel):
         return tp
     size = int(tp or 1)
@@ -123,13 +123,16 @@ def read_quant_scheme(model_dir: str | Path) -> dict | None:
 
 def load_from_source(model: CausalLM, source: TensorSource, *, dtype: torch.dtype, device: torch.device | str,
                      factory: LinearFactory | None = None, quant_scheme: dict | None = None,
-                     where: str = "checkpoint") -> CausalLM:
-    """Check then fill ``model`` (built by :func:`build_model`) from ``source``; returns it."""
+                     where: str = "checkpoint", on_layer=None) -> CausalLM:
+    """Check then fill ``model`` (built by :func:`build_model`) from ``source``; returns it.
+
+    ``on_layer(i)`` runs once decoder layer ``i`` is filled (ZeRO-Inference moves it out then).
+    """
     modules = (quant_scheme or {}).get("modules", {})
     activations = (quant_scheme or {}).get("activations")
     kwargs = dict(quant_modules=modules, activations=activations, where=where)
     model.load_weights(WeightLoader(model, source, dtype, torch.device("meta"), factory, check=True, **kwargs))
-    model.load_weights(WeightLoader(model, source, dtype, torch.device(device), factory, **kwargs))
+    model.load_weights(WeightLoader(model, source, dtype, torch.device(device), factory, on_layer=on_layer, **kwargs))
     return finalize(model, device)
 
 

@@ -79,6 +79,7 @@ class GPT2LMHeadModel(CausalLM):
             w.linear(f"{dst}.mlp.c_fc", [Part(f"{src}.mlp.c_fc", inter, rows)], h, bias=True, transpose=conv)
             w.linear(f"{dst}.mlp.c_proj", [Part(f"{src}.mlp.c_proj", h)], inter, cols=rows, bias=True,
                      row_parallel=par.size > 1, transpose=conv)
+            w.layer_loaded(i)
         w.param("transformer.ln_f.weight", f"{pre}ln_f.weight", (h,))
         w.param("transformer.ln_f.bias", f"{pre}ln_f.bias", (h,))
         load_head(w, par, a, "lm_head", self.transformer.wte)

@@ -62,16 +62,20 @@ class KVSpec:
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool = False) -> Tensor:
-    """``q [B, Hq, T, D]``, ``k, v [B, Hkv, L, D]`` -> ``[B, Hq, T, D]`` with grouped-query heads."""
-    if k.shape[1] != q.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        if q.shape[2] == 1 and mask is None and not causal:
-            # one query per row: fold the group into the query axis, no repeated keys needed
-            b, hq, _, d = q.shape
-            out = F.scaled_dot_product_attention(q.view(b, k.shape[1], groups, d), k, v, scale=scale)
-            return out.view(b, hq, 1, d)
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    """``q [B, Hq, T, D]``, ``k, v [B, Hkv, L, D]`` -> ``[B, Hq, T, D]`` with grouped-query heads.
+
+    One query per row (decoding): the query heads of a group are folded into the query axis,
+    ``[B, Hkv, G, D]``, so the keys are read once per kv head and never repeated; a ``[B, 1, 1, L]``
+    mask broadcasts over the group. Longer queries use SDPA's own grouped-query support.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv != hq:
+        b, _, t, d = q.shape
+        if t == 1 and not causal:
+            out = F.scaled_dot_product_attention(q.reshape(b, hkv, hq // hkv, d), k, v, attn_mask=mask, scale=scale)
+            return out.reshape(b, hq, 1, d)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
 
 

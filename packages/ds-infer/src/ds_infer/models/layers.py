@@ -32,7 +32,7 @@ class Parallel:
     vocabulary in nearly equal pieces. ``experts``: the experts held here (expert parallelism).
     """
 
-    def __init__(self, rank: int = 0, size: int = 1, group=None, expert_parallel: bool = True) -> None:
+    def __init__(self, rank: int = 0, size: int = 1, group=None, expert_parallel: bool = False) -> None:
         self.rank, self.size, self.group = rank, size, group
         self.expert_parallel = expert_parallel and size > 1
         self.tg = None
@@ -175,15 +175,19 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, kv: KVBackend) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(b, t, self.num_heads, self.head_dim)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv_proj(x)
+        nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        v = qkv[..., (nq + nkv) * d:].view(b, t, nkv, d)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before the rotation
+            q = self.q_norm(qkv[..., : nq * d].view(b, t, nq, d))
+            k = self.k_norm(qkv[..., nq * d: (nq + nkv) * d].view(b, t, nkv, d))
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        else:
+            qk = qkv[..., : (nq + nkv) * d].view(b, t, nq + nkv, d)
+            if rope is not None:  # q and k rotated together: one set of kernels per layer
+                qk = apply_rotary(qk, *rope)
+            q, k = qk[:, :, :nq], qk[:, :, nq:]
         out = kv.attend(self.layer_idx, q, k, v, scale=self.scale, window=self.window)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 

@@ -73,6 +73,7 @@ class LlamaForCausalLM(CausalLM):
                 load_moe(w, a, par, f"{p}.mlp", p, layer.mlp)
             else:
                 load_gated_mlp(w, par, f"{p}.mlp", f"{p}.mlp", h, a.intermediate_size, a.mlp_bias)
+            w.layer_loaded(i)
         w.param("model.norm.weight", "model.norm.weight", (h,))
         load_head(w, par, a, "lm_head", self.model.embed_tokens)
 

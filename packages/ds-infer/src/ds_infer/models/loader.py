@@ -100,7 +100,7 @@ class WeightLoader:
     def __init__(self, model: nn.Module, source: TensorSource, dtype: torch.dtype, device: torch.device,
                  factory: LinearFactory | None = None, check: bool = False,
                  quant_modules: dict[str, dict] | None = None, activations: dict | None = None,
-                 where: str = "checkpoint") -> None:
+                 where: str = "checkpoint", on_layer=None) -> None:
         self.model, self.source, self.dtype, self.device = model, source, dtype, torch.device(device)
         self.factory = factory or LinearFactory()
         self.check = check
@@ -109,6 +109,11 @@ class WeightLoader:
         self.where = where
         self.names = source.names()
         self.used: set[str] = set()
+        self.on_layer = on_layer  # called with each decoder layer's index once it is filled
+
+    def layer_loaded(self, index: int) -> None:
+        if not self.check and self.on_layer is not None:
+            self.on_layer(index)
 
     # -- tensors -------------------------------------------------------------------------------
 
@@ -141,7 +146,8 @@ class WeightLoader:
                                   f"config implies {expect}; the checkpoint was saved from a different config "
                                   "(compare config.json with the weights) or is corrupt")
         self.used.add(name)
-        out_shape = [_len(rows, shape[0])] + ([_len(cols, shape[1])] if len(shape) > 1 else []) + list(shape[2:])
+        out_shape = list(shape) if not shape else \
+            [_len(rows, shape[0])] + ([_len(cols, shape[1])] if len(shape) > 1 else []) + list(shape[2:])
         if self.check:
             return torch.empty(out_shape, device="meta", dtype=self.source.dtype(name))
         if isinstance(rows, (list, tuple)):  # several runs of rows (replicated KV heads): read each

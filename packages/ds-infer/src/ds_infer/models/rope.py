@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .config import RopeConfig
@@ -121,28 +122,50 @@ class Rotary(torch.nn.Module):
         self.attention_scaling = scaling
         self.length_dependent = rope.type in ("dynamic", "longrope")
 
+        self._table: tuple[Tensor, Tensor] | None = None
+
+    def reserve(self, length: int, dtype: torch.dtype) -> None:
+        """Precompute cos/sin for positions ``[0, length)`` in ``dtype`` (the decode loop knows its
+        longest position): each step then gathers two rows instead of computing them. The values
+        are the same bits :meth:`forward` computes; positions past ``length`` fail loudly."""
+        if self.length_dependent:
+            return
+        table = self._table
+        if table is not None and table[0].shape[0] >= length and table[0].dtype == dtype:
+            return
+        positions = torch.arange(length, device=self.inv_freq.device)[None]
+        cos, sin = self._compute(positions, dtype, self.inv_freq, self.attention_scaling)  # [1, L, 1, d]
+        self._table = (cos[0, :, 0].contiguous(), sin[0, :, 0].contiguous())
+
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        table = self._table
+        if table is not None and table[0].dtype == dtype:
+            return F.embedding(positions, table[0]).unsqueeze(2), F.embedding(positions, table[1]).unsqueeze(2)
         inv, scaling = self.inv_freq, self.attention_scaling
         if self.length_dependent:  # the frequencies depend on the longest position in this batch
             inv, scaling = inv_frequencies(self.rope, int(positions.max()) + 1)
             inv = inv.to(positions.device)
+        return self._compute(positions, dtype, inv, scaling)
+
+    @staticmethod
+    def _compute(positions: Tensor, dtype: torch.dtype, inv: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
         freqs = positions[..., None].float() * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         if scaling != 1.0:
             cos, sin = cos * scaling, sin * scaling
+        # rotate_half(x) * sin == roll(x, d/2) * [-sin_1, sin_2]: the sign goes into sin once per
+        # forward (an exact negation), so each layer's rotation is roll + 2 mul + add
+        half = emb.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return cos.to(dtype).unsqueeze(2), sin.to(dtype).unsqueeze(2)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [B, T, H, D]`` by ``cos/sin [B, T, 1, d]`` (the first ``d`` channels when d < D)."""
+    """Rotate ``x [B, T, H, D]`` by :class:`Rotary`'s ``cos/sin [B, T, 1, d]`` (the first ``d``
+    channels when d < D): ``x·cos + rotate_half(x)·sin`` in the half-split (NeoX) layout."""
     d = cos.shape[-1]
     if d == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return x * cos + torch.roll(x, d // 2, dims=-1) * sin
     rot, rest = x[..., :d], x[..., d:]
-    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+    return torch.cat((rot * cos + torch.roll(rot, d // 2, dims=-1) * sin, rest), dim=-1)

@@ -22,6 +22,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -180,11 +181,30 @@ void rows_avx2(const float* __restrict__ planes, const float* __restrict__ xsum,
 #endif
 
 // bits: 8 (signed int8 when symmetric), 4, 2, 1. offsets_address: 0 for a constant offset `off`.
-void woq_gemv(uintptr_t planes, uintptr_t xsum, uintptr_t codes, uintptr_t scales, uintptr_t offsets_address,
+// The activations arrive as rows of x; their planes and group sums are made here (cheap next to
+// the weight pass, and one call instead of several small tensor ops per layer).
+void woq_gemv(uintptr_t x_address, uintptr_t codes, uintptr_t scales, uintptr_t offsets_address,
               double off, double a, int64_t M, int64_t K, int64_t N, int64_t G, int64_t group, int64_t bits,
               bool signed_bytes, uintptr_t out) {
-  const float* xp = ptr<const float>(planes);
-  const float* xs = ptr<const float>(xsum);
+  const float* x = ptr<const float>(x_address);
+  const int64_t P = bits < 8 ? 8 / bits : 1;
+  std::vector<float> plane_buf(P > 1 ? M * K : 0), xsum_buf(M * G);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) acc += xm[i];
+      xsum_buf[m * G + g] = acc;
+    }
+    if (P > 1) {  // plane p holds columns p, p+P, p+2P, ... so each field of a byte meets its column
+      float* pm = plane_buf.data() + m * K;
+      const int64_t per = K / P;
+      for (int64_t j = 0; j < per; ++j)
+        for (int64_t p = 0; p < P; ++p) pm[p * per + j] = xm[j * P + p];
+    }
+  }
+  const float* xp = P > 1 ? plane_buf.data() : x;
+  const float* xs = xsum_buf.data();
   const uint8_t* q = ptr<const uint8_t>(codes);
   const float* s = ptr<const float>(scales);
   const float* z = offsets_address ? ptr<const float>(offsets_address) : nullptr;
