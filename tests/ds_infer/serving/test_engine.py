@@ -263,3 +263,25 @@ def test_other_families_equal_hf_generate(tmp_path, tiny_model_dir, family):
         llm = LLM(tmp_path, block_size=4, max_num_tokens=16)
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
         assert _tokens(outs) == [hf_greedy(hf, tok, p, 12) for p in prompts]
+
+
+def test_the_training_examples_gpt_serves_after_export(tmp_path):
+    """examples/train_gpt.py writes its model with ds_infer.save_pretrained + save_byte_tokenizer for
+    `ds serve`; the engine gives the tokens of ds_infer.generate on the same weights."""
+    import ds_infer
+    from ds_core.testing.models import GPT, GPTConfig
+
+    from .conftest import single_thread
+
+    with single_thread():
+        torch.manual_seed(0)
+        engine = ds_infer.init_inference(GPT(GPTConfig(dim=32, layers=2)), replace_with_kernel_inject=True,
+                                         dtype=torch.float32, device="cpu")  # fmt: skip
+        ds_infer.save_pretrained(engine, tmp_path)
+        ds_infer.save_byte_tokenizer(tmp_path)
+        llm = LLM(tmp_path, block_size=4)
+        out = llm.generate(["hello world"], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+        prompt = torch.tensor([list(b"hello world")])
+        ref = ds_infer.generate(llm.engine.model, prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:]
+        assert out.token_ids == ref.tolist()
+        assert out.text == bytes(ref.tolist()).decode("utf-8", errors="replace")
