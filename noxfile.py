@@ -42,7 +42,7 @@ PACKAGES = [
 # Optional extras exercised by the tests: Triton kernels run on CPU under TRITON_INTERPRET=1.
 EXTRAS = {
     "ds-ops": "[cuda,bnb]",
-    "ds-infer": "[hf]",
+    "ds-infer": "[hf,serve]",
 }
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
 TEST_DEPS = [
@@ -51,6 +51,7 @@ TEST_DEPS = [
     "numpy",
     "tensorboard",  # the monitors' optional backends
     "wandb",
+    "openai",  # the official client against `ds serve` (tests/ds_infer/serving)
     "transformers",  # Hugging Face models under ZeRO-3 (tests/ds_zero/test_stage3_hf.py)
     "tests/ds_core/plugins/ds-test-strategy",  # a third-party data-parallel strategy (tests/ds_core)
 ]

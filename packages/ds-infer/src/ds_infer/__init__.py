@@ -29,6 +29,8 @@ _LAZY = {
     "QuantLinear": "ds_infer.quant",
     "save_pretrained": "ds_infer.export",
     "save_byte_tokenizer": "ds_infer.export",
+    "LLM": "ds_infer.serving.llm",
+    "SamplingParams": "ds_infer.serving.sampling_params",
 }
 
 __all__ = ["__version__", *_LAZY]

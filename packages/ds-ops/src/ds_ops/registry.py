@@ -49,7 +49,7 @@ NAMESPACE = "ds_ops"
 OP_MODULES: list[str] = [
     "ds_ops.cpu_optim",
     "ds_ops.aio",
-    "ds_ops.fused_adam", "ds_ops.quant", "ds_ops.norm",
+    "ds_ops.fused_adam", "ds_ops.quant", "ds_ops.norm", "ds_ops.paged_attention",
     "ds_ops.woq",
 ]
 
