@@ -156,11 +156,11 @@ def train(model: nn.Module, steps: int, lr: float = 3e-3, bsz: int = 32, first_s
 
 
 @functools.cache
-def _trained(layers: int, steps: int) -> GPT:
+def _trained(layers: int, steps: int, bsz: int) -> GPT:
     torch.manual_seed(0)
-    return train(GPT(Cfg(layers=layers)), steps)
+    return train(GPT(Cfg(layers=layers)), steps, bsz=bsz)
 
 
-def trained_gpt(layers: int = 2, steps: int = 400) -> GPT:
+def trained_gpt(layers: int = 2, steps: int = 300, bsz: int = 32) -> GPT:
     """A trained yardstick (trained once per process, a fresh copy per caller)."""
-    return copy.deepcopy(_trained(layers, steps))
+    return copy.deepcopy(_trained(layers, steps, bsz))

@@ -35,8 +35,9 @@ def _quantize_input(x: Tensor, act: ActivationSpec | None, act_scale: Tensor | N
         return x
     if act.get("dynamic", True):
         return fake_quantize_activation(x, act["bits"], act.get("symmetric", True))
-    bound = act_scale * (2 ** (act["bits"] - 1) - 1)
-    return fake_quantize_activation(x, act["bits"], True, (-bound, bound))
+    top = 2 ** (act["bits"] - 1) - 1  # static: one stored symmetric scale per layer
+    s = act_scale.float() if float(act_scale) > 0 else torch.ones_like(act_scale, dtype=torch.float32)
+    return (torch.round(x.float() / s).clamp(-top, top) * s).to(x.dtype)
 
 
 class QuantizedLinear(nn.Module):
