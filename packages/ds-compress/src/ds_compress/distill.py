@@ -153,6 +153,6 @@ def layerwise_distill(student_blocks: Sequence[nn.Module], teacher_blocks: Seque
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         inputs = _next_inputs(teacher, inputs)
     return losses
