@@ -13,7 +13,7 @@ nox.options.sessions = ["lint", "tests", "isolated"]
 nox.options.reuse_existing_virtualenvs = False
 
 TORCH = "torch==2.13.0"
-PACKAGES = ["ds-core", "ds-ops", "ds-zero", "ds-pipe", "ds-moe", "ds-infer", "ds-compress"]
+PACKAGES = ["ds-core", "ds-ops", "ds-zero", "ds-pipe", "ds-moe", "ds-parallel", "ds-infer", "ds-compress"]
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
 TEST_DEPS = ["pytest>=8", "numpy", "tensorboard", "wandb"]  # the monitors' optional backends
 # Optional extras exercised by the tests: Triton kernels run on CPU under TRITON_INTERPRET=1.

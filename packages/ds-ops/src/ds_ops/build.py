@@ -56,6 +56,7 @@ CSRC = Path(__file__).parent / "csrc"
 EXTENSIONS: dict[str, tuple[str, ...]] = {
     "cpu_optim": ("cpu_optim.cpp",),
     "aio": ("aio.cpp",),
+    "woq": ("woq.cpp",),
 }
 
 MANIFEST = "ds_ops_build.json"  # {"library": "<file>.so", "sha256": "..."}, written after a build

@@ -49,6 +49,7 @@ OP_MODULES: list[str] = [
     "ds_ops.cpu_optim",
     "ds_ops.aio",
     "ds_ops.fused_adam", "ds_ops.quant", "ds_ops.norm",
+    "ds_ops.woq",
 ]
 
 

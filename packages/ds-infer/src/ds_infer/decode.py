@@ -1,0 +1,131 @@
+"""The fast decode path of a native model: a static KV cache and a step that can be captured.
+
+:class:`Decoder` owns one :class:`~ds_infer.models.StaticKVCache` per (batch, length) and runs
+
+- ``prefill(input_ids, attention_mask)``: the whole (left-padded) prompt in one forward, logits of
+  each row's last token;
+- ``step(tokens)``: one token per row. Eager, it attends over the filled part of the cache. With
+  ``capture="compile"`` (``torch.compile``; CPU or GPU) or ``capture="cuda_graph"`` it runs the
+  *static* step instead: the write slot is a device tensor and attention covers the whole buffer
+  under a mask, so every step has the same shapes and no host synchronisation (gpt-fast's recipe).
+
+[Note: cache reuse] The cache is allocated for ``max_len`` rounded up to a multiple of 256 and kept
+between calls with the same batch size, so repeated ``generate`` calls neither reallocate nor
+recompile; a compiled step is specialised to one (batch, max_len) and rebuilt when they change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .models.base import CausalLM
+from .models.kv import StaticKVCache
+
+__all__ = ["Decoder", "CAPTURE_MODES"]
+
+CAPTURE_MODES = (None, "compile", "cuda_graph")
+_ROUND = 256
+
+
+class Decoder:
+    def __init__(self, model: CausalLM, capture: str | None = None, compile_options: dict[str, Any] | None = None,
+                 cache_dtype: torch.dtype | None = None) -> None:
+        if capture not in CAPTURE_MODES:
+            raise ValueError(f"capture {capture!r} must be one of {CAPTURE_MODES}")
+        if capture == "cuda_graph" and model.device.type != "cuda":
+            raise ValueError("capture='cuda_graph' needs the model on a CUDA device; use capture='compile' on CPU")
+        rope = getattr(model.arch, "rope", None)
+        if capture and rope is not None and rope.type in ("dynamic", "longrope"):
+            capture = None  # these scalings read the longest position on the host every step
+        self.model, self.capture = model, capture
+        self.compile_options = compile_options or {}
+        self.cache_dtype = cache_dtype
+        self.cache: StaticKVCache | None = None
+        self._step_fn = None
+        self._graph: dict[str, Any] | None = None
+        self.positions: Tensor | None = None
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    def ensure_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        size = -(-max_len // _ROUND) * _ROUND
+        limit = getattr(self.model.arch, "max_position_embeddings", None)
+        if self.model.arch.rope is None and limit:  # learned positions: never beyond the table
+            size = min(size, max(limit, max_len))
+        c = self.cache
+        if c is None or c.batch != batch or c.max_len < max_len:
+            self.cache = StaticKVCache(self.model.kv_spec(self.cache_dtype), batch, size)
+            self._step_fn, self._graph = None, None
+        return self.cache
+
+    # -- prefill and decode --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int) -> Tensor:
+        b, p = input_ids.shape
+        cache = self.ensure_cache(b, p + max_new_tokens)
+        cache.reset(attention_mask)
+        if attention_mask is not None:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        else:
+            positions = torch.arange(p, device=input_ids.device).expand(b, p)
+        cache.begin(p)
+        hidden = self.model(input_ids, positions, cache)
+        cache.end()
+        self.positions = positions[:, -1] + 1
+        rows = torch.arange(b, device=input_ids.device) * p + (p - 1)
+        return self.model.compute_logits(hidden, rows)
+
+    @torch.inference_mode()
+    def step(self, tokens: Tensor) -> Tensor:
+        """Logits ``[B, V]`` after feeding ``tokens [B]`` at each row's next position."""
+        cache = self.cache
+        positions = self.positions
+        if self.capture is None:
+            cache.begin(1)
+            hidden = self.model(tokens[:, None], positions[:, None], cache)
+            cache.end()
+            logits = self.model.compute_logits(hidden)
+        elif self.capture == "compile":
+            if self._step_fn is None:
+                self._step_fn = torch.compile(self._static_step, dynamic=False, **self.compile_options)
+            offset = torch.tensor(cache.offset, device=tokens.device)
+            logits = self._step_fn(tokens, positions, offset)
+            cache.offset += 1
+        else:
+            logits = self._graph_step(tokens, positions)
+            cache.offset += 1
+        self.positions = positions + 1
+        return logits
+
+    def _static_step(self, tokens: Tensor, positions: Tensor, offset: Tensor) -> Tensor:
+        self.cache.begin_static(offset)
+        hidden = self.model(tokens[:, None], positions[:, None], self.cache)
+        return self.model.compute_logits(hidden)
+
+    def _graph_step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        g = self._graph
+        if g is None:
+            g = self._graph = {"tokens": tokens.clone(), "positions": positions.clone(),
+                               "offset": torch.tensor(self.cache.offset, device=tokens.device)}
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            saved = [t.clone() for t in (*self.cache.k, *self.cache.v)]
+            with torch.cuda.stream(stream):  # warm up outside the graph (allocator, lazy inits)
+                for _ in range(2):
+                    self._static_step(g["tokens"], g["positions"], g["offset"])
+            torch.cuda.current_stream().wait_stream(stream)
+            for t, s in zip((*self.cache.k, *self.cache.v), saved):
+                t.copy_(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                g["logits"] = self._static_step(g["tokens"], g["positions"], g["offset"])
+            g["graph"] = graph
+        g["tokens"].copy_(tokens)
+        g["positions"].copy_(positions)
+        g["offset"].fill_(self.cache.offset)
+        g["graph"].replay()
+        return g["logits"].clone()

@@ -1,0 +1,27 @@
+"""Quantizing a module in place: every ``nn.Linear`` (but the output head) becomes quantized.
+
+Used by ``init_inference(model, quant=...)`` without kernel injection, so a transformers model keeps
+its class, its forward and its own ``.generate`` while its linear weights are stored packed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .factory import KEEP_DENSE, factory_for
+
+__all__ = ["quantize_in_place"]
+
+
+def quantize_in_place(model: nn.Module, quant: Any) -> int:
+    """Replace the ``nn.Linear`` layers of ``model``; returns how many were replaced."""
+    factory = factory_for(quant)
+    tied = {id(p) for name, p in model.named_parameters() if "embed" in name or name.endswith("wte.weight")}
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and not name.endswith(KEEP_DENSE) and id(m.weight) not in tied]
+    for name, module in targets:
+        bias = module.bias.detach() if module.bias is not None else None
+        model.set_submodule(name, factory.dense(name, module.weight.detach(), bias))
+    return len(targets)
