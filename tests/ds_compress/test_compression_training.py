@@ -171,3 +171,35 @@ def test_weight_quantization_schedule_follows_the_step():
         seen.append((fc.wq_bits, fc.wq_mix))
     assert seen == [(None, 1.0), (None, 1.0), (8, 0.25), (8, 1.0), (7, 0.25), (6, 0.25), (5, 0.25),
                     (4, 0.25), (4, 1.0)]
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4x1"])
+def test_snip_momentum_prunes_gradually_in_blocks(pattern):
+    torch.manual_seed(0)
+    model = _gpt.GPT(_gpt.Cfg(layers=1, dim=32, heads=2, mlp=64))
+    config = {"compression_training": {"sparse_pruning": {"shared_parameters": {
+        "enabled": True, "schedule_offset": 1, "schedule_offset_end": 5, "schedule_offset_stride": 2,
+        "method": "snip_momentum", "block_pattern": pattern, "dense_ratio": 0.5, "excluded_modules": ["head"]},
+        "different_groups": {}}}}
+    init_compression(model, config)
+    assert type(model.head) is nn.Linear  # excluded
+    fc = model.blocks[0].fc
+    densities = []
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = compression_scheduler(model)
+    for step in range(7):
+        x, y = _gpt.batch(4, step)
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        scheduler.step()
+        densities.append(float(fc.sparse_mask.mean()))
+    # cubic ramp from step 1 to step 5, updated every 2 steps: 1 -> ... -> 0.5, never denser again
+    assert densities[2] < 1.0 and densities[-1] == 0.5
+    assert all(a >= b for a, b in zip(densities, densities[1:]))
+    mask = fc.sparse_mask
+    if pattern == "2:4":
+        assert bool((mask.reshape(64, 8, 4).sum(-1) == 2).all())
+    else:
+        assert bool((mask.reshape(16, 4, 32).std(1) == 0).all())  # whole 4x1 blocks kept or dropped

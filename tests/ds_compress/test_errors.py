@@ -82,7 +82,7 @@ def test_teacher_layer_out_of_range():
 
 
 def test_unknown_keys_and_values_name_the_fix():
-    with pytest.raises(CompressionError, match="unknown config key.*'sparse_prunning'.*did you mean 'sparse_pruning'"):
+    with pytest.raises(CompressionError, match="unknown config key.*sparse_prunning'.*did you mean 'sparse_pruning'"):
         init_compression(_model(), {"compression_training": {"sparse_prunning": {}}})
     with pytest.raises(CompressionError, match="rounding = 'up' is invalid"):
         init_compression(_model(), _section(weight_quantization={"shared_parameters": {"rounding": "up"}}))

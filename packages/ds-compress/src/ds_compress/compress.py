@@ -147,6 +147,11 @@ def init_compression(model: nn.Module, deepspeed_config: Any, teacher_model: nn.
                     layer.enable_head_pruning(params.dense_ratio, shared.method, shared.num_heads, name)
                 else:
                     layer.enable_channel_pruning(params.dense_ratio, shared.method)
+                    for hits in related:  # a BatchNorm between two convs: mask its output too, so
+                        bn = target.get_submodule(hits[i])  # a pruned channel contributes nothing
+                        if isinstance(bn, nn.BatchNorm2d):
+                            layer.bn_hooks.append(bn.register_forward_hook(
+                                lambda _m, _i, out, layer=layer: _mask_channels(layer, out)))
     scheduler = CompressionScheduler(target, cfg)
     object.__setattr__(target, "_ds_compression", scheduler)  # not a submodule: no state of its own
     scheduler.set_step(0)
@@ -268,6 +273,12 @@ def _keep_bn(bn: nn.BatchNorm2d, keep: torch.Tensor) -> None:
     bn.num_features = int(keep.sum())
 
 
+def _mask_channels(layer, out: torch.Tensor) -> torch.Tensor:
+    if layer.row is None or not layer.row_on:
+        return out
+    return out * layer._row_mask_now().view(1, -1, 1, 1).to(out.dtype)
+
+
 def _keep_inputs(model, name: str, keep: torch.Tensor) -> None:
     m = model.get_submodule(name)
     if isinstance(m, nn.BatchNorm2d):
@@ -346,6 +357,8 @@ def redundancy_clean(model: nn.Module, deepspeed_config: Any, mpu: Any = None) -
                                 layer.bias.data.mul_(keep.to(layer.bias.dtype))
                         layer._drop("row", ("row_mask", "row_ready", "row_scores"))
                         continue
+                    for hook in getattr(layer, "bn_hooks", []):
+                        hook.remove()
                     layer.keep_rows(keep)
                     for hits in related:
                         _keep_inputs(target, hits[i], keep)

@@ -68,6 +68,8 @@ def moq_bits(start: int, target: int, period: int, steps: int) -> tuple[int, int
 class _Compressed:
     """State and behaviour shared by the linear and the convolution."""
 
+    row_method = "row_pruning"  # whose schedule_offset switches the row (output channel) mask on
+
     def _init_compression_state(self) -> None:
         self.wq: dict | None = None          # weight quantization settings
         self.wq_bits: int | None = None      # bits in force now (None: off)
@@ -81,6 +83,7 @@ class _Compressed:
         self.head: dict | None = None
         self.head_on = False
         self.fixed_quant: QuantSpec | None = None  # after fix(): the weight is on this grid
+        self.bn_hooks: list = []                 # channel pruning: hooks masking a related BatchNorm
 
     # -- the 2-D view every technique works on ------------------------------------------------
     def _matrix(self, w: Tensor) -> Tensor:
@@ -140,7 +143,7 @@ class _Compressed:
         if self.sparse is not None and step >= offsets["sparse_pruning"]:
             self._update_sparse(step, offsets["sparse_pruning"], sparse_end, sparse_stride)
             self.sparse_on = True
-        if self.row is not None and step >= offsets["row_pruning"]:
+        if self.row is not None and step >= offsets[self.row_method]:
             if self.row["method"] == "l1" and not bool(self.row_ready):
                 self.row_mask.copy_(pruning.topk_mask(self._matrix(self.weight.detach()).abs().sum(1), self.row["ratio"]))
                 self.row_ready.fill_(True)
@@ -415,6 +418,7 @@ class CompressedConv2d(_Compressed, nn.Conv2d):
         self.bias = conv.bias
         self._init_compression_state()
 
+    row_method = "channel_pruning"
     enable_channel_pruning = _Compressed.enable_row_pruning
 
     def _shape_changed(self) -> None:
