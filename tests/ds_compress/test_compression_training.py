@@ -64,7 +64,6 @@ ROW_HEAD = {"compression_training": {
                                                   "related_modules": [[r"attn\.q", r"attn\.k", r"attn\.v"]]}}}}}
 
 
-@pytest.mark.smoke
 def test_redundancy_clean_removes_rows_and_heads_with_identical_outputs(yardstick):
     model, _ = yardstick
     student = init_compression(copy.deepcopy(model), ROW_HEAD)

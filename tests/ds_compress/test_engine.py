@@ -17,6 +17,7 @@ def test_feature_registered_with_the_engine_component():
     assert callable(spec.component("model_wrapper"))
 
 
+@pytest.mark.smoke
 def test_two_ranks_match_the_single_process_reference(distributed):
     _engine_run.check(distributed.run(_engine_run.engine_run, 2, args=(None,)))
 

@@ -27,7 +27,6 @@ CALIB = [_gpt.batch(4, 100 + i)[0] for i in range(2)]
 X = _gpt.batch(2, 999)[0]
 
 
-@pytest.mark.smoke
 @pytest.mark.parametrize("method,kwargs", [
     ("rtn", {"bits": 4, "group_size": 32}),
     ("rtn", {"bits": 8, "group_size": -1, "symmetric": False}),
@@ -127,3 +126,12 @@ def test_export_refuses_what_the_format_cannot_hold(tmp_path):
     quantize(q, "rtn", bits=8, modules=["fc$"])
     with pytest.raises(CompressionError, match="one activation scheme"):
         save_quantized(q, tmp_path)
+
+
+@pytest.mark.smoke
+def test_quantize_save_and_read_back(tmp_path):
+    q = quantize(_model(), "rtn", bits=4, group_size=32)
+    save_quantized(q, tmp_path)
+    ref = _reference.load_into(_model(seed=1), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(ref(X), q(X), atol=1e-5, rtol=0)
