@@ -12,9 +12,9 @@ Defaults follow DeepSpeed's code (where its documentation differs, its code is w
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ds_core.config.sections import Section
 
@@ -163,6 +163,31 @@ PruneGroup = _group(PruneParams)
 
 
 class _Method(Section):
+    """[Note: groups typed as dict[str, Any]] ``different_groups`` is validated here, group by group,
+    rather than by its annotation: a name-keyed dict of models is not something the config loader's
+    nested unknown-key check walks (it would read the group names as keys of the group model)."""
+
+    group_model: ClassVar[type]
+
+    @field_validator("different_groups", mode="after", check_fields=False)
+    @classmethod
+    def _validate_groups(cls, groups: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, group in groups.items():
+            if isinstance(group, cls.group_model):
+                out[name] = group
+                continue
+            try:
+                out[name] = cls.group_model.model_validate(group)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                loc = ".".join(str(p) for p in (name, *err["loc"]))
+                if err["type"] == "extra_forbidden":
+                    raise ValueError(f"different_groups.{loc}: unknown key; a group has params, modules and "
+                                     f"related_modules") from None
+                raise ValueError(f"different_groups.{loc} = {err.get('input')!r}: {err['msg']}") from None
+        return out
+
     @model_validator(mode="after")
     def _groups(self):
         shared = self.shared_parameters
@@ -173,32 +198,38 @@ class _Method(Section):
 
 class WeightQuantization(_Method):
     shared_parameters: WeightQuantShared = Field(default_factory=WeightQuantShared)
-    different_groups: dict[str, WeightGroup] = Field(default_factory=dict)
+    group_model: ClassVar[type] = WeightGroup
+    different_groups: dict[str, Any] = Field(default_factory=dict)
 
 
 class ActivationQuantization(_Method):
     shared_parameters: ActivationQuantShared = Field(default_factory=ActivationQuantShared)
-    different_groups: dict[str, ActivationGroup] = Field(default_factory=dict)
+    group_model: ClassVar[type] = ActivationGroup
+    different_groups: dict[str, Any] = Field(default_factory=dict)
 
 
 class SparsePruning(_Method):
     shared_parameters: SparseShared = Field(default_factory=SparseShared)
-    different_groups: dict[str, PruneGroup] = Field(default_factory=dict)
+    group_model: ClassVar[type] = PruneGroup
+    different_groups: dict[str, Any] = Field(default_factory=dict)
 
 
 class RowPruning(_Method):
     shared_parameters: RowShared = Field(default_factory=RowShared)
-    different_groups: dict[str, PruneGroup] = Field(default_factory=dict)
+    group_model: ClassVar[type] = PruneGroup
+    different_groups: dict[str, Any] = Field(default_factory=dict)
 
 
 class HeadPruning(_Method):
     shared_parameters: HeadShared = Field(default_factory=HeadShared)
-    different_groups: dict[str, PruneGroup] = Field(default_factory=dict)
+    group_model: ClassVar[type] = PruneGroup
+    different_groups: dict[str, Any] = Field(default_factory=dict)
 
 
 class ChannelPruning(_Method):
     shared_parameters: ChannelShared = Field(default_factory=ChannelShared)
-    different_groups: dict[str, PruneGroup] = Field(default_factory=dict)
+    group_model: ClassVar[type] = PruneGroup
+    different_groups: dict[str, Any] = Field(default_factory=dict)
 
 
 class LayerReduction(Section):
