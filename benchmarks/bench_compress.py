@@ -35,7 +35,7 @@ def _train(model, steps: int) -> None:
     model.train()
     for step in range(steps):
         x, y = synthetic_tokens(16, SEQ, VOCAB, step)
-        loss = model(input_ids=x, labels=torch.cat([x[:, :1], y], 1)[:, :-1]).loss
+        loss = model(input_ids=x, labels=x).loss  # transformers shifts the labels
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -81,7 +81,6 @@ def main() -> None:
     model = LlamaForCausalLM(cfg)
     _train(model, args.steps)
     calib = [synthetic_tokens(16, SEQ, VOCAB, 20_000 + i)[0] for i in range(8)]
-    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1  # lm_head included below
     tmp = Path(tempfile.mkdtemp(prefix="bench_compress_"))
     model.save_pretrained(tmp / "fp32")
     fp32_size = _size(tmp / "fp32")
@@ -116,7 +115,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         out = tmp / name.replace(" ", "_")
         ds_compress.save_quantized(q, out)
-        per_layer = seconds / (linears + 1) * 1e3 if method == "gptq" else None
+        layers = sum(isinstance(m, ds_compress.QuantizedLinear) for m in q.modules())
+        per_layer = seconds / layers * 1e3 if method == "gptq" else None
         rows.append((f"{name} (ds-infer)", _ppl(lambda x, q=q: q(x).logits), _size(out), infer_row(name, out, q), per_layer))
 
     hf_fp32 = _decode_ms(lambda p, n: model.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False))
