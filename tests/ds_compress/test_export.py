@@ -135,3 +135,12 @@ def test_quantize_save_and_read_back(tmp_path):
     ref = _reference.load_into(_model(seed=1), tmp_path)
     with torch.no_grad():
         assert torch.allclose(ref(X), q(X), atol=1e-5, rtol=0)
+
+
+def test_quantized_linear_reloads_its_state():
+    q = quantize(_model(), "rtn", bits=4, group_size=32)
+    other = quantize(_model(seed=5), "rtn", bits=4, group_size=32)
+    with torch.no_grad():
+        other(X)  # decodes (and caches) its own weights
+        other.load_state_dict(q.state_dict())
+        assert torch.equal(other(X), q(X))

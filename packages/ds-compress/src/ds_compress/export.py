@@ -133,6 +133,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: A
     description = {"format": FORMAT, "version": VERSION, "method": method,
                    "dtype": str(dtype).removeprefix("torch."), "weights": json.loads(weights),
                    "activations": activations, "modules": modules}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     _write_tensors(out, tensors, max_shard_size)
     (out / "ds_quant.json").write_text(json.dumps(description, indent=2) + "\n")
     _write_extras(model, out, tokenizer)

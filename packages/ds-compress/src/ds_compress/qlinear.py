@@ -91,6 +91,10 @@ class QuantizedLinear(nn.Module):
         self._weight_cache = None
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._weight_cache = None  # new codes or scales: decode again
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.dtype)
         if self.perm is not None:
