@@ -80,7 +80,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def hidden_states(self, tokens):
-        x = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1]))
+        x = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
         states = []
         for block in self.blocks:
             x = block(x)
