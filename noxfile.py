@@ -17,7 +17,7 @@ PACKAGES = ["ds-core", "ds-ops", "ds-zero", "ds-pipe", "ds-moe", "ds-parallel", 
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
 TEST_DEPS = ["pytest>=8", "numpy", "tensorboard", "wandb"]  # the monitors' optional backends
 # Optional extras exercised by the tests: Triton kernels run on CPU under TRITON_INTERPRET=1.
-EXTRAS = {"ds-ops": "[cuda,bnb]"}
+EXTRAS = {"ds-ops": "[cuda,bnb]", "ds-infer": "[hf]"}
 
 
 def _install_all(session: nox.Session, editable: bool = True, extras: bool = True) -> None:
@@ -42,7 +42,7 @@ def tests(session: nox.Session) -> None:
 def isolated(session: nox.Session, package: str) -> None:
     """One package (and ds-core) alone in a fresh environment, running its own tests."""
     session.install(TORCH)
-    session.install("packages/ds-core")
+    session.install("packages/ds-core", *(["packages/ds-parallel"] if package == "ds-infer" else []))
     if package != "ds-core":
         session.install(f"packages/{package}{EXTRAS.get(package, '')}")
     session.install(*TEST_DEPS)

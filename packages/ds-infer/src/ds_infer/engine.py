@@ -129,9 +129,13 @@ class InferenceEngine:
         check_parallel(arch, self.tp_size)  # before any weight is read
         if ckpt is not None:
             source = ckpt.source
-            if arch.model_type == "ds_gpt" or (found is not None and found[0].model_type == "ds_gpt"):
-                source = RenamedSource(source, ds_gpt_names)
             scheme, where = ckpt.quant_scheme, ckpt.where
+            if arch.model_type == "ds_gpt":  # the module's own names -> the GPT-2 names the loader reads
+                source = RenamedSource(source, ds_gpt_names)
+                if scheme is not None:
+                    modules = {ds_gpt_names(f"{k}.weight").removesuffix(".weight"): v
+                               for k, v in scheme.get("modules", {}).items()}
+                    scheme = dict(scheme, modules=modules)
         else:
             source, scheme, where = found[1], None, f"{type(model).__name__} state dict"
             if any(p.is_meta for p in model.parameters()):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .config import ArchConfig
@@ -39,11 +38,8 @@ class CausalLM(nn.Module):
         if rows is not None:
             flat = flat.index_select(0, rows.to(flat.device))
         logits = self.lm_head(flat)
-        if self.par.size > 1:  # vocabulary-parallel head: every rank gathers the full vocabulary
-            parts = [torch.empty_like(logits) for _ in range(self.par.size)]
-            dist.all_gather(parts, logits.contiguous(), group=self.par.group)
-            logits = torch.cat(parts, dim=-1)
-        return logits[..., : self.arch.vocab_size].float()
+        # vocabulary-parallel head: every rank gathers the full vocabulary
+        return self.par.gather_vocab(logits, self.arch.vocab_size).float()
 
     def kv_spec(self, dtype: torch.dtype | None = None) -> KVSpec:
         """Shape of the keys/values this rank keeps per token (for a cache of any kind)."""

@@ -67,7 +67,7 @@ def make_parallel(tp: int | Parallel | None, group=None, expert_parallel: bool =
     if world != size:
         raise ConfigError(f"tensor_parallel tp_size {size} != {world} ranks in the process group; launch "
                           f"{size} ranks or pass a group of that size (mp_group=...)")
-    return Parallel(dist.get_rank(group), size, group, expert_parallel)
+    return Parallel(dist.get_rank(group), size, group if group is not None else dist.group.WORLD, expert_parallel)
 
 
 def check_parallel(arch: ArchConfig, tp: int) -> None:
@@ -78,15 +78,12 @@ def check_parallel(arch: ArchConfig, tp: int) -> None:
     if arch.num_heads % tp:
         raise ConfigError(f"tensor_parallel tp_size {tp} does not divide num_attention_heads {arch.num_heads} of "
                           f"{arch.model_type}; each rank must hold whole heads. Use tp_size in {good}")
+    # grouped-query KV heads split when they divide tp and are replicated otherwise (ds-parallel's
+    # KVHeads); either way the query heads of a rank must read whole KV heads
     kv = arch.num_kv_heads
-    if kv >= tp and kv % tp:
-        raise ConfigError(f"tensor_parallel tp_size {tp} does not divide num_key_value_heads {kv}, and kv heads "
-                          f"cannot be replicated evenly (tp_size must divide {kv} or be a multiple of it); "
-                          f"use tp_size in {[n for n in good if kv % n == 0 or n % kv == 0]}")
-    if kv < tp and tp % kv:
-        raise ConfigError(f"tensor_parallel tp_size {tp} is not a multiple of num_key_value_heads {kv}: kv heads "
-                          f"are replicated only in whole copies; use tp_size in "
-                          f"{[n for n in good if kv % n == 0 or n % kv == 0]}")
+    if arch.num_heads % kv:
+        raise ConfigError(f"{arch.model_type}: num_key_value_heads {kv} does not divide num_attention_heads "
+                          f"{arch.num_heads}; the config is inconsistent")
     dense_layers = arch.moe is None or not all(arch.moe.sparse_layers)
     if dense_layers and arch.intermediate_size % tp:
         raise ConfigError(f"tensor_parallel tp_size {tp} does not divide intermediate_size "

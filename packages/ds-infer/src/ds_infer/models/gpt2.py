@@ -13,7 +13,7 @@ from .base import CausalLM
 from .config import ArchConfig
 from .kv import KVBackend
 from .layers import Attention, GeluMLP, LayerNorm, Parallel
-from .llama import load_vocab, load_vocab_head, shard_rows
+from .llama import load_head, load_vocab
 from .loader import Part, WeightLoader
 
 __all__ = ["GPT2LMHeadModel", "GPT2Block", "ds_gpt_names"]
@@ -37,20 +37,19 @@ class GPT2LMHeadModel(CausalLM):
     def __init__(self, arch: ArchConfig, par: Parallel | None = None) -> None:
         super().__init__(arch, par)
         par = self.par
-        self.vocab_local = -(-arch.vocab_size // par.size)
         self.transformer = nn.Module()
-        self.transformer.wte = nn.Embedding(self.vocab_local, arch.hidden_size)
+        self.transformer.wte = par.embedding(arch.vocab_size, arch.hidden_size)
         self.transformer.wpe = nn.Embedding(arch.max_position_embeddings, arch.hidden_size)
         self.transformer.h = nn.ModuleList(GPT2Block(arch, i, par) for i in range(arch.num_layers))
         self.transformer.ln_f = LayerNorm(arch.hidden_size, eps=arch.norm_eps)
-        self.lm_head = nn.Linear(arch.hidden_size, self.vocab_local, bias=False)
+        self.lm_head = nn.Linear(arch.hidden_size, par.vocab(arch.vocab_size)[par.rank], bias=False)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.transformer.wte
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv: KVBackend) -> Tensor:
         t = self.transformer
-        x = self.par.embed(t.wte, input_ids, self.vocab_local) + t.wpe(positions)
+        x = t.wte(input_ids) + t.wpe(positions)
         for block in t.h:
             x = block(x, None, kv)
         return t.ln_f(x)
@@ -60,11 +59,9 @@ class GPT2LMHeadModel(CausalLM):
         h, inter = a.hidden_size, a.intermediate_size
         conv = a.model_type == "gpt2"  # transformers' Conv1D stores [in, out]
         pre = "transformer." if w.has("transformer.wte.weight") else ""
-        vocab_rows = shard_rows(par, self.vocab_local * par.size)
-        load_vocab(w, "transformer.wte.weight", f"{pre}wte.weight", a.vocab_size, h, vocab_rows,
-                   self.vocab_local * par.size)
+        load_vocab(w, par, "transformer.wte.weight", f"{pre}wte.weight", a.vocab_size, h)
         w.param("transformer.wpe.weight", f"{pre}wpe.weight", (a.max_position_embeddings, h))
-        heads = shard_rows(par, h)  # this rank's query heads (no GQA in GPT-2)
+        heads = par.block(h, a.head_dim)  # this rank's heads (no GQA in GPT-2)
         for i in range(a.num_layers):
             src, dst = f"{pre}h.{i}", f"transformer.h.{i}"
             for ln in ("ln_1", "ln_2"):
@@ -78,17 +75,13 @@ class GPT2LMHeadModel(CausalLM):
             w.linear(f"{dst}.attn.qkv_proj", parts, h, bias=True, transpose=conv)
             w.linear(f"{dst}.attn.o_proj", [Part(f"{src}.attn.c_proj", h)], h, cols=heads, bias=True,
                      row_parallel=par.size > 1, transpose=conv)
-            rows = shard_rows(par, inter)
+            rows = par.block(inter)
             w.linear(f"{dst}.mlp.c_fc", [Part(f"{src}.mlp.c_fc", inter, rows)], h, bias=True, transpose=conv)
             w.linear(f"{dst}.mlp.c_proj", [Part(f"{src}.mlp.c_proj", h)], inter, cols=rows, bias=True,
                      row_parallel=par.size > 1, transpose=conv)
         w.param("transformer.ln_f.weight", f"{pre}ln_f.weight", (h,))
         w.param("transformer.ln_f.bias", f"{pre}ln_f.bias", (h,))
-        if a.tie_word_embeddings or not w.has("lm_head.weight"):
-            if not w.check:
-                self.lm_head.weight = self.transformer.wte.weight
-        else:
-            load_vocab_head(w, "lm_head", a.vocab_size, h, vocab_rows, self.vocab_local * par.size, None)
+        load_head(w, par, a, "lm_head", self.transformer.wte)
 
 
 def ds_gpt_names(name: str) -> str | None:

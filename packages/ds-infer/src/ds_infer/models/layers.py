@@ -11,7 +11,6 @@ time the GEMMs are matrix-vector products bound by launch overhead and weight re
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,28 +23,67 @@ __all__ = ["RMSNorm", "LayerNorm", "Attention", "GatedMLP", "GeluMLP", "SparseMo
 
 
 class Parallel:
-    """This rank's share of the model: ``size`` tensor-parallel ranks (1 = everything local).
+    """This rank's share of the model over ``size`` tensor-parallel ranks (1 = everything local).
 
-    ``heads(n)`` / ``kv_heads(n)``: heads held here (kv heads are replicated when fewer than ranks);
-    ``experts``: the expert indices held here (expert parallelism over the same ranks).
+    The sharding math and the collectives are ds-parallel's (the ``tensor`` axis of training), so a
+    native model splits its weights exactly as ``ds_parallel.tensor_parallel`` would: query heads in
+    even blocks, grouped-query K/V heads split when they divide ``size`` and otherwise replicated
+    (``ds_parallel.shards.KVHeads``: every rank computes the KV heads its query heads read), the
+    vocabulary in nearly equal pieces. ``experts``: the experts held here (expert parallelism).
     """
 
     def __init__(self, rank: int = 0, size: int = 1, group=None, expert_parallel: bool = True) -> None:
         self.rank, self.size, self.group = rank, size, group
         self.expert_parallel = expert_parallel and size > 1
+        self.tg = None
+        if size > 1:
+            from ds_parallel import TensorGroup
+
+            self.tg = TensorGroup(size, rank, group)
 
     def heads(self, n: int) -> int:
         return n // self.size
 
-    def kv_heads(self, n: int) -> int:
-        return max(1, n // self.size)
+    def kv_heads(self, num_heads: int, num_kv: int) -> int:
+        """KV heads this rank computes (copies included when they are replicated)."""
+        if self.size == 1:
+            return num_kv
+        from ds_parallel.shards import kv_replication
 
-    def kv_head_start(self, n_heads: int, n_kv: int) -> int:
-        """First kv head of this rank: a block of n_kv/size, or the one its query heads read."""
-        if n_kv >= self.size:
-            return self.rank * (n_kv // self.size)
-        group = n_heads // n_kv  # query heads per kv head
-        return (self.rank * self.heads(n_heads)) // group
+        return kv_replication(num_heads, num_kv, self.size)[1]
+
+    def kv_rows(self, num_heads: int, num_kv: int, head_dim: int) -> list[slice] | None:
+        """Rows of the full K (or V) projection this rank computes, in order (None: all)."""
+        if self.size == 1:
+            return None
+        from ds_parallel import KVHeads
+
+        pieces = KVHeads(num_kv, head_dim, num_heads).pieces(self.size, self.rank)
+        return [slice(p.start, p.start + p.length) for p in pieces]
+
+    def block(self, n: int, unit: int = 1) -> slice | None:
+        """This rank's even block of ``n`` rows in whole ``unit`` s (None when not sharded)."""
+        if self.size == 1:
+            return None
+        from ds_parallel.shards import even_run
+
+        start, length = even_run(n, self.size, self.rank, unit)
+        return slice(start, start + length)
+
+    def vocab(self, n: int) -> tuple[int, ...]:
+        """Every rank's share of an ``n``-row vocabulary."""
+        if self.size == 1:
+            return (n,)
+        from ds_parallel.shards import vocab_sizes
+
+        return vocab_sizes(n, self.size)
+
+    def vocab_rows(self, n: int) -> slice | None:
+        if self.size == 1:
+            return None
+        sizes = self.vocab(n)
+        start = sum(sizes[: self.rank])
+        return slice(start, start + sizes[self.rank])
 
     def experts(self, n: int) -> range:
         if not self.expert_parallel:
@@ -54,19 +92,29 @@ class Parallel:
         return range(self.rank * per, (self.rank + 1) * per)
 
     def reduce(self, t: Tensor) -> Tensor:
-        """Sum the partial outputs of a row-parallel layer (or of expert shards) over the ranks."""
-        if self.size > 1:
-            dist.all_reduce(t, group=self.group)
-        return t
-
-    def embed(self, table: nn.Module, ids: Tensor, rows: int) -> Tensor:
-        """Vocabulary-parallel lookup: rows outside this rank's block are zero, then summed."""
+        """Sum the partial outputs of row-parallel layers (or expert shards): Megatron's ``g``."""
         if self.size == 1:
-            return table(ids)
-        local = ids - self.rank * rows
-        outside = (local < 0) | (local >= rows)
-        out = table(local.masked_fill(outside, 0)).masked_fill(outside[..., None], 0.0)
-        return self.reduce(out)
+            return t
+        from ds_parallel import reduce_from_group
+
+        return reduce_from_group(t, self.tg, inplace=True)
+
+    def gather_vocab(self, logits: Tensor, vocab: int) -> Tensor:
+        """Every rank's vocabulary slice of the logits, concatenated."""
+        if self.size == 1:
+            return logits
+        from ds_parallel import gather_from_group
+
+        sizes = self.vocab(vocab)
+        return gather_from_group(logits, self.tg, sizes if len(set(sizes)) > 1 else None)
+
+    def embedding(self, vocab: int, hidden: int) -> nn.Module:
+        """The token embedding: ds-parallel's vocabulary-parallel one when sharded."""
+        if self.size == 1:
+            return nn.Embedding(vocab, hidden)
+        from ds_parallel import VocabParallelEmbedding
+
+        return VocabParallelEmbedding(vocab, hidden, group=self.tg)
 
 
 def activation(name: str):
@@ -112,7 +160,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = d = arch.head_dim
         self.num_heads = par.heads(arch.num_heads)
-        self.num_kv_heads = par.kv_heads(arch.num_kv_heads)
+        self.num_kv_heads = par.kv_heads(arch.num_heads, arch.num_kv_heads)
         self.scale = arch.attn_scales[layer_idx]
         self.window = arch.sliding_windows[layer_idx]
         self.rotary = arch.rope is not None

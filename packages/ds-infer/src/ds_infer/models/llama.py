@@ -19,15 +19,7 @@ from .layers import Attention, GatedMLP, Parallel, RMSNorm, SparseMoE
 from .loader import Part, WeightLoader
 from .rope import Rotary
 
-__all__ = ["LlamaForCausalLM", "DecoderLayer", "load_attention", "shard_rows"]
-
-
-def shard_rows(par: Parallel, n: int) -> slice | None:
-    """This rank's block of ``n`` rows (None when not sharded)."""
-    if par.size == 1:
-        return None
-    per = n // par.size
-    return slice(par.rank * per, (par.rank + 1) * per)
+__all__ = ["LlamaForCausalLM", "DecoderLayer", "load_attention", "load_vocab", "load_head"]
 
 
 class DecoderLayer(nn.Module):
@@ -51,19 +43,18 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, arch: ArchConfig, par: Parallel | None = None) -> None:
         super().__init__(arch, par)
         par = self.par
-        self.vocab_local = -(-arch.vocab_size // par.size)  # vocabulary rows per rank (padded)
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(self.vocab_local, arch.hidden_size)
+        self.model.embed_tokens = par.embedding(arch.vocab_size, arch.hidden_size)  # vocabulary-parallel
         self.model.layers = nn.ModuleList(DecoderLayer(arch, i, par) for i in range(arch.num_layers))
         self.model.norm = RMSNorm(arch.hidden_size, arch.norm_eps)
-        self.lm_head = nn.Linear(arch.hidden_size, self.vocab_local, bias=False)
+        self.lm_head = nn.Linear(arch.hidden_size, par.vocab(arch.vocab_size)[par.rank], bias=False)
         self.rotary = Rotary(arch.rope)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv: KVBackend) -> Tensor:
-        x = self.par.embed(self.model.embed_tokens, input_ids, self.vocab_local)
+        x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, rope, kv)
@@ -72,62 +63,40 @@ class LlamaForCausalLM(CausalLM):
     def load_weights(self, w: WeightLoader) -> None:
         a, par = self.arch, self.par
         h = a.hidden_size
-        vocab_rows = shard_rows(par, self.vocab_local * par.size)
-        embed = load_vocab(w, "model.embed_tokens.weight", ["model.embed_tokens.weight"], a.vocab_size, h,
-                           vocab_rows, self.vocab_local * par.size)
+        load_vocab(w, par, "model.embed_tokens.weight", "model.embed_tokens.weight", a.vocab_size, h)
         for i, layer in enumerate(self.model.layers):
             p = f"model.layers.{i}"
             w.param(f"{p}.input_layernorm.weight", f"{p}.input_layernorm.weight", (h,))
             w.param(f"{p}.post_attention_layernorm.weight", f"{p}.post_attention_layernorm.weight", (h,))
-            load_attention(w, a, par, f"{p}.self_attn", f"{p}.self_attn", i)
+            load_attention(w, a, par, f"{p}.self_attn", f"{p}.self_attn")
             if isinstance(layer.mlp, SparseMoE):
                 load_moe(w, a, par, f"{p}.mlp", p, layer.mlp)
             else:
                 load_gated_mlp(w, par, f"{p}.mlp", f"{p}.mlp", h, a.intermediate_size, a.mlp_bias)
         w.param("model.norm.weight", "model.norm.weight", (h,))
-        if a.tie_word_embeddings or not w.has("lm_head.weight") and not w.has("lm_head.qweight"):
-            if not a.tie_word_embeddings:
-                w.resolve("lm_head.weight")  # raises: an untied head must be in the checkpoint
-            if not w.check:
-                self.lm_head.weight = self.model.embed_tokens.weight
-        else:
-            load_vocab_head(w, "lm_head", a.vocab_size, h, vocab_rows, self.vocab_local * par.size, embed)
+        load_head(w, par, a, "lm_head", self.model.embed_tokens)
 
 
-def load_vocab(w: WeightLoader, path: str, names, vocab: int, hidden: int, rows: slice | None,
-               padded: int) -> Tensor:
-    """Vocabulary-parallel rows of an embedding (padded with zero rows up to ``padded``)."""
-    if rows is None or rows.stop <= vocab:
-        return w.param(path, names, (vocab, hidden), rows)
-    real = slice(rows.start, min(rows.stop, vocab)) if rows.start < vocab else None
-    t = w.tensor(names, (vocab, hidden), real) if real is not None else None
-    if w.check:
-        return t
-    pad = torch.zeros(rows.stop - rows.start - (0 if t is None else t.shape[0]), hidden, dtype=w.dtype, device=w.device)
-    full = pad if t is None else torch.cat([t, pad])
-    from .loader import set_param
-
-    set_param(w.model, path, full)
-    return full
+def load_vocab(w: WeightLoader, par: Parallel, path: str, names, vocab: int, hidden: int) -> None:
+    """This rank's vocabulary rows of an embedding (ds-parallel's nearly equal pieces)."""
+    w.param(path, names, (vocab, hidden), par.vocab_rows(vocab))
 
 
-def load_vocab_head(w: WeightLoader, path: str, vocab: int, hidden: int, rows: slice | None, padded: int,
-                    embed: Tensor) -> None:
-    if rows is not None and rows.stop > vocab:  # a padded last shard: build it by hand, dense
-        load_vocab(w, f"{path}.weight", f"{path}.weight", vocab, hidden, rows, padded)
+def load_head(w: WeightLoader, par: Parallel, a: ArchConfig, path: str, embedding: nn.Module) -> None:
+    """The output head: this rank's vocabulary rows, or the embedding's weight when tied."""
+    if a.tie_word_embeddings or not (w.has(f"{path}.weight") or w.has(f"{path}.qweight")):
+        if not a.tie_word_embeddings:
+            w.resolve(f"{path}.weight")  # raises: an untied head must be in the checkpoint
+        if not w.check:
+            w.model.get_submodule(path).weight = embedding.weight
         return
-    w.linear(path, [Part(path, vocab, rows)], hidden)
+    w.linear(path, [Part(path, a.vocab_size, par.vocab_rows(a.vocab_size))], a.hidden_size)
 
 
-def load_attention(w: WeightLoader, a: ArchConfig, par: Parallel, path: str, src: str, idx: int) -> None:
+def load_attention(w: WeightLoader, a: ArchConfig, par: Parallel, path: str, src: str) -> None:
     d = a.head_dim
-    nq = par.heads(a.num_heads)
-    nkv = par.kv_heads(a.num_kv_heads)
-    q_rows = kv_rows = None
-    if par.size > 1:
-        q_rows = slice(par.rank * nq * d, (par.rank + 1) * nq * d)
-        start = par.kv_head_start(a.num_heads, a.num_kv_heads) * d
-        kv_rows = slice(start, start + nkv * d)
+    q_rows = par.block(a.num_heads * d, d)  # whole query heads
+    kv_rows = par.kv_rows(a.num_heads, a.num_kv_heads, d)  # split, or the replicated heads it reads
     parts = [Part(f"{src}.q_proj", a.num_heads * d, q_rows), Part(f"{src}.k_proj", a.num_kv_heads * d, kv_rows),
              Part(f"{src}.v_proj", a.num_kv_heads * d, kv_rows)]
     w.linear(f"{path}.qkv_proj", parts, a.hidden_size, bias=a.qkv_bias)
@@ -140,7 +109,7 @@ def load_attention(w: WeightLoader, a: ArchConfig, par: Parallel, path: str, src
 
 def load_gated_mlp(w: WeightLoader, par: Parallel, path: str, src: str, hidden: int, inter: int,
                    bias: bool = False) -> None:
-    rows = shard_rows(par, inter)
+    rows = par.block(inter)
     w.linear(f"{path}.gate_up_proj", [Part(f"{src}.gate_proj", inter, rows), Part(f"{src}.up_proj", inter, rows)],
              hidden, bias=bias)
     w.linear(f"{path}.down_proj", [Part(f"{src}.down_proj", hidden)], inter, cols=rows, bias=bias,
@@ -153,7 +122,7 @@ def load_moe(w: WeightLoader, a: ArchConfig, par: Parallel, path: str, layer_src
     w.param(f"{path}.gate.weight", [f"{b}.gate.weight" for b in bases], (n, h))
     names = [("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj")]
     # expert parallel: whole experts per rank; otherwise every expert's intermediate split over ranks
-    rows = None if par.expert_parallel else shard_rows(par, inter)
+    rows = None if par.expert_parallel else par.block(inter)
     gate_up, down = [], []
     for e in moe.local:
         per_expert = [(f"{b}.experts.{e}.{g}.weight", f"{b}.experts.{e}.{u}.weight", f"{b}.experts.{e}.{dn}.weight")

@@ -35,12 +35,13 @@ Names = str | Sequence[str]
 class Part:
     """One checkpoint linear (``prefix``.weight/.bias or its quantized tensors) inside a fused one.
 
-    ``out``: its full output size; ``rows``: the slice of those outputs this rank holds.
+    ``out``: its full output size; ``rows``: the slice of those outputs this rank holds, or several
+    slices read one after the other (replicated grouped-query KV heads).
     """
 
     prefix: Names
     out: int
-    rows: slice | None = None
+    rows: slice | tuple[slice, ...] | list[slice] | None = None
 
 
 @dataclass
@@ -140,10 +141,16 @@ class WeightLoader:
                                   f"config implies {expect}; the checkpoint was saved from a different config "
                                   "(compare config.json with the weights) or is corrupt")
         self.used.add(name)
-        out_shape = [_len(rows, shape[0])] + ([_len(cols, shape[1])] if len(shape) > 1 else []) + list(shape[2:])
+        out_shape = list(shape) if not shape else \
+            [_len(rows, shape[0])] + ([_len(cols, shape[1])] if len(shape) > 1 else []) + list(shape[2:])
         if self.check:
             return torch.empty(out_shape, device="meta", dtype=self.source.dtype(name))
-        t = self.source.read(name, cols, rows).t() if transpose else self.source.read(name, rows, cols)
+        if isinstance(rows, (list, tuple)):  # several runs of rows (replicated KV heads): read each
+            pieces = [self.source.read(name, cols, r).t() if transpose else self.source.read(name, r, cols)
+                      for r in rows]
+            t = torch.cat(pieces, dim=0)
+        else:
+            t = self.source.read(name, cols, rows).t() if transpose else self.source.read(name, rows, cols)
         if cast and t.is_floating_point():
             t = t.to(self.dtype)
         return t.to(self.device).contiguous()
@@ -274,7 +281,9 @@ class WeightLoader:
         return sorted(self.names - self.used)
 
 
-def _len(s: slice | None, n: int) -> int:
+def _len(s: slice | Sequence[slice] | None, n: int) -> int:
+    if isinstance(s, (list, tuple)):
+        return sum(_len(r, n) for r in s)
     return n if s is None else len(range(*s.indices(n)))
 
 

@@ -113,7 +113,10 @@ class SafetensorsDir:
         return _ST_DTYPES[self._file(name).get_slice(self._aliases.get(name, name)).get_dtype()]
 
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> Tensor:
-        sl = self._file(name).get_slice(self._aliases.get(name, name))
+        key = self._aliases.get(name, name)
+        sl = self._file(name).get_slice(key)
+        if not sl.get_shape():  # a scalar
+            return self._file(name).get_tensor(key)
         if rows is None and cols is None:
             return sl[:]
         return sl[_index(rows, cols, len(sl.get_shape()))]
