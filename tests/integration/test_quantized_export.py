@@ -42,3 +42,19 @@ def test_ds_infer_runs_the_exported_checkpoint(llama, tmp_path, method, kwargs):
         expected = quantized(x).logits
         got = engine(x)
     assert torch.allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_ds_infer_runs_a_tied_head_gpt_checkpoint(tmp_path):
+    """ds-core's GPT: a fused qkv projection and an output head tied to the embedding (kept dense)."""
+    from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
+
+    cfg = GPTConfig(vocab_size=64, seq_len=32, dim=64, layers=2, heads=4)
+    torch.manual_seed(0)
+    calib = [synthetic_tokens(4, 32, 64, i)[0] for i in range(2)]
+    quantized = quantize(GPT(cfg).eval(), "gptq", bits=4, group_size=32, calibration=calib)
+    save_quantized(quantized, tmp_path)
+    engine = ds_infer.init_inference(GPT(cfg), checkpoint=str(tmp_path), replace_with_kernel_inject=True,
+                                     dtype=torch.float32)
+    x = synthetic_tokens(2, 16, 64, 9)[0]
+    with torch.no_grad():
+        assert torch.allclose(engine(x), quantized(x), atol=1e-4, rtol=0)
