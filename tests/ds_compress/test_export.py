@@ -144,3 +144,28 @@ def test_quantized_linear_reloads_its_state():
         other(X)  # decodes (and caches) its own weights
         other.load_state_dict(q.state_dict())
         assert torch.equal(other(X), q(X))
+
+
+def test_static_activation_ranges_export_as_act_scale(tmp_path):
+    config = {"compression_training": {
+        "weight_quantization": {"shared_parameters": {"enabled": True, "quantize_groups": 64},
+                                "different_groups": {"wq1": {"params": {"start_bits": 8, "target_bits": 8},
+                                                             "modules": ["blocks"]}}},
+        "activation_quantization": {"shared_parameters": {"enabled": True, "schedule_offset": 0,
+                                                          "range_calibration": "static"},
+                                    "different_groups": {"aq1": {"params": {"bits": 8}, "modules": ["blocks"]}}}}}
+    model = ds_compress.init_compression(_model(), config)
+    model.train()
+    with torch.no_grad():
+        for i in range(3):  # training forwards calibrate the ranges (momentum 0.95)
+            model(_gpt.batch(4, 50 + i)[0])
+    model.eval()
+    fc = model.blocks[0].fc
+    assert float(fc.act_range[0]) < 0 < float(fc.act_range[1])
+    save_quantized(model, tmp_path)
+    desc, tensors = _reference.read(tmp_path)
+    assert desc["activations"] == {"bits": 8, "dynamic": False, "granularity": "tensor", "symmetric": True}
+    assert tensors["blocks.0.fc.act_scale"].dtype == torch.float32 and tensors["blocks.0.fc.act_scale"].dim() == 0
+    ref = _reference.load_into(_model(seed=4), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(ref(X), model(X), atol=1e-4, rtol=0)
