@@ -1,12 +1,12 @@
 """The engine seam: the ``compression_training`` section's ``model_wrapper`` component.
 
 The only engine-facing code of ds-compress. When a config has ``compression_training``, the engine
-calls :func:`build` with itself and the module; we prepare the module (unless the user already
-called ``init_compression``, e.g. with a teacher for layer reduction) and hang the schedule on the
-module's forward: before each forward the layers are put in the state of ``engine.global_steps``
-(the number of optimizer steps taken), which is how DeepSpeed's engine advances its compression
-scheduler. Only ``engine.global_steps`` and the config are read, so this works with any data-parallel
-strategy that keeps parameters whole (ZeRO stages 0, 1 and 2).
+calls :func:`build` with a ``ModelContext`` and the module; we prepare the module (unless the user
+already called ``init_compression``, e.g. with a teacher for layer reduction) and hang the schedule on
+the module's forward: before each forward the layers are put in the state of the engine's
+``global_steps`` (the number of optimizer steps taken, restored by ``load_checkpoint``), which is how
+DeepSpeed's engine advances its compression scheduler. Only that counter and the section are read, so
+this works with any data-parallel strategy that keeps parameters whole (ZeRO stages 0, 1 and 2).
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ def attach(module: nn.Module, global_steps) -> nn.Module:
     return module
 
 
-def build(engine: Any, module: nn.Module) -> nn.Module:
-    config = engine.config
-    zero = config.section("zero_optimization") if hasattr(config, "section") else None
-    stage = getattr(zero, "stage", 0) or 0
+def build(ctx: Any, module: nn.Module) -> nn.Module:
+    """The ``model_wrapper`` factory: ``ctx`` is ds-core's ``ModelContext`` (own section, ZeRO stage,
+    a live reader of the optimizer steps taken)."""
+    stage = getattr(ctx, "zero_stage", 0) or 0
     if stage >= 3:
         raise CompressionError(f"compression_training works with ZeRO stages 0-2 (whole parameters on every rank); "
                                f"the config asks for stage {stage}: use stage 2 or drop compression_training")
     if getattr(module, "_ds_compression", None) is None:
-        init_compression(module, config.section("compression_training"))
-    return attach(module, lambda: getattr(engine, "global_steps", 0))
+        init_compression(module, ctx.section)
+    return attach(module, ctx.global_steps)

@@ -35,7 +35,7 @@ def shard_in_place(engine: InferenceEngine, model: nn.Module, quant: Any) -> nn.
                           "checkpoint directory to load each rank's slices from")
     if cfg.checkpoint is not None and not meta:
         from .checkpoints import open_checkpoint
-        from .engine import load_module_state
+        from .state import load_module_state
 
         ckpt = open_checkpoint(cfg.checkpoint)
         load_module_state(model, ckpt.source, ckpt.where, engine.device)

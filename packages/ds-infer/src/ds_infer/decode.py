@@ -16,13 +16,15 @@ recompile; a compiled step is specialised to one (batch, max_len) and rebuilt wh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .models.base import CausalLM
 from .models.kv import StaticKVCache
+
+if TYPE_CHECKING:
+    from .models.base import CausalLM
 
 __all__ = ["Decoder", "CAPTURE_MODES"]
 

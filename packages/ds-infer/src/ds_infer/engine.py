@@ -41,6 +41,7 @@ from .models.build import (
 from .models.config import arch_from_hf
 from .models.gpt2 import ds_gpt_names
 from .models.sources import CheckpointError, RenamedSource
+from .state import load_module_state
 
 __all__ = ["init_inference", "InferenceEngine"]
 
@@ -260,31 +261,3 @@ def _source_dtype(model: nn.Module | None, scheme: dict | None, arch) -> torch.d
         except ConfigError:
             pass
     return torch.float32
-
-
-def load_module_state(model: nn.Module, source, where: str, device: torch.device) -> None:
-    """Load ``source`` into ``model`` by its own state-dict names (shapes checked first)."""
-    state = model.state_dict()
-    names = source.names()
-    missing = sorted(set(state) - names)
-    tied = {n for n in missing if _is_tied(model, n)}
-    missing = [n for n in missing if n not in tied]
-    if missing:
-        raise CheckpointError(f"{where}: {len(missing)} tensors of {type(model).__name__} are missing: "
-                              f"{', '.join(missing[:6])}; a native model (replace_with_kernel_inject=True) also "
-                              "reads transformers' on-disk names")
-    bad = [f"{n}: checkpoint {tuple(source.shape(n))} vs model {tuple(state[n].shape)}"
-           for n in state if n in names and tuple(source.shape(n)) != tuple(state[n].shape)]
-    if bad:
-        raise CheckpointError(f"{where} does not fit {type(model).__name__}: " + "; ".join(bad[:5]))
-    if any(t.is_meta for t in state.values()):
-        model.to_empty(device=device)
-    loaded = {n: source.read(n) for n in state if n in names}
-    model.load_state_dict(loaded, strict=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-
-
-def _is_tied(model: nn.Module, name: str) -> bool:
-    config = getattr(model, "config", None)
-    return bool(getattr(config, "tie_word_embeddings", False)) and name.endswith("lm_head.weight")

@@ -21,15 +21,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ds_core.errors import ConfigError
 
-from .models.base import CausalLM
 from .sampling import apply_repetition_penalty, select
+
+if TYPE_CHECKING:
+    from .models.base import CausalLM
 
 __all__ = ["GenerationConfig", "generate", "GenerationError"]
 
@@ -150,7 +152,7 @@ def generate(model: nn.Module, input_ids: Tensor, config: GenerationConfig | Non
     if cfg.max_new_tokens == 0:
         return input_ids
 
-    if isinstance(model, CausalLM):
+    if getattr(type(model), "ds_native_decoder", False):
         _check_positions(model, p + cfg.max_new_tokens)
         from .decode import Decoder
 

@@ -14,7 +14,7 @@ Nothing in them reaches back into the engine, so a component can be read — and
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +148,9 @@ class ModelContext:
     hooks: EngineHooks
     rank: int
     world_size: int
+    zero_stage: int = 0  #: the ZeRO stage the strategy will run (transforms that need whole parameters check it)
+    #: optimizer steps taken so far, read live (restored by ``load_checkpoint``): schedules follow it
+    global_steps: Callable[[], int] = field(default=lambda: 0)
 
 
 @dataclass(frozen=True)

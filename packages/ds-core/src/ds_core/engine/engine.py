@@ -79,9 +79,11 @@ class Engine(torch.nn.Module):
         self.hooks = EngineHooks()
 
         module = module.to(device=self.device, dtype=self.dtype)
+        zero_stage = int(getattr(config.section("zero_optimization"), "stage", 0) or 0)
         for feature, factory, section in model_transforms(components):
             ctx = ModelContext(config.section(section) if section else None, self.topology, self.device,
-                               self.precision_spec, self.hooks, self.global_rank, self.world_size)
+                               self.precision_spec, self.hooks, self.global_rank, self.world_size,
+                               zero_stage=zero_stage, global_steps=lambda: self.global_steps)
             module = factory(ctx, module)
             if not isinstance(module, torch.nn.Module):
                 raise DSError(f"the model_wrapper of feature {feature!r} returned {type(module).__name__}, not a "

@@ -19,6 +19,9 @@ class CausalLM(nn.Module):
     in ``load_weights(loader)``.
     """
 
+    #: read by :func:`ds_infer.generate` to pick the static-KV-cache decoder (no import of this class there)
+    ds_native_decoder = True
+
     arch: ArchConfig
     par: Parallel
 
