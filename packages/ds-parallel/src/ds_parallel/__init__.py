@@ -45,6 +45,7 @@ _EXPORTS = {
     "load_sharded": "loading",
     "from_pretrained": "loading",
     "SafetensorsCheckpoint": "loading",
+    "load_tp_checkpoint": "checkpoint",
     # sequence parallelism
     "DistributedAttention": "sequence.ulysses",
     "seq_all_to_all": "sequence.ulysses",

@@ -17,6 +17,8 @@ layer (no collective, same numbers).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,7 @@ from torch import nn
 from ds_core.errors import ConfigError
 
 from . import _seam
+from .checkpoint import install_shard_keys, shard_key
 from .comm import TensorGroup, copy_to_group, gather_from_group, reduce_from_group, scatter_to_group
 from .grads import sum_gradient_over
 from .shards import ColumnSpec, Part, ShardInfo, VocabPart, column_spec, even_run, take_runs, vocab_sizes
@@ -52,6 +55,63 @@ def _new_param(full: torch.Tensor | None, shape, dim: int, runs, dtype, device) 
     return nn.Parameter(local)
 
 
+class _ShardNamed:
+    """Parameters registered under their shard key (see [Note: shard keys] in ``checkpoint.py``).
+
+    On more than one rank a shard is registered as e.g. ``weight#tp:1/2:dim0:48x48:24+24``, so parameter
+    names, state-dict keys and every checkpoint layout keyed by them tell shards apart and say which
+    rows they hold; ``module.weight`` still returns it (and assigning ``module.weight`` — tying — works).
+    """
+
+    def _set_shard(self, local: str, param: nn.Parameter | None) -> None:
+        names = self.__dict__.setdefault("_shard_names", {})
+        old = names.pop(local, None)
+        if old is not None:
+            self._parameters.pop(old, None)
+        if param is None:
+            nn.Module.__setattr__(self, local, None)
+            return
+        info = getattr(param, "ds_tp", None)
+        if info is None or self.tp.size == 1:
+            nn.Module.__setattr__(self, local, param)
+            return
+        self.__dict__.pop(local, None)
+        self._parameters.pop(local, None)
+        key = shard_key(info.target, info, self.tp.rank, self.tp.size)
+        self.register_parameter(key, param)
+        names[local] = key
+        owners = param.__dict__.setdefault("_ds_owners", [])
+        owners[:] = [o for o in owners if o() is not None and o() is not self] + [weakref.ref(self)]
+        if len(owners) == 1:
+            return
+        # [Note: tied shards] a second module holding the same shard (an output head tied to the
+        # embedding) saves its own copy: checkpoint files store tensors sharing memory once, and a
+        # per-rank file would otherwise lose one of the names
+        if not getattr(self, "_ds_tied_hook", False):
+            self._ds_tied_hook = True
+            self._register_state_dict_hook(_copy_tied_shards)
+
+    def __getattr__(self, name: str):
+        names = self.__dict__.get("_shard_names")
+        if names and name in names:
+            return self._parameters[names[name]]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        names = self.__dict__.get("_shard_names")
+        if names and name in names:
+            self._set_shard(name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+def _copy_tied_shards(module, state_dict, prefix, local_metadata):
+    for key, p in module._parameters.items():
+        owners = getattr(p, "_ds_owners", ())
+        if p is not None and len(owners) > 1 and owners[0]() is not module and prefix + key in state_dict:
+            state_dict[prefix + key] = state_dict[prefix + key].clone()
+
+
 def _mark(param: nn.Parameter, info: ShardInfo, group: TensorGroup) -> nn.Parameter:
     param.ds_tp = info
     if info.replicated:
@@ -62,7 +122,7 @@ def _mark(param: nn.Parameter, info: ShardInfo, group: TensorGroup) -> nn.Parame
     return param
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_ShardNamed, nn.Module):
     """``y = x Wᵀ + b`` with the output features split over the tensor group.
 
     ``parts`` describe the output (default: one :class:`~ds_parallel.shards.Part` of
@@ -109,16 +169,17 @@ class ColumnParallelLinear(nn.Module):
             sources.append((*names, spec.rep_runs, spec.rep_rows, True))
         for wname, bname, runs, rows, replicated in sources:
             w = _new_param(weight, wshape(rows), wdim, runs, dtype, device)
-            setattr(self, wname, _mark(w, ShardInfo("weight", wdim, full_w, runs, replicated), self.tp))
+            self._set_shard(wname, _mark(w, ShardInfo("weight", wdim, full_w, runs, replicated), self.tp))
             if bias:
                 b = _new_param(bias_tensor, (rows,), 0, runs, dtype, device)
-                setattr(self, bname, _mark(b, ShardInfo("bias", 0, (full,), runs, replicated), self.tp))
+                self._set_shard(bname, _mark(b, ShardInfo("bias", 0, (full,), runs, replicated), self.tp))
             else:
                 setattr(self, bname, None)
         if not bias:
             self.bias = None
         self._sources = [s[:2] for s in sources]
         self._gather_index: torch.Tensor | None = None
+        install_shard_keys(self)
 
     @classmethod
     def from_dense(cls, module: nn.Module, group: TensorGroup | None = None, parts=None,
@@ -196,7 +257,7 @@ def _full_order_index(specs: list[ColumnSpec]) -> torch.Tensor:
     return where
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardNamed, nn.Module):
     """``y = x Wᵀ + b`` with the input features split over the tensor group.
 
     Each rank multiplies its slice of the input; the partial sums are added with one all-reduce
@@ -221,11 +282,12 @@ class RowParallelLinear(nn.Module):
         shape = (length, out_features) if conv1d else (out_features, length)
         full_w = (in_features, out_features) if conv1d else (out_features, in_features)
         w = _new_param(weight, shape, wdim, [(start, length)], dtype, device)
-        self.weight = _mark(w, ShardInfo("weight", wdim, full_w, ((start, length),)), self.tp)
+        self._set_shard("weight", _mark(w, ShardInfo("weight", wdim, full_w, ((start, length),)), self.tp))
         if bias:
             self.bias = _new_param(bias_tensor, (out_features,), 0, [(0, out_features)], dtype, device)
         else:
             self.bias = None
+        install_shard_keys(self)
 
     @classmethod
     def from_dense(cls, module: nn.Module, group: TensorGroup | None = None, unit: int = 1,
@@ -249,7 +311,7 @@ class RowParallelLinear(nn.Module):
                 + (", conv1d" if self.conv1d else ""))
 
 
-class VocabParallelEmbedding(nn.Embedding):
+class VocabParallelEmbedding(_ShardNamed, nn.Embedding):
     """An embedding whose vocabulary rows are split over the tensor group.
 
     Each rank looks up the tokens in its range (others read as zeros) and one all-reduce adds the
@@ -282,7 +344,8 @@ class VocabParallelEmbedding(nn.Embedding):
         dtype = dtype or (weight.dtype if weight is not None else torch.get_default_dtype())
         run = ((self.vocab_start, self.num_embeddings),)
         w = _new_param(weight, (self.num_embeddings, embedding_dim), 0, run, dtype, device)
-        self.weight = _mark(w, ShardInfo("weight", 0, (num_embeddings, embedding_dim), run), self.tp)
+        self._set_shard("weight", _mark(w, ShardInfo("weight", 0, (num_embeddings, embedding_dim), run), self.tp))
+        install_shard_keys(self)
 
     @classmethod
     def from_embedding(cls, module: nn.Embedding, group: TensorGroup | None = None) -> nn.Embedding:

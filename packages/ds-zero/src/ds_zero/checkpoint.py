@@ -57,8 +57,8 @@ TAGGED_KEY = "zero_tagged_groups"
 
 
 def _tagged(parts) -> list[tuple[int, object]]:
-    """(index, group) of the groups partitioned over another axis than data."""
-    return [(i, g) for i, g in enumerate(parts.groups) if g.axis != "data"]
+    """(index, group) of the groups partitioned over another axis than data, or sharded over one."""
+    return [(i, g) for i, g in enumerate(parts.groups) if g.axis != "data" or g.shard is not None]
 
 
 def _data_only(layout: dict) -> dict:
@@ -167,7 +167,7 @@ class ZeroCheckpointLayout:
         keys = list(handle(0).keys())
         masters, state = {}, {}
         for g, group in enumerate(opt.parts.groups):
-            if group.axis == "data":
+            if group.axis == "data" and group.shard is None:
                 spec = zero["groups"][g]
                 ranks = list(range(zero["world_size"]))
                 saved_part, numel = spec["partition_numel"], spec["numel"]

@@ -17,11 +17,13 @@ Layouts (see ``checkpoint.py`` and ``checkpoint3.py``):
 
 Partitioned parameters come out in fp32 (the masters); other tensors keep their saved dtype. Every
 name of a tied parameter is written (as separate copies), so the result is an ordinary state dict.
+Tensor-parallel shards (ds-parallel's self-describing keys) are stitched back into full tensors.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,6 +60,46 @@ def consolidated_tensors(checkpoint_dir, tag: str | None = None
 
     ``produce()`` assembles that one tensor on demand (reading only its pieces).
     """
+    yield from _stitch_tensor_parallel(_consolidated(checkpoint_dir, tag))
+
+
+# Tensor-parallel shards are saved under self-describing keys (docs/parallel.md, "shard keys"):
+# <full name>#tp:<rank>/<size>:dim<d>:<full shape>:<start>+<length>,...  (or #rep: for replicated rows)
+_SHARD_KEY = re.compile(r"^(?P<name>.+)#(?:tp:\d+/\d+|rep):dim(?P<dim>\d+):(?P<shape>\d+(?:x\d+)*)"
+                        r":(?P<runs>\d+\+\d+(?:,\d+\+\d+)*)$")
+
+
+def _stitch_tensor_parallel(entries):
+    """Every tensor-parallel shard of one tensor (one per rank file) becomes that full tensor."""
+    groups: dict[str, list] = {}
+    for name, dtype, shape, produce in entries:
+        m = _SHARD_KEY.match(name)
+        if m is None:
+            yield name, dtype, shape, produce
+            continue
+        runs = [tuple(int(v) for v in r.split("+")) for r in m["runs"].split(",")]
+        full = tuple(int(d) for d in m["shape"].split("x"))
+        groups.setdefault(m["name"], []).append((int(m["dim"]), full, runs, dtype, produce))
+    for name, pieces in groups.items():
+        dim, full, _, dtype, _ = pieces[0]
+
+        def produce(pieces=pieces, dim=dim, full=full, dtype=dtype, name=name):
+            out = torch.empty(full, dtype=dtype)
+            covered = torch.zeros(full[dim], dtype=torch.bool)
+            for _, _, runs, _, piece in pieces:
+                local, at = piece(), 0
+                for start, length in runs:
+                    out.narrow(dim, start, length).copy_(local.narrow(dim, at, length))
+                    covered[start:start + length] = True
+                    at += length
+            if not covered.all():
+                raise CheckpointError(f"{name}: the tensor-parallel shards saved hold only {int(covered.sum())} of "
+                                      f"its {full[dim]} rows along dim {dim}; every rank's model file is needed")
+            return out
+        yield name, dtype, full, produce
+
+
+def _consolidated(checkpoint_dir, tag: str | None = None):
     path = _resolve(checkpoint_dir, tag)
     meta = json.loads((path / "meta.json").read_text())
     zero = meta.get("zero")

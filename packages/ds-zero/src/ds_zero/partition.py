@@ -106,7 +106,8 @@ class GroupPartition:
 
     def describe(self) -> dict:
         """JSON metadata of this group's layout (checkpoints compare it before loading anything)."""
-        out = {} if self.axis == DEFAULT_AXIS else {"axis": self.axis, "shard": self.shard, "world": self.world}
+        tagged = self.axis != DEFAULT_AXIS or self.shard is not None  # differs per rank of another axis
+        out = {"axis": self.axis, "shard": self.shard, "world": self.world} if tagged else {}
         return {**out, "numel": self.numel, "padded": self.padded, "partition_numel": self.partition_numel,
                 "params": [{"name": n, "shape": list(p.shape), "offset": o}
                            for n, p, o in zip(self.names, self.params, self.offsets)]}

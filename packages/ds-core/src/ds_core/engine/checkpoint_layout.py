@@ -96,8 +96,9 @@ def restore_engine_state(engine, meta: dict, counters: bool, scheduler: bool) ->
 
 
 def sharded_names(module: torch.nn.Module) -> set[str]:
-    """Names of parameters that differ across ranks (tagged with a shard axis, e.g. experts)."""
-    return {name for name, p in module.named_parameters() if shard_axis(p) is not None}
+    """Names of parameters that differ across ranks (tagged with a shard axis, e.g. experts), every
+    name of a tied one included (each rank saves its own)."""
+    return {name for name, p in module.named_parameters(remove_duplicate=False) if shard_axis(p) is not None}
 
 
 class DefaultLayout:
