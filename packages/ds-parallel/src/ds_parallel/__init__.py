@@ -27,6 +27,7 @@ _EXPORTS = {
     "RowParallelLinear": "layers",
     "VocabParallelEmbedding": "layers",
     "shard_info": "layers",
+    "use_shard_names": "layers",
     "vocab_parallel_cross_entropy": "loss",
     "Part": "shards",
     "KVHeads": "shards",

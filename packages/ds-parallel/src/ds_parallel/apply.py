@@ -24,7 +24,13 @@ from ds_core.errors import ConfigError, closest
 
 from .comm import TensorGroup, tensor_group
 from .grads import sum_gradient_over
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, is_conv1d
+from .layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    is_conv1d,
+    use_shard_names,
+)
 from .plan import AttentionHeads, TPPlan, find_plan
 from .shards import Part, column_spec, even_run, kv_replication, vocab_sizes
 
@@ -199,13 +205,15 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def apply_plan(model: nn.Module, plan: TPPlan, group=None, *, broadcast: bool = True) -> nn.Module:
+def apply_plan(model: nn.Module, plan: TPPlan, group=None, *, broadcast: bool = True,
+               shard_names: bool = True) -> nn.Module:
     """Shard ``model`` in place by ``plan`` over ``group`` (a ``TensorGroup``, a process group, or
     ``None`` for the whole world); returns it.
 
     Materialized weights are sliced (after a broadcast from tensor rank 0 unless ``broadcast=False``,
     so replicated parameters agree exactly); weights on the meta device stay there, with this rank's
-    shapes, for :func:`~ds_parallel.loading.load_sharded` to fill.
+    shapes, for :func:`~ds_parallel.loading.load_sharded` to fill. ``shard_names``: register the shards
+    under their shard keys (:func:`~ds_parallel.layers.use_shard_names`; what engine checkpoints need).
     """
     tg = group if isinstance(group, TensorGroup) else TensorGroup.of(group)
     validate_plan(model, plan, tg.size)
@@ -239,12 +247,15 @@ def apply_plan(model: nn.Module, plan: TPPlan, group=None, *, broadcast: bool = 
                 replaced[id(original)] = new.weight
     for name, heads in plan.attention.items():
         _fix_attention(modules[name], heads, tg)
+    if shard_names:
+        use_shard_names(model)
     model.ds_tp_plan, model.ds_tp_group = plan, tg
     return model
 
 
 def tensor_parallel(model: nn.Module, tp_size: int | None = None, group=None, *, plan: TPPlan | None = None,
-                    overrides: dict | None = None, broadcast: bool = True, **find_kwargs) -> nn.Module:
+                    overrides: dict | None = None, broadcast: bool = True, shard_names: bool = True,
+                    **find_kwargs) -> nn.Module:
     """Find ``model``'s plan and shard it (DeepSpeed's ``tp_model_init``).
 
     The group is, in order: ``group``; the ``tensor`` axis of ds-core's topology (``tp_size`` must
@@ -271,4 +282,4 @@ def tensor_parallel(model: nn.Module, tp_size: int | None = None, group=None, *,
         plan = find_plan(model, overrides, **find_kwargs)
     elif overrides:
         raise ConfigError("pass plan= or overrides=, not both (overrides refine a found plan)")
-    return apply_plan(model, plan, tg, broadcast=broadcast)
+    return apply_plan(model, plan, tg, broadcast=broadcast, shard_names=shard_names)

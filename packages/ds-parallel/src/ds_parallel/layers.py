@@ -32,7 +32,7 @@ from .grads import sum_gradient_over
 from .shards import ColumnSpec, Part, ShardInfo, VocabPart, column_spec, even_run, take_runs, vocab_sizes
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "shard_info",
-           "is_conv1d"]
+           "is_conv1d", "use_shard_names"]
 
 
 def shard_info(param: torch.Tensor) -> ShardInfo | None:
@@ -56,15 +56,16 @@ def _new_param(full: torch.Tensor | None, shape, dim: int, runs, dtype, device) 
 
 
 class _ShardNamed:
-    """Parameters registered under their shard key (see [Note: shard keys] in ``checkpoint.py``).
-
-    On more than one rank a shard is registered as e.g. ``weight#tp:1/2:dim0:48x48:24+24``, so parameter
+    """Where a layer registers its shards: under their own names (``weight``) by default, or — after
+    :func:`use_shard_names`, which :func:`~ds_parallel.apply.apply_plan` calls — under their shard keys
+    (see [Note: shard keys] in ``checkpoint.py``), e.g. ``weight#tp:1/2:dim0:48x48:24+24``, so parameter
     names, state-dict keys and every checkpoint layout keyed by them tell shards apart and say which
-    rows they hold; ``module.weight`` still returns it (and assigning ``module.weight`` — tying — works).
+    rows they hold. ``module.weight`` returns the shard either way, and assigning it (tying) works.
     """
 
     def _set_shard(self, local: str, param: nn.Parameter | None) -> None:
         names = self.__dict__.setdefault("_shard_names", {})
+        self.__dict__.setdefault("_tp_locals", set()).add(local)
         old = names.pop(local, None)
         if old is not None:
             self._parameters.pop(old, None)
@@ -72,22 +73,20 @@ class _ShardNamed:
             nn.Module.__setattr__(self, local, None)
             return
         info = getattr(param, "ds_tp", None)
-        if info is None or self.tp.size == 1:
+        if info is None or self.tp.size == 1 or not self.__dict__.get("_shard_named", False):
             nn.Module.__setattr__(self, local, param)
-            return
-        self.__dict__.pop(local, None)
-        self._parameters.pop(local, None)
-        key = shard_key(info.target, info, self.tp.rank, self.tp.size)
-        self.register_parameter(key, param)
-        names[local] = key
+        else:
+            self.__dict__.pop(local, None)
+            self._parameters.pop(local, None)
+            key = shard_key(info.target, info, self.tp.rank, self.tp.size)
+            self.register_parameter(key, param)
+            names[local] = key
         owners = param.__dict__.setdefault("_ds_owners", [])
         owners[:] = [o for o in owners if o() is not None and o() is not self] + [weakref.ref(self)]
-        if len(owners) == 1:
-            return
-        # [Note: tied shards] a second module holding the same shard (an output head tied to the
-        # embedding) saves its own copy: checkpoint files store tensors sharing memory once, and a
-        # per-rank file would otherwise lose one of the names
-        if not getattr(self, "_ds_tied_hook", False):
+        if len(owners) > 1 and not getattr(self, "_ds_tied_hook", False):
+            # [Note: tied shards] a second module holding the same shard (an output head tied to the
+            # embedding) saves its own copy: checkpoint files store tensors sharing memory once, and a
+            # per-rank file would otherwise lose one of the names
             self._ds_tied_hook = True
             self._register_state_dict_hook(_copy_tied_shards)
 
@@ -98,11 +97,20 @@ class _ShardNamed:
         return super().__getattr__(name)
 
     def __setattr__(self, name: str, value) -> None:
-        names = self.__dict__.get("_shard_names")
-        if names and name in names:
+        if name in self.__dict__.get("_tp_locals", ()) and (value is None or isinstance(value, nn.Parameter)):
             self._set_shard(name, value)
         else:
             super().__setattr__(name, value)
+
+
+def use_shard_names(model: nn.Module, on: bool = True) -> nn.Module:
+    """Register every tensor-parallel shard of ``model`` under its shard key (``on=False``: its own name)."""
+    for module in model.modules():
+        if isinstance(module, _ShardNamed) and module.tp.size > 1 and module.__dict__.get("_shard_named") != on:
+            module.__dict__["_shard_named"] = on
+            for local in sorted(module.__dict__.get("_tp_locals", ())):
+                module._set_shard(local, getattr(module, local))
+    return model
 
 
 def _copy_tied_shards(module, state_dict, prefix, local_metadata):

@@ -85,6 +85,10 @@ def model_wrapper(engine, module: nn.Module) -> nn.Module:
         tensor = done.size
     if tensor > 1 or sequence > 1:
         adopt_topology(engine, tensor, sequence)
+    if done is not None and tensor > 1:
+        from .layers import use_shard_names
+
+        use_shard_names(module)  # engine checkpoints tell shards apart by name
     if tensor > 1 and done is None:
         names = [n for n, _ in module.named_modules() if n]
         overrides, keep = section.overrides_for(names) if section is not None else ({}, True)
