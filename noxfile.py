@@ -17,7 +17,7 @@ PACKAGES = ["ds-core", "ds-ops", "ds-zero", "ds-pipe", "ds-moe", "ds-parallel", 
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
 TEST_DEPS = ["pytest>=8", "numpy", "tensorboard", "wandb"]  # the monitors' optional backends
 # Optional extras exercised by the tests: Triton kernels run on CPU under TRITON_INTERPRET=1.
-EXTRAS = {"ds-ops": "[cuda,bnb]"}
+EXTRAS = {"ds-ops": "[cuda,bnb]", "ds-parallel": "[hf]"}
 
 
 def _install_all(session: nox.Session, editable: bool = True, extras: bool = True) -> None:

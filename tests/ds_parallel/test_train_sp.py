@@ -104,3 +104,32 @@ def test_llama_sp2_matches_unsharded(sp2, kind):
         for step, (got, want) in enumerate(zip(r["losses"], ref)):
             assert abs(got - want) < 1e-5, (kind, step, got, want)  # every rank logs the whole loss
     assert ref[-1] < ref[0]
+
+
+def _tp_sp_run():
+    """Tensor 2 × sequence 2 on 4 ranks: the tensor_parallel section shards the heads, the topology's
+    sequence axis splits the sequence, both inside ``initialize``."""
+    import torch.distributed as dist
+
+    import ds_core
+    from ds_parallel import shard_batch
+
+    ds_core.comm.set_topology(None)
+    ds_core.comm.ensure_topology(sequence=2, tensor=2)
+    engine, *_ = ds_core.initialize(model=_model("llama"), optimizer=_optimizer, config={
+        "train_micro_batch_size_per_gpu": B, "gradient_clipping": CLIP, "steps_per_print": 0,
+        "tensor_parallel": {"autotp_size": 2}})
+    losses = []
+    for step in range(STEPS):
+        loss = engine(**shard_batch(_batch(step), engine.module.ds_sp_group)).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses, _reference("llama") if dist.get_rank() == 0 else None
+
+
+def test_llama_tp2_sp2_matches_unsharded():
+    results = run_distributed(_tp_sp_run, 4, timeout=600)
+    ref = results[0][1]
+    for losses, _ in results:
+        assert max(abs(a - b) for a, b in zip(losses, ref)) < 1e-5

@@ -18,6 +18,7 @@ and is the way to give a ``train_batch_size`` computed for the data-parallel siz
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ds_core import comm
@@ -69,9 +70,20 @@ def adopt_topology(engine, tensor: int, sequence: int) -> None:
     engine.config.resolve_batch(engine.dp_world_size)
 
 
+def _check_zero(config, tensor: int, sequence: int) -> None:
+    zero = config.section("zero_optimization")
+    stage = getattr(zero, "stage", 0) or 0
+    if stage >= 3 and (tensor > 1 or sequence > 1):
+        what = "tensor" if tensor > 1 else "sequence"
+        raise ConfigError(f"ZeRO stage 3 with {what} parallelism is not supported: stage 3 partitions only "
+                          f"parameters replicated over the data axis; use zero_optimization.stage 1 or 2 "
+                          f"(optimizer state and gradients partitioned over the data axis)")
+
+
 def model_wrapper(engine, module: nn.Module) -> nn.Module:
-    """The ``model_wrapper`` component: shard ``module`` as the ``tensor_parallel`` section says."""
+    """The ``model_wrapper`` component: shard ``module`` as the config says (tensor and sequence)."""
     from .apply import tensor_parallel
+    from .layers import use_shard_names
 
     section = engine.config.section("tensor_parallel")
     if section is not None:
@@ -83,12 +95,14 @@ def model_wrapper(engine, module: nn.Module) -> nn.Module:
                           f"autotp_size is {tensor}; build the model unsharded or use one size")
     if done is not None and tensor == 1:
         tensor = done.size
+    sp_done = getattr(module, "ds_sp_group", None)
+    if sequence == 1 and sp_done is not None:
+        sequence = sp_done.size
+    if sequence == 1 and engine.topology is not None:
+        sequence = engine.topology.size("sequence")
+    _check_zero(engine.config, tensor, sequence)
     if tensor > 1 or sequence > 1:
         adopt_topology(engine, tensor, sequence)
-    if done is not None and tensor > 1:
-        from .layers import use_shard_names
-
-        use_shard_names(module)  # engine checkpoints tell shards apart by name
     if tensor > 1 and done is None:
         names = [n for n, _ in module.named_modules() if n]
         overrides, keep = section.overrides_for(names) if section is not None else ({}, True)
@@ -96,4 +110,12 @@ def model_wrapper(engine, module: nn.Module) -> nn.Module:
             if section is not None else {}
         module = tensor_parallel(module, group=tensor_group(engine.topology), overrides=overrides,
                                  keep_found=keep, **kwargs)
+    elif tensor > 1:
+        use_shard_names(module)  # engine checkpoints tell shards apart by name
+    if sequence > 1 and sp_done is None:
+        from .sequence.hf import sequence_group, sequence_parallel
+
+        comm_dtype = getattr(engine.config, "seq_parallel_communication_data_type", None)
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}
+        module = sequence_parallel(module, group=sequence_group(engine.topology), comm_dtype=dtypes.get(comm_dtype))
     return module

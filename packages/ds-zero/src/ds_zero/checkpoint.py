@@ -78,6 +78,27 @@ def _partition_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
+def saved_data_ranks(meta: dict, engine) -> list[int]:
+    """The saved ranks whose partitions this rank's data-parallel group re-slices: the data axis of this
+    rank's coordinate on the other axes (tensor, sequence), which are innermost in the rank layout."""
+    dp = meta["zero"]["world_size"]
+    inner = meta["world_size"] // dp
+    if inner == 1:
+        return list(range(dp))
+    topology = engine.topology
+    if topology is not None and meta["world_size"] == engine.world_size and dp == engine.dp_world_size:
+        return topology.ranks_along("data", engine.global_rank)  # the same layout
+    here = engine.world_size // max(1, engine.dp_world_size)
+    if topology is not None and topology.size("pipe") > 1:
+        raise CheckpointError(f"a pipeline checkpoint with ZeRO partitions reloads only under the world size it was "
+                              f"saved with ({meta['world_size']} ranks, {dp} data-parallel)")
+    if here != inner:
+        raise CheckpointError(f"the checkpoint was saved with {inner} ranks per data-parallel rank (tensor or "
+                              f"sequence parallelism) and is loaded with {here}; ZeRO partitions cannot follow: "
+                              f"consolidate it with `ds zero-to-fp32` and load the weights into the new layout")
+    return [d * inner + engine.global_rank % inner for d in range(dp)]
+
+
 def layout_differences(saved: dict, current: dict) -> list[str]:
     """Human-readable differences between two ``Partitions.describe()`` layouts (world size aside)."""
     diffs = []
@@ -124,7 +145,7 @@ class ZeroCheckpointLayout:
         return save_tree(save_dir, tag, {"files": files, "meta": meta}, per_rank, engine.global_rank)
 
     # -- load ------------------------------------------------------------------------------------
-    def _check(self, path: Path, meta: dict, opt) -> None:
+    def _check(self, path: Path, meta: dict, opt, data_ranks: list[int]) -> None:
         zero = meta.get("zero")
         if zero is None:
             raise CheckpointError(f"{path} was saved without ZeRO partitions (stage 0); load it with "
@@ -136,7 +157,7 @@ class ZeroCheckpointLayout:
                                   f"parameter groups:\n  " + "\n  ".join(diffs[:10]) +
                                   "\n  load it with the same model and the same parameter groups (nothing "
                                   "was changed)")
-        for r in range(zero["world_size"]):
+        for r in data_ranks:
             file = path / f"zero_rank{r}.safetensors"
             if not file.is_file():
                 raise CheckpointError(f"{file} is missing: the checkpoint was saved by {zero['world_size']} "
@@ -150,7 +171,8 @@ class ZeroCheckpointLayout:
                         raise CheckpointError(f"{file}: master.{g} has shape {shape}, the layout says "
                                               f"[{spec['partition_numel']}]; the checkpoint is damaged")
 
-    def _repartition(self, path: Path, zero: dict, opt, tagged_ranks: dict[int, list[int]] | None
+    def _repartition(self, path: Path, zero: dict, opt, tagged_ranks: dict[int, list[int]] | None,
+                     data_ranks: list[int]
                      ) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
         """This rank's new master slices and elementwise optimizer state, read from the saved partitions.
 
@@ -169,7 +191,7 @@ class ZeroCheckpointLayout:
         for g, group in enumerate(opt.parts.groups):
             if group.axis == "data" and group.shard is None:
                 spec = zero["groups"][g]
-                ranks = list(range(zero["world_size"]))
+                ranks = data_ranks
                 saved_part, numel = spec["partition_numel"], spec["numel"]
             elif tagged_ranks and g in tagged_ranks:
                 ranks, saved_part, numel = tagged_ranks[g], group.partition_numel, group.numel
@@ -225,8 +247,9 @@ class ZeroCheckpointLayout:
                                       f"ranks); their optimizer state cannot follow: pass "
                                       f"load_optimizer_states=False to load the weights only")
         zero = meta.get("zero")
+        data_ranks = saved_data_ranks(meta, engine) if zero is not None else []
         if zero is not None or load_optimizer_states:
-            self._check(path, meta, opt)
+            self._check(path, meta, opt, data_ranks)
         if zero is not None and load_optimizer_states and len(zero["param_groups"]) != len(opt.param_groups):
             raise CheckpointError(f"{path}: optimizer has {len(zero['param_groups'])} parameter groups, this "
                                   f"run has {len(opt.param_groups)}; pass load_optimizer_states=False")
@@ -235,7 +258,7 @@ class ZeroCheckpointLayout:
                           f"{opt.parts.world}: partitions are re-sliced exactly, per-rank random-number "
                           f"streams restart from the saved ranks'", stacklevel=3)
         # every check passed: from here on state changes
-        masters, state = (self._repartition(path, zero, opt, tagged_ranks) if zero is not None
+        masters, state = (self._repartition(path, zero, opt, tagged_ranks, data_ranks) if zero is not None
                           else (None, None))
         with torch.no_grad():
             engine.module.load_state_dict({k: v for k, v in saved.items() if k in own})

@@ -115,7 +115,8 @@ def _consolidated(checkpoint_dir, tag: str | None = None):
     partitioned: dict[str, tuple[tuple[int, ...], Producer]] = {}
     if zero is not None:
         world = zero["world_size"]
-        ranks = [path / f"zero_rank{r}.safetensors" for r in range(world)]
+        inner = meta["world_size"] // world  # ranks per data-parallel rank (tensor/sequence axes, innermost)
+        ranks = [path / f"zero_rank{r * inner}.safetensors" for r in range(world)]
         for file in ranks:
             if not file.is_file():
                 raise CheckpointError(f"{file} is missing: the checkpoint was saved by {world} ranks and "
