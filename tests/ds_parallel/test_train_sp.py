@@ -61,6 +61,28 @@ def _reference(kind):
     return losses
 
 
+MEMORY_LENGTHS = (256, 1024)
+
+
+def _activation_bytes(model, batch, group):
+    """Bytes autograd saves in one forward (the activations a step holds until backward), weights excluded."""
+    from ds_parallel import saved_activation_bytes, shard_batch
+
+    batch = shard_batch(batch, group) if group is not None else batch
+    return saved_activation_bytes(lambda: model(**batch).loss, exclude=list(model.parameters()))[1]
+
+
+def _memory(model, rank):
+    """Per-rank activation bytes of one forward at SP 2 (and at SP 1 on rank 0), at two lengths."""
+    out = {}
+    for length in MEMORY_LENGTHS:
+        ids = torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(length))
+        batch = {"input_ids": ids, "labels": ids}
+        sp1 = _activation_bytes(_model("llama"), batch, None) if rank == 0 else None
+        out[length] = (sp1, _activation_bytes(model, batch, model.ds_sp_group))
+    return out
+
+
 def _sp_run(kinds):
     import torch.distributed as dist
 
@@ -82,6 +104,8 @@ def _sp_run(kinds):
         out[kind] = {"losses": losses, "sequence": engine.topology.size("sequence"),
                      "data": engine.dp_world_size,
                      "reference": _reference(kind) if dist.get_rank() == 0 else None}
+        if kind == "llama":
+            out["memory"] = _memory(engine.module, dist.get_rank())
         engine.destroy()
     return out
 
@@ -104,6 +128,18 @@ def test_llama_sp2_matches_unsharded(sp2, kind):
         for step, (got, want) in enumerate(zip(r["losses"], ref)):
             assert abs(got - want) < 1e-5, (kind, step, got, want)  # every rank logs the whole loss
     assert ref[-1] < ref[0]
+
+
+def test_sp2_activation_memory_is_half_of_sp1(sp2):
+    """Measured: bytes autograd saves for backward per rank (weights excluded), SP 2 vs SP 1."""
+    print("\nactivation bytes per rank, tiny Llama (4 heads, 2 KV heads, hidden 48), batch 2:")
+    print(f"{'sequence':>9} {'SP 1':>12} {'SP 2 rank 0':>12} {'SP 2 rank 1':>12} {'ratio':>6}")
+    for length in MEMORY_LENGTHS:
+        sp1 = sp2[0]["memory"][length][0]
+        ranks = [r["memory"][length][1] for r in sp2]
+        ratio = max(ranks) / sp1
+        print(f"{length:>9} {sp1:>12,} {ranks[0]:>12,} {ranks[1]:>12,} {ratio:>6.3f}")
+        assert 0.45 < ratio < 0.6, (length, sp1, ranks)  # half the tokens: half the activations
 
 
 def _tp_sp_run():

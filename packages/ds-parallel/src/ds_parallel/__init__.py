@@ -56,6 +56,13 @@ _EXPORTS = {
     "sequence_parallel": "sequence.hf",
     "register_ulysses_attention": "sequence.hf",
     "sequence_group": "sequence.hf",
+    "sequence_tiled_compute": "sequence.tiling",
+    "tile_mlp": "sequence.tiling",
+    "tile_mlps": "sequence.tiling",
+    "tiled_lm_loss": "sequence.tiling",
+    "tiled_causal_lm_loss": "sequence.tiling",
+    "PeakMemory": "memory",
+    "saved_activation_bytes": "memory",
 }
 
 __all__ = ["__version__", *_EXPORTS]
