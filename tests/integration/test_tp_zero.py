@@ -1,5 +1,6 @@
 """Tensor parallelism composed with ZeRO stages 1 and 2 over the data axis (tensor 2 × data 2 on 4
-ranks), against the unsharded model on one process; their checkpoints reload exactly and consolidate
+ranks), against the unsharded model on one process (losses and global gradient norms to 1e-5); their
+checkpoints reload exactly and consolidate
 with ``ds zero-to-fp32`` into the unsharded model's state dict. ZeRO stage 3 with tensor
 parallelism is refused with a clear error on every rank."""
 
@@ -38,7 +39,8 @@ def _run(root):
     rank = dist.get_rank()
     out = {}
     for stage in (1, 2):
-        losses, engine = engine_losses(KIND, _config(stage), steps=STEPS, dp_rank=rank // 2, dp=2)
+        norms = []
+        losses, engine = engine_losses(KIND, _config(stage), steps=STEPS, dp_rank=rank // 2, dp=2, norms=norms)
         engine.save_checkpoint(f"{root}/zero{stage}", tag="saved")
         engine.eval()
         with torch.no_grad():
@@ -48,8 +50,11 @@ def _run(root):
         _, fresh = engine_losses(KIND, _config(stage), steps=0, dp_rank=rank // 2, dp=2)
         fresh.load_checkpoint(f"{root}/zero{stage}", tag="saved")
         resumed = _steps(fresh, STEPS, STEPS + 2, rank // 2)
-        out[stage] = {"losses": losses, "continued": continued, "resumed": resumed, "logits": logits}
-    out["reference"] = reference_losses(KIND, STEPS) if rank == 0 else None
+        out[stage] = {"losses": losses, "norms": norms, "continued": continued, "resumed": resumed,
+                      "logits": logits}
+    ref_norms = []
+    out["reference"] = reference_losses(KIND, STEPS, norms=ref_norms) if rank == 0 else None
+    out["reference_norms"] = ref_norms
     return out
 
 
@@ -66,6 +71,9 @@ def test_tp2_dp2_zero_matches_unsharded(tp2_dp2, stage):
     for step in range(STEPS):
         got = (ranks[0][stage]["losses"][step] + ranks[2][stage]["losses"][step]) / 2  # data ranks 0 and 1
         assert abs(got - ref[step]) < 1e-5, (stage, step, got, ref[step])
+        for rank in ranks:  # ZeRO's global norm adds each tensor shard's partitions once
+            want = ranks[0]["reference_norms"][step]
+            assert abs(rank[stage]["norms"][step] - want) <= 1e-5 * want, (stage, step, rank[stage]["norms"], want)
 
 
 @pytest.mark.parametrize("stage", [1, 2])

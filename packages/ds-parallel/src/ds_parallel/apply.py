@@ -227,12 +227,20 @@ def apply_plan(model: nn.Module, plan: TPPlan, group=None, *, broadcast: bool = 
     for name, style in plan.styles.items():
         m = modules[name]
         original = m._parameters.get("weight")
+        # a weight tied to one already sharded holds the shard now ([Note: parameter identity]): the
+        # module is built from a stand-in of the full shape and takes the tied shard below
+        tied = original is not None and id(original) in replaced
+        if tied:
+            m._parameters["weight"] = nn.Parameter(torch.empty(replaced[id(original)].ds_tp.full_shape,
+                                                               dtype=original.dtype, device="meta"))
         if style.kind == "colwise":
-            new = ColumnParallelLinear.from_dense(m, tg, parts=style.parts or None, gather_output=style.gather_output)
+            new = ColumnParallelLinear.from_dense(m, tg, parts=style.parts or None, gather_output=style.gather_output,
+                                                  reuse_params=True)
         elif style.kind == "rowwise":
-            new = RowParallelLinear.from_dense(m, tg, unit=style.unit, input_is_parallel=not style.split_input)
+            new = RowParallelLinear.from_dense(m, tg, unit=style.unit, input_is_parallel=not style.split_input,
+                                               reuse_params=True)
         elif style.kind == "vocab_embedding":
-            new = VocabParallelEmbedding.from_embedding(m, tg)
+            new = VocabParallelEmbedding.from_embedding(m, tg, reuse_params=True)
         else:  # partial_grad
             for p in m.parameters():
                 sum_gradient_over(p, tg, "tensor")
@@ -240,8 +248,10 @@ def apply_plan(model: nn.Module, plan: TPPlan, group=None, *, broadcast: bool = 
         if new is not m:
             _set(model, name, new)
         if original is not None:
-            if id(original) in replaced and replaced[id(original)].shape == new.weight.shape \
-                    and new.weight.ds_tp == replaced[id(original)].ds_tp:
+            if tied:
+                if new.weight.ds_tp != replaced[id(original)].ds_tp:
+                    raise ConfigError(f"{name}.weight is tied to a weight sharded differently; shard both as a "
+                                      f"vocabulary (an embedding and its output head) or neither")
                 new.weight = replaced[id(original)]  # keep the tie (an embedding and its output head)
             else:
                 replaced[id(original)] = new.weight

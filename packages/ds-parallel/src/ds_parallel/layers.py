@@ -45,14 +45,34 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def _new_param(full: torch.Tensor | None, shape, dim: int, runs, dtype, device) -> nn.Parameter:
-    """A parameter holding rows ``runs`` of ``full`` (uninitialised, or meta, when ``full`` is None/meta)."""
+def _slice(full: torch.Tensor | None, dim: int, runs, dtype, device) -> torch.Tensor | None:
+    """Rows ``runs`` of ``full`` as a new tensor (``None`` when there is nothing to copy: no or meta)."""
     if full is None or full.is_meta:
+        return None
+    with torch.no_grad():
+        return take_runs(full.detach(), dim, runs).to(dtype=dtype, device=device).clone()
+
+
+def _param(local: torch.Tensor | None, full: torch.Tensor | None, shape, dtype, device,
+           reuse: bool = False) -> nn.Parameter:
+    """A parameter holding ``local`` (uninitialised, or meta, when ``None``).
+
+    [Note: parameter identity] With ``reuse``, the full parameter object itself takes the shard
+    (``full.data = local``): an optimizer built over the model before it was sharded then steps the
+    shards (plans apply this way; its state must still be empty).
+    """
+    if local is None:
         device = torch.device("meta") if full is not None else device
         return nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
-    with torch.no_grad():
-        local = take_runs(full.detach(), dim, runs).to(dtype=dtype, device=device).clone()
-    return nn.Parameter(local)
+    if reuse and isinstance(full, nn.Parameter) and full.device == local.device and full.dtype == local.dtype:
+        full.data = local
+        return full
+    return nn.Parameter(local, requires_grad=full.requires_grad if full is not None else True)
+
+
+def _new_param(full: torch.Tensor | None, shape, dim: int, runs, dtype, device, reuse: bool = False) -> nn.Parameter:
+    """A parameter holding rows ``runs`` of ``full`` (uninitialised, or meta, when ``full`` is None/meta)."""
+    return _param(_slice(full, dim, runs, dtype, device), full, shape, dtype, device, reuse)
 
 
 class _ShardNamed:
@@ -143,7 +163,7 @@ class ColumnParallelLinear(_ShardNamed, nn.Module):
     def __init__(self, in_features: int, out_features: int | None = None, bias: bool = True, *,
                  group: TensorGroup | None = None, parts=None, gather_output: bool = False,
                  conv1d: bool = False, weight: torch.Tensor | None = None, bias_tensor: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 dtype: torch.dtype | None = None, device=None, reuse_params: bool = False) -> None:
         super().__init__()
         self.tp = group or TensorGroup()
         if parts is None:
@@ -175,11 +195,14 @@ class ColumnParallelLinear(_ShardNamed, nn.Module):
         if spec.rep_runs:
             names = ("weight_replicated", "bias_replicated") if spec.shard_runs else ("weight", "bias")
             sources.append((*names, spec.rep_runs, spec.rep_rows, True))
-        for wname, bname, runs, rows, replicated in sources:
-            w = _new_param(weight, wshape(rows), wdim, runs, dtype, device)
+        # every slice is taken before any parameter changes ([Note: parameter identity])
+        slices = [(_slice(weight, wdim, runs, dtype, device), _slice(bias_tensor, 0, runs, dtype, device) if bias else None)
+                  for _, _, runs, _, _ in sources]
+        for i, ((wname, bname, runs, rows, replicated), (w_local, b_local)) in enumerate(zip(sources, slices)):
+            w = _param(w_local, weight, wshape(rows), dtype, device, reuse_params and i == 0)
             self._set_shard(wname, _mark(w, ShardInfo("weight", wdim, full_w, runs, replicated), self.tp))
             if bias:
-                b = _new_param(bias_tensor, (rows,), 0, runs, dtype, device)
+                b = _param(b_local, bias_tensor, (rows,), dtype, device, reuse_params and i == 0)
                 self._set_shard(bname, _mark(b, ShardInfo("bias", 0, (full,), runs, replicated), self.tp))
             else:
                 setattr(self, bname, None)
@@ -191,13 +214,15 @@ class ColumnParallelLinear(_ShardNamed, nn.Module):
 
     @classmethod
     def from_dense(cls, module: nn.Module, group: TensorGroup | None = None, parts=None,
-                   gather_output: bool = False) -> ColumnParallelLinear:
-        """Shard an ``nn.Linear`` (or a subclass, or GPT-2's ``Conv1D``); meta weights stay meta."""
+                   gather_output: bool = False, reuse_params: bool = False) -> ColumnParallelLinear:
+        """Shard an ``nn.Linear`` (or a subclass, or GPT-2's ``Conv1D``); meta weights stay meta.
+        ``reuse_params``: the module's parameter objects take the shards ([Note: parameter identity])."""
         conv = is_conv1d(module)
         w = module.weight
         in_f, out_f = (w.shape[0], w.shape[1]) if conv else (w.shape[1], w.shape[0])
         return cls(in_f, out_f, module.bias is not None, group=group, parts=parts, gather_output=gather_output,
-                   conv1d=conv, weight=w, bias_tensor=module.bias, dtype=w.dtype, device=w.device)
+                   conv1d=conv, weight=w, bias_tensor=module.bias, dtype=w.dtype, device=w.device,
+                   reuse_params=reuse_params)
 
     # -- forward -----------------------------------------------------------------------------------
     def _local_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -277,7 +302,7 @@ class RowParallelLinear(_ShardNamed, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  group: TensorGroup | None = None, input_is_parallel: bool = True, unit: int = 1,
                  conv1d: bool = False, weight: torch.Tensor | None = None, bias_tensor: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 dtype: torch.dtype | None = None, device=None, reuse_params: bool = False) -> None:
         super().__init__()
         self.tp = group or TensorGroup()
         self.full_in, self.out_features = in_features, out_features
@@ -289,22 +314,23 @@ class RowParallelLinear(_ShardNamed, nn.Module):
         wdim = 0 if conv1d else 1
         shape = (length, out_features) if conv1d else (out_features, length)
         full_w = (in_features, out_features) if conv1d else (out_features, in_features)
-        w = _new_param(weight, shape, wdim, [(start, length)], dtype, device)
+        w = _new_param(weight, shape, wdim, [(start, length)], dtype, device, reuse_params)
         self._set_shard("weight", _mark(w, ShardInfo("weight", wdim, full_w, ((start, length),)), self.tp))
         if bias:
-            self.bias = _new_param(bias_tensor, (out_features,), 0, [(0, out_features)], dtype, device)
+            self.bias = _new_param(bias_tensor, (out_features,), 0, [(0, out_features)], dtype, device, reuse_params)
         else:
             self.bias = None
         install_shard_keys(self)
 
     @classmethod
     def from_dense(cls, module: nn.Module, group: TensorGroup | None = None, unit: int = 1,
-                   input_is_parallel: bool = True) -> RowParallelLinear:
+                   input_is_parallel: bool = True, reuse_params: bool = False) -> RowParallelLinear:
         conv = is_conv1d(module)
         w = module.weight
         in_f, out_f = (w.shape[0], w.shape[1]) if conv else (w.shape[1], w.shape[0])
         return cls(in_f, out_f, module.bias is not None, group=group, input_is_parallel=input_is_parallel,
-                   unit=unit, conv1d=conv, weight=w, bias_tensor=module.bias, dtype=w.dtype, device=w.device)
+                   unit=unit, conv1d=conv, weight=w, bias_tensor=module.bias, dtype=w.dtype, device=w.device,
+                   reuse_params=reuse_params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -330,11 +356,12 @@ class VocabParallelEmbedding(_ShardNamed, nn.Embedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
                  group: TensorGroup | None = None, weight: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 dtype: torch.dtype | None = None, device=None, reuse_params: bool = False) -> None:
         nn.Module.__init__(self)
-        self._init_shard(num_embeddings, embedding_dim, padding_idx, group, weight, dtype, device)
+        self._init_shard(num_embeddings, embedding_dim, padding_idx, group, weight, dtype, device, reuse_params)
 
-    def _init_shard(self, num_embeddings, embedding_dim, padding_idx, group, weight, dtype, device) -> None:
+    def _init_shard(self, num_embeddings, embedding_dim, padding_idx, group, weight, dtype, device,
+                    reuse_params: bool = False) -> None:
         self.tp = group or TensorGroup()
         sizes = vocab_sizes(num_embeddings, self.tp.size)
         self.vocab_start = sum(sizes[:self.tp.rank])
@@ -351,12 +378,13 @@ class VocabParallelEmbedding(_ShardNamed, nn.Embedding):
         self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, 2.0, False, False
         dtype = dtype or (weight.dtype if weight is not None else torch.get_default_dtype())
         run = ((self.vocab_start, self.num_embeddings),)
-        w = _new_param(weight, (self.num_embeddings, embedding_dim), 0, run, dtype, device)
+        w = _new_param(weight, (self.num_embeddings, embedding_dim), 0, run, dtype, device, reuse_params)
         self._set_shard("weight", _mark(w, ShardInfo("weight", 0, (num_embeddings, embedding_dim), run), self.tp))
         install_shard_keys(self)
 
     @classmethod
-    def from_embedding(cls, module: nn.Embedding, group: TensorGroup | None = None) -> nn.Embedding:
+    def from_embedding(cls, module: nn.Embedding, group: TensorGroup | None = None,
+                       reuse_params: bool = False) -> nn.Embedding:
         """Shard ``module`` (an ``nn.Embedding`` or subclass), keeping its class's own forward."""
         if getattr(module, "max_norm", None) is not None or getattr(module, "sparse", False):
             raise ConfigError("a vocabulary-parallel embedding supports neither max_norm nor sparse gradients; "
@@ -364,14 +392,14 @@ class VocabParallelEmbedding(_ShardNamed, nn.Embedding):
         w = module.weight
         if type(module) is nn.Embedding or isinstance(module, VocabParallelEmbedding):
             return cls(w.shape[0], w.shape[1], module.padding_idx, group=group, weight=w, dtype=w.dtype,
-                       device=w.device)
+                       device=w.device, reuse_params=reuse_params)
         base = type(module)
         mixed = _MIXED.get(base)
         if mixed is None:
             mixed = _MIXED[base] = type(f"VocabParallel{base.__name__}", (base, cls), {"__module__": __name__})
         del module._parameters["weight"]
         module.__class__ = mixed
-        module._init_shard(w.shape[0], w.shape[1], module.padding_idx, group, w, w.dtype, w.device)
+        module._init_shard(w.shape[0], w.shape[1], module.padding_idx, group, w, w.dtype, w.device, reuse_params)
         return module
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

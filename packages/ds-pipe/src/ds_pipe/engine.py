@@ -19,6 +19,7 @@ from ds_core import comm
 from ds_core.engine import Engine
 from ds_core.engine.precision import FlatGradients
 from ds_core.errors import ConfigError, DSError
+from ds_core.params import shard_axis
 
 from . import checkpoint as ckpt
 from .executor import BatchState, run_instructions
@@ -88,6 +89,8 @@ class PipelineEngine:
             self.core.optimizer.clip = 0.0
         self._grad_norm: float | None = None
         self.agg_train_loss: torch.Tensor | None = None
+        # every last-stage rank reports its loss: data replicas, and tensor/sequence ranks of one replica
+        self._loss_ranks = max(1, comm.get_world_size() // self.num_stages)
 
     @classmethod
     def initialize(cls, args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
@@ -186,7 +189,7 @@ class PipelineEngine:
         run_instructions(self, st, [c for c in cmds if c.micro_batch >= 0], data_iter)
         loss_sum = float(sum(st.losses)) / self.micro_batches if self.is_last_stage() and not st.error else 0.0
         total = self._agree(st, loss_sum)
-        loss = total / self.dp_world_size
+        loss = total / self._loss_ranks
         for cmd in cmds:
             if isinstance(cmd, ReduceTiedGrads):
                 self.tied.reduce(self._flat_grads())
@@ -210,7 +213,7 @@ class PipelineEngine:
         finally:
             self.module.train(was_training)
         loss_sum = float(sum(st.losses)) / self.micro_batches if self.is_last_stage() and not st.error else 0.0
-        loss = torch.tensor(self._agree(st, loss_sum) / self.dp_world_size)
+        loss = torch.tensor(self._agree(st, loss_sum) / self._loss_ranks)
         if not return_logits:
             return loss
         logits = torch.cat(st.logits) if self.is_last_stage() and st.logits else None
@@ -226,11 +229,24 @@ class PipelineEngine:
         return grads
 
     def _clip_over_stages(self) -> None:
-        """Global gradient norm over every stage (tied copies counted once), then clip by it."""
+        """Global gradient norm over every stage (tied copies counted once), then clip by it.
+
+        Parameters sharded over another axis (tensor parallelism) add their squared norms over that
+        axis's group first, so each shard counts once."""
         grads = self._flat_grads()
-        sq = torch.linalg.vector_norm(grads.buffer, dtype=torch.float64).pow(2).reshape(1)
+        groups = self.core.axis_groups
+
+        def sq_of(t: torch.Tensor, shard) -> torch.Tensor:
+            sq = torch.linalg.vector_norm(t, dtype=torch.float64).pow(2).reshape(1)
+            group = groups.get(shard) if shard is not None else None
+            if group is not None and comm.get_world_size(group) > 1:
+                dist.all_reduce(sq, group=group)
+            return sq
+
+        segments = getattr(grads, "segments", None) or [(None, None, 0, grads.numel)]
+        sq = sum(sq_of(grads.buffer[start:end], shard) for _, shard, start, end in segments)
         for p in self.tied.duplicates():
-            sq -= torch.linalg.vector_norm(grads.view_of(p), dtype=torch.float64).pow(2)
+            sq -= sq_of(grads.view_of(p), shard_axis(p))
         if self.pipe_group is not None:
             dist.all_reduce(sq, group=self.pipe_group)
         norm = math.sqrt(max(float(sq), 0.0)) / self.core.optimizer.loss_scale
