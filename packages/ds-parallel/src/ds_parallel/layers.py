@@ -210,6 +210,8 @@ class ColumnParallelLinear(_ShardNamed, nn.Module):
             self.bias = None
         self._sources = [s[:2] for s in sources]
         self._gather_index: torch.Tensor | None = None
+        # True when the module feeding this layer applies ``f`` once for several column layers
+        self.input_synced = False
         install_shard_keys(self)
 
     @classmethod
@@ -244,7 +246,8 @@ class ColumnParallelLinear(_ShardNamed, nn.Module):
         return w, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_group(x, self.tp)
+        if not self.input_synced:
+            x = copy_to_group(x, self.tp)
         w, b = self._local_weight()
         y = F.linear(x, w.t() if self.conv1d else w, b)
         if self.gather_output and self.tp.size > 1:
