@@ -118,7 +118,6 @@ def sp2():
     return run_distributed(_sp_run, 2, args=(KINDS,))
 
 
-@pytest.mark.smoke
 @pytest.mark.parametrize("kind", KINDS)
 def test_llama_sp2_matches_unsharded(sp2, kind):
     ref = sp2[0][kind]["reference"]
