@@ -35,12 +35,14 @@ PACKAGES = [
     "ds-zero",
     "ds-pipe",
     "ds-moe",
+    "ds-parallel",
     "ds-infer",
     "ds-compress",
 ]
 # Optional extras exercised by the tests: Triton kernels run on CPU under TRITON_INTERPRET=1.
 EXTRAS = {
     "ds-ops": "[cuda,bnb]",
+    "ds-parallel": "[hf]",
 }
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
 TEST_DEPS = [

@@ -148,6 +148,12 @@ class ModelContext:
     hooks: EngineHooks
     rank: int
     world_size: int
+    #: the ``layout`` name of the data-parallel strategy that will take the parameters ("replicated",
+    #: "zero", "zero-3", ...), for transforms that compose only with some strategies
+    strategy: str = "replicated"
+    #: the config's ``seq_parallel_communication_data_type`` (None: fp32), for a transform that splits
+    #: sequences over the topology's ``sequence`` axis
+    sequence_comm_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
