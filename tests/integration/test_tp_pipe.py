@@ -1,7 +1,10 @@
 """Tensor parallelism composed with the pipeline: 2 stages × tensor 2 on 4 ranks against the same layers
 unpipelined and unsharded on one process — losses and global gradient norms (clipping by the norm of
-every stage and every tensor shard, each once) equal to 1e-5 over 6 steps of 2 micro-batches."""
+every stage and every tensor shard, each once) equal to 1e-5 over 6 steps of 2 micro-batches. A second
+model ties one transformer block across both stages (a tied module whose weights are also
+tensor-sharded): its gradients are summed over the tie and its shards counted once in the norm."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,9 +18,17 @@ CFG = GPTConfig(vocab_size=64, seq_len=16, dim=32, layers=2, heads=4)
 STEPS, ACCUM, CLIP, LR = 6, 2, 0.05, 1e-3
 
 
-def _specs():
-    from ds_pipe import LayerSpec
+BLOCK_PARAMS = [f"{m}.{w}" for m in ("ln1", "qkv", "proj", "ln2", "mlp.up", "mlp.down") for w in ("weight", "bias")]
 
+
+def _specs(tied: bool = False):
+    from ds_pipe import LayerSpec, TiedLayerSpec
+
+    if tied:  # the same block at layer 1 (stage 0) and layer 3 (stage 1), seeded as layer 1
+        block = [TiedLayerSpec("block", Block, CFG, tied_weight_attr=BLOCK_PARAMS), LayerSpec(Block, CFG),
+                 TiedLayerSpec("block", Block, CFG, tied_weight_attr=BLOCK_PARAMS)]
+        return [LayerSpec(Embedding, CFG), *block, LayerSpec(nn.LayerNorm, CFG.dim),
+                LayerSpec(nn.Linear, CFG.dim, CFG.vocab_size, bias=False)]
     return [LayerSpec(Embedding, CFG), *[LayerSpec(Block, CFG) for _ in range(CFG.layers)],
             LayerSpec(nn.LayerNorm, CFG.dim), LayerSpec(nn.Linear, CFG.dim, CFG.vocab_size, bias=False)]
 
@@ -32,13 +43,20 @@ def _data():
             yield synthetic_tokens(2, CFG.seq_len, CFG.vocab_size, step * ACCUM + i)
 
 
-def _reference():
-    """The layers seeded as PipelineModule(seed_layers=True) seeds them, in one module, one process."""
-    layers = []
-    for idx, spec in enumerate(_specs()):
+def _reference(tied: bool = False):
+    """The layers seeded as PipelineModule(seed_layers=True) seeds them, in one module, one process (a
+    tied layer is its first occurrence's module, used again)."""
+    layers, ties = [], {}
+    for idx, spec in enumerate(_specs(tied)):
+        key = getattr(spec, "key", None)
+        if key in ties:
+            layers.append(ties[key])
+            continue
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1234 + idx)
             layers.append(spec.build())
+        if key is not None:
+            ties[key] = layers[-1]
     model = nn.Sequential(*layers)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     out, it = [], _data()
@@ -56,25 +74,29 @@ def _reference():
     return out
 
 
-def _run():
+def _run(tied: bool = False):
     import torch.distributed as dist
 
     import ds_core
     from ds_pipe import PipelineModule
 
     topology = ds_core.comm.Topology(dist.get_world_size(), pipe=2, tensor=2)
-    model = PipelineModule(_specs(), topology=topology, loss_fn=_loss, seed_layers=True)
+    model = PipelineModule(_specs(tied), topology=topology, loss_fn=_loss, seed_layers=True,
+                           partition_method="uniform" if tied else "parameters")
+    if tied:
+        assert model.tie_owners("block") == [0, 1]
     engine, *_ = ds_core.initialize(model=model, optimizer=lambda groups: torch.optim.AdamW(groups, lr=LR), config={
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": ACCUM, "steps_per_print": 0,
         "gradient_clipping": CLIP, "tensor_parallel": {"autotp_size": 2}})
     it = _data()
     out = [(float(engine.train_batch(it)), engine.get_global_grad_norm()) for _ in range(STEPS)]
     sharded = sum(1 for n, _ in engine.module.named_parameters() if "#tp:" in n)
-    return out, _reference() if dist.get_rank() == 0 else None, sharded
+    return out, _reference(tied) if dist.get_rank() == 0 else None, sharded
 
 
-def test_pipe2_tp2_matches_unpipelined_unsharded():
-    results = run_distributed(_run, 4, timeout=600)
+@pytest.mark.parametrize("tied", [False, True], ids=["plain", "tied-sharded-block"])
+def test_pipe2_tp2_matches_unpipelined_unsharded(tied):
+    results = run_distributed(_run, 4, args=(tied,), timeout=600)
     ref = results[0][1]
     for out, _, sharded in results:
         assert sharded > 0  # each stage's blocks are tensor-parallel
