@@ -90,26 +90,32 @@ def _sp_run(kinds):
     from ds_parallel import sequence_parallel, shard_batch
 
     out = {}
-    for kind in kinds:
-        model = sequence_parallel(_model(kind), sp_size=2)
-        engine, *_ = ds_core.initialize(model=model, optimizer=_optimizer, config={
-            "train_micro_batch_size_per_gpu": B, "gradient_clipping": CLIP, "steps_per_print": 0})
+    for name in kinds:
+        kind = name.removesuffix("-config")
+        config = {"train_micro_batch_size_per_gpu": B, "gradient_clipping": CLIP, "steps_per_print": 0}
+        if name.endswith("-config"):  # the config alone: sequence_parallel_size selects ds-parallel's wrapper
+            model = _model(kind)
+            config["sequence_parallel_size"] = 2
+        else:
+            model = sequence_parallel(_model(kind), sp_size=2)
+        engine, *_ = ds_core.initialize(model=model, optimizer=_optimizer, config=config)
+        model = engine.module
         losses = []
         for step in range(STEPS):
             loss = engine(**shard_batch(_batch(step), model.ds_sp_group)).loss
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
-        out[kind] = {"losses": losses, "sequence": engine.topology.size("sequence"),
+        out[name] = {"losses": losses, "sequence": engine.topology.size("sequence"),
                      "data": engine.dp_world_size,
-                     "reference": _reference(kind) if dist.get_rank() == 0 else None}
-        if kind == "llama":
+                     "reference": _reference(kind) if dist.get_rank() == 0 and name == kind else None}
+        if name == "llama":
             out["memory"] = _memory(engine.module, dist.get_rank())
         engine.destroy()
     return out
 
 
-KINDS = ("llama", "llama_kv1")
+KINDS = ("llama", "llama_kv1", "llama-config")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +125,7 @@ def sp2():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_llama_sp2_matches_unsharded(sp2, kind):
-    ref = sp2[0][kind]["reference"]
+    ref = sp2[0][kind.removesuffix("-config")]["reference"]
     for rank in sp2:
         r = rank[kind]
         assert r["sequence"] == 2 and r["data"] == 1
