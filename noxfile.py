@@ -43,6 +43,7 @@ PACKAGES = [
 EXTRAS = {
     "ds-ops": "[cuda,bnb]",
     "ds-infer": "[hf,serve]",
+    "ds-parallel": "[hf]",
 }
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
 TEST_DEPS = [

@@ -36,7 +36,8 @@ def optimizer(groups):
     return torch.optim.AdamW(groups, lr=LR, weight_decay=0.01)
 
 
-def reference_losses(kind: str, steps: int = STEPS) -> list[float]:
+def reference_losses(kind: str, steps: int = STEPS, norms: list | None = None) -> list[float]:
+    """Losses of the unsharded model on one process; ``norms`` collects each step's global gradient norm."""
     model = build(kind)
     opt = optimizer(model.parameters())
     losses = []
@@ -44,17 +45,20 @@ def reference_losses(kind: str, steps: int = STEPS) -> list[float]:
         tokens, targets = batch(step)
         loss = loss_of(kind, model, tokens, targets)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if norms is not None:
+            norms.append(norm.item())
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
     return losses
 
 
-def engine_losses(kind: str, config: dict, steps: int = STEPS, dp_rank: int = 0, dp: int = 1):
+def engine_losses(kind: str, config: dict, steps: int = STEPS, dp_rank: int = 0, dp: int = 1,
+                  norms: list | None = None):
+    """Losses through ``ds_core.initialize``; ``norms`` collects the engine's global gradient norms."""
     import ds_core
 
-    ds_core.comm.set_topology(None)
     model = build(kind)
     engine, *_ = ds_core.initialize(model=model, optimizer=optimizer, config=config)
     losses = []
@@ -66,4 +70,6 @@ def engine_losses(kind: str, config: dict, steps: int = STEPS, dp_rank: int = 0,
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+        if norms is not None:
+            norms.append(engine.get_global_grad_norm())
     return losses, engine

@@ -81,7 +81,6 @@ def saved(tmp_path_factory):
     return models, run_distributed(_two_rank_from_pretrained, 2, args=(paths,))
 
 
-@pytest.mark.smoke
 @pytest.mark.parametrize("family", list(QUERY))
 def test_from_pretrained_on_two_ranks_matches_the_full_model(saved, family):
     models, results = saved

@@ -35,12 +35,12 @@ def attach(module: nn.Module, global_steps) -> nn.Module:
 
 
 def build(ctx: Any, module: nn.Module) -> nn.Module:
-    """The ``model_wrapper`` factory: ``ctx`` is ds-core's ``ModelContext`` (own section, ZeRO stage,
-    a live reader of the optimizer steps taken)."""
-    stage = getattr(ctx, "zero_stage", 0) or 0
-    if stage >= 3:
-        raise CompressionError(f"compression_training works with ZeRO stages 0-2 (whole parameters on every rank); "
-                               f"the config asks for stage {stage}: use stage 2 or drop compression_training")
+    """The ``model_wrapper`` factory: ``ctx`` is ds-core's ``ModelContext`` (own section, the layout of
+    the strategy that will take the parameters, a live reader of the optimizer steps taken)."""
+    if ctx.strategy == "zero-3":
+        raise CompressionError("compression_training works with ZeRO stages 0-2 (whole parameters on every rank); "
+                               "the config asks for stage 3 (strategy layout 'zero-3'): use stage 2 or drop "
+                               "compression_training")
     if getattr(module, "_ds_compression", None) is None:
         init_compression(module, ctx.section)
     return attach(module, ctx.global_steps)

@@ -27,6 +27,7 @@ _EXPORTS = {
     "RowParallelLinear": "layers",
     "VocabParallelEmbedding": "layers",
     "shard_info": "layers",
+    "use_shard_names": "layers",
     "vocab_parallel_cross_entropy": "loss",
     "Part": "shards",
     "KVHeads": "shards",
@@ -45,6 +46,7 @@ _EXPORTS = {
     "load_sharded": "loading",
     "from_pretrained": "loading",
     "SafetensorsCheckpoint": "loading",
+    "load_tp_checkpoint": "checkpoint",
     # sequence parallelism
     "DistributedAttention": "sequence.ulysses",
     "seq_all_to_all": "sequence.ulysses",
@@ -54,6 +56,13 @@ _EXPORTS = {
     "sequence_parallel": "sequence.hf",
     "register_ulysses_attention": "sequence.hf",
     "sequence_group": "sequence.hf",
+    "sequence_tiled_compute": "sequence.tiling",
+    "tile_mlp": "sequence.tiling",
+    "tile_mlps": "sequence.tiling",
+    "tiled_lm_loss": "sequence.tiling",
+    "tiled_causal_lm_loss": "sequence.tiling",
+    "PeakMemory": "memory",
+    "saved_activation_bytes": "memory",
 }
 
 __all__ = ["__version__", *_EXPORTS]

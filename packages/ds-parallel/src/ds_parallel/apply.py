@@ -22,9 +22,15 @@ from torch import nn
 from ds_core import comm
 from ds_core.errors import ConfigError, closest
 
-from .comm import TensorGroup, tensor_group
+from .comm import TensorGroup, model_topology, tensor_group
 from .grads import sum_gradient_over
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, is_conv1d
+from .layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    is_conv1d,
+    use_shard_names,
+)
 from .plan import AttentionHeads, TPPlan, find_plan
 from .shards import Part, column_spec, even_run, kv_replication, vocab_sizes
 
@@ -199,13 +205,15 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def apply_plan(model: nn.Module, plan: TPPlan, group=None, *, broadcast: bool = True) -> nn.Module:
+def apply_plan(model: nn.Module, plan: TPPlan, group=None, *, broadcast: bool = True,
+               shard_names: bool = True) -> nn.Module:
     """Shard ``model`` in place by ``plan`` over ``group`` (a ``TensorGroup``, a process group, or
     ``None`` for the whole world); returns it.
 
     Materialized weights are sliced (after a broadcast from tensor rank 0 unless ``broadcast=False``,
     so replicated parameters agree exactly); weights on the meta device stay there, with this rank's
-    shapes, for :func:`~ds_parallel.loading.load_sharded` to fill.
+    shapes, for :func:`~ds_parallel.loading.load_sharded` to fill. ``shard_names``: register the shards
+    under their shard keys (:func:`~ds_parallel.layers.use_shard_names`; what engine checkpoints need).
     """
     tg = group if isinstance(group, TensorGroup) else TensorGroup.of(group)
     validate_plan(model, plan, tg.size)
@@ -219,12 +227,20 @@ def apply_plan(model: nn.Module, plan: TPPlan, group=None, *, broadcast: bool = 
     for name, style in plan.styles.items():
         m = modules[name]
         original = m._parameters.get("weight")
+        # a weight tied to one already sharded holds the shard now ([Note: parameter identity]): the
+        # module is built from a stand-in of the full shape and takes the tied shard below
+        tied = original is not None and id(original) in replaced
+        if tied:
+            m._parameters["weight"] = nn.Parameter(torch.empty(replaced[id(original)].ds_tp.full_shape,
+                                                               dtype=original.dtype, device="meta"))
         if style.kind == "colwise":
-            new = ColumnParallelLinear.from_dense(m, tg, parts=style.parts or None, gather_output=style.gather_output)
+            new = ColumnParallelLinear.from_dense(m, tg, parts=style.parts or None, gather_output=style.gather_output,
+                                                  reuse_params=True)
         elif style.kind == "rowwise":
-            new = RowParallelLinear.from_dense(m, tg, unit=style.unit, input_is_parallel=not style.split_input)
+            new = RowParallelLinear.from_dense(m, tg, unit=style.unit, input_is_parallel=not style.split_input,
+                                               reuse_params=True)
         elif style.kind == "vocab_embedding":
-            new = VocabParallelEmbedding.from_embedding(m, tg)
+            new = VocabParallelEmbedding.from_embedding(m, tg, reuse_params=True)
         else:  # partial_grad
             for p in m.parameters():
                 sum_gradient_over(p, tg, "tensor")
@@ -232,43 +248,94 @@ def apply_plan(model: nn.Module, plan: TPPlan, group=None, *, broadcast: bool = 
         if new is not m:
             _set(model, name, new)
         if original is not None:
-            if id(original) in replaced and replaced[id(original)].shape == new.weight.shape \
-                    and new.weight.ds_tp == replaced[id(original)].ds_tp:
+            if tied:
+                if new.weight.ds_tp != replaced[id(original)].ds_tp:
+                    raise ConfigError(f"{name}.weight is tied to a weight sharded differently; shard both as a "
+                                      f"vocabulary (an embedding and its output head) or neither")
                 new.weight = replaced[id(original)]  # keep the tie (an embedding and its output head)
             else:
                 replaced[id(original)] = new.weight
     for name, heads in plan.attention.items():
         _fix_attention(modules[name], heads, tg)
+    _share_input_sync(model, plan, tg)
+    if shard_names:
+        use_shard_names(model)
     model.ds_tp_plan, model.ds_tp_group = plan, tg
     return model
 
 
-def tensor_parallel(model: nn.Module, tp_size: int | None = None, group=None, *, plan: TPPlan | None = None,
-                    overrides: dict | None = None, broadcast: bool = True, **find_kwargs) -> nn.Module:
+def _share_input_sync(model: nn.Module, plan: TPPlan, tg: TensorGroup) -> None:
+    """One ``f`` per block input instead of one per column-parallel layer reading it.
+
+    Q, K and V (and an MLP's gate and up) read the same input; each would all-reduce its own share of
+    that input's gradient in backward. Applying ``f`` once where the input enters the attention or
+    MLP module sums the shares locally first: one all-reduce instead of three (two). Only for modules
+    whose only parameterised children reading the input are those column-parallel layers (the
+    attention and MLP modules of the families the plans know).
+    """
+    parents: dict[str, list[str]] = {}
+    for name, style in plan.styles.items():
+        if style.kind == "colwise" and not style.gather_output and "." in name:
+            parent, child = name.rsplit(".", 1)
+            parents.setdefault(parent, []).append(child)
+    for parent, children in parents.items():
+        if len(children) < 2:
+            continue
+        module = model.get_submodule(parent)
+        names = set(children)
+        others = [n for n, m in module.named_children() if n not in names and any(True for _ in m.parameters())]
+        rows = [n for n in others if plan.styles.get(f"{parent}.{n}", None) is not None
+                and plan.styles[f"{parent}.{n}"].kind in ("rowwise", "partial_grad")]
+        if set(others) - set(rows):
+            continue  # something else may read the input: keep one f per layer
+        for child in children:
+            module.get_submodule(child).input_synced = True
+        module.register_forward_pre_hook(_sync_first_input(tg), with_kwargs=True)
+
+
+def _sync_first_input(tg: TensorGroup):
+    from .comm import copy_to_group
+
+    def hook(module, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            return (copy_to_group(args[0], tg), *args[1:]), kwargs
+        for key in ("hidden_states", "x", "input", "hidden"):
+            if isinstance(kwargs.get(key), torch.Tensor):
+                kwargs[key] = copy_to_group(kwargs[key], tg)
+                return args, kwargs
+        raise ConfigError(f"{type(module).__name__}: cannot find the input tensor its column-parallel layers read")
+
+    return hook
+
+
+def tensor_parallel(model: nn.Module, tp_size: int | None = None, group=None, *, topology=None,
+                    plan: TPPlan | None = None,
+                    overrides: dict | None = None, broadcast: bool = True, shard_names: bool = True,
+                    **find_kwargs) -> nn.Module:
     """Find ``model``'s plan and shard it (DeepSpeed's ``tp_model_init``).
 
-    The group is, in order: ``group``; the ``tensor`` axis of ds-core's topology (``tp_size`` must
-    agree); a topology created with ``tensor=tp_size`` over the launched world; the whole world.
+    The group is, in order: ``group``; the ``tensor`` axis of ``topology``; of the model's own topology
+    (``model.ds_topology``, from an earlier call) or, with ``tp_size``, of a topology with
+    ``tensor=tp_size`` over the launched world, which is recorded as ``model.ds_topology`` so that
+    ``ds_core.initialize`` lays the run out on it; else every launched rank (``tp_size`` None), or one
+    process.
     ``find_kwargs`` go to :func:`~ds_parallel.plan.find_plan` (e.g. ``vocab_parallel_head=True``).
     """
     if group is None:
-        topology = comm.get_topology()
-        if topology is not None and topology.size("tensor") > 1:
+        if topology is not None:
             if tp_size is not None and tp_size != topology.size("tensor"):
-                raise ConfigError(f"tp_size={tp_size} but ds-core's topology has tensor={topology.size('tensor')}; "
+                raise ConfigError(f"tp_size={tp_size} but the topology has tensor={topology.size('tensor')}; "
                                   f"use one size")
             group = tensor_group(topology)
-        elif tp_size is not None and tp_size > 1:
-            if not comm.is_initialized():
-                raise ConfigError(f"tp_size={tp_size} needs torch.distributed: call ds_core.init_distributed() "
-                                  f"and launch {tp_size} or a multiple of {tp_size} ranks")
-            comm.ensure_topology(tensor=tp_size)
-            group = tensor_group()
-        elif tp_size == 1:
+        elif tp_size is not None and tp_size > 1 or getattr(model, "ds_topology", None) is not None:
+            group = tensor_group(model_topology(model, tensor=tp_size or 1))
+        elif tp_size is None and comm.is_initialized() and comm.get_world_size() > 1:
+            group = tensor_group(model_topology(model, tensor=comm.get_world_size()))
+        else:
             group = TensorGroup()
     tg = group if isinstance(group, TensorGroup) else TensorGroup.of(group)
     if plan is None:
         plan = find_plan(model, overrides, **find_kwargs)
     elif overrides:
         raise ConfigError("pass plan= or overrides=, not both (overrides refine a found plan)")
-    return apply_plan(model, plan, tg, broadcast=broadcast)
+    return apply_plan(model, plan, tg, broadcast=broadcast, shard_names=shard_names)

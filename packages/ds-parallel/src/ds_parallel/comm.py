@@ -22,6 +22,7 @@ from ds_core import comm
 from ds_core.errors import CommError
 
 __all__ = [
+    "model_topology",
     "TensorGroup",
     "tensor_group",
     "copy_to_group",
@@ -80,9 +81,36 @@ class TensorGroup:
         return (TensorGroup, (self.size, self.rank))
 
 
+def model_topology(model, *, tensor: int = 1, sequence: int = 1):
+    """The ds-core topology ``model`` is built for, with at least these ``tensor``/``sequence`` sizes.
+
+    The model's own (``model.ds_topology``, set by an earlier :func:`~ds_parallel.tensor_parallel` or
+    :func:`~ds_parallel.sequence_parallel` call) when it already has them; else a new
+    ``Topology(world, tensor=, sequence=)`` (keeping the other sizes of the model's), which is recorded as
+    ``model.ds_topology`` so that ``ds_core.initialize`` builds the run on it. A size that disagrees with
+    the model's is an error naming both.
+    """
+    have = getattr(model, "ds_topology", None)
+    if have is not None:
+        for axis, want in (("tensor", tensor), ("sequence", sequence)):
+            if want > 1 and have.size(axis) not in (1, want):
+                raise CommError(f"the model is built for {have!r} but {axis} size {want} is asked for; use one size")
+        if (tensor <= 1 or have.size("tensor") == tensor) and (sequence <= 1 or have.size("sequence") == sequence):
+            return have
+    if not comm.is_initialized():
+        raise CommError(f"tensor {tensor} × sequence {sequence} parallelism needs torch.distributed: call "
+                        f"ds_core.init_distributed() and launch a multiple of {max(1, tensor) * max(1, sequence)} ranks")
+    sizes = {"tensor": have.size("tensor") if have is not None else 1,
+             "sequence": have.size("sequence") if have is not None else 1}
+    sizes["tensor"], sizes["sequence"] = max(sizes["tensor"], tensor), max(sizes["sequence"], sequence)
+    pipe = have.size("pipe") if have is not None else 1
+    topology = comm.Topology(comm.get_world_size(), pipe=pipe, **sizes)
+    model.ds_topology = topology
+    return topology
+
+
 def tensor_group(topology=None) -> TensorGroup:
-    """The ``tensor`` axis of ``topology`` (default: ds-core's current topology) as a TensorGroup."""
-    topology = topology if topology is not None else comm.get_topology()
+    """The ``tensor`` axis of ``topology`` as a TensorGroup (one process without a topology)."""
     if topology is None or topology.size("tensor") == 1:
         return TensorGroup()
     if not comm.is_initialized():

@@ -87,6 +87,10 @@ class TensorParallelConfig(Section):
                               f"{self.tp.tp_size}; set one of them")
         return max(1, self.autotp_size, self.tp.tp_size)
 
+    def ds_axes(self) -> dict[str, int]:
+        """The topology axes this section asks ``ds_core.initialize`` for (``{"tensor": autotp_size}``)."""
+        return {"tensor": self.size} if self.size > 1 else {}
+
     def warn_unused(self) -> None:
         for key in ("tp_overlap_comm", "keep_module_on_host", "replace_with_kernel_inject"):
             if getattr(self, key):

@@ -17,6 +17,8 @@ layer (no collective, same numbers).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,12 +26,13 @@ from torch import nn
 from ds_core.errors import ConfigError
 
 from . import _seam
+from .checkpoint import install_shard_keys, shard_key
 from .comm import TensorGroup, copy_to_group, gather_from_group, reduce_from_group, scatter_to_group
 from .grads import sum_gradient_over
 from .shards import ColumnSpec, Part, ShardInfo, VocabPart, column_spec, even_run, take_runs, vocab_sizes
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "shard_info",
-           "is_conv1d"]
+           "is_conv1d", "use_shard_names"]
 
 
 def shard_info(param: torch.Tensor) -> ShardInfo | None:
@@ -42,14 +45,99 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def _new_param(full: torch.Tensor | None, shape, dim: int, runs, dtype, device) -> nn.Parameter:
-    """A parameter holding rows ``runs`` of ``full`` (uninitialised, or meta, when ``full`` is None/meta)."""
+def _slice(full: torch.Tensor | None, dim: int, runs, dtype, device) -> torch.Tensor | None:
+    """Rows ``runs`` of ``full`` as a new tensor (``None`` when there is nothing to copy: no or meta)."""
     if full is None or full.is_meta:
+        return None
+    with torch.no_grad():
+        return take_runs(full.detach(), dim, runs).to(dtype=dtype, device=device).clone()
+
+
+def _param(local: torch.Tensor | None, full: torch.Tensor | None, shape, dtype, device,
+           reuse: bool = False) -> nn.Parameter:
+    """A parameter holding ``local`` (uninitialised, or meta, when ``None``).
+
+    [Note: parameter identity] With ``reuse``, the full parameter object itself takes the shard
+    (``full.data = local``): an optimizer built over the model before it was sharded then steps the
+    shards (plans apply this way; its state must still be empty).
+    """
+    if local is None:
         device = torch.device("meta") if full is not None else device
         return nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
-    with torch.no_grad():
-        local = take_runs(full.detach(), dim, runs).to(dtype=dtype, device=device).clone()
-    return nn.Parameter(local)
+    if reuse and isinstance(full, nn.Parameter) and full.device == local.device and full.dtype == local.dtype:
+        full.data = local
+        return full
+    return nn.Parameter(local, requires_grad=full.requires_grad if full is not None else True)
+
+
+def _new_param(full: torch.Tensor | None, shape, dim: int, runs, dtype, device, reuse: bool = False) -> nn.Parameter:
+    """A parameter holding rows ``runs`` of ``full`` (uninitialised, or meta, when ``full`` is None/meta)."""
+    return _param(_slice(full, dim, runs, dtype, device), full, shape, dtype, device, reuse)
+
+
+class _ShardNamed:
+    """Where a layer registers its shards: under their own names (``weight``) by default, or — after
+    :func:`use_shard_names`, which :func:`~ds_parallel.apply.apply_plan` calls — under their shard keys
+    (see [Note: shard keys] in ``checkpoint.py``), e.g. ``weight#tp:1/2:dim0:48x48:24+24``, so parameter
+    names, state-dict keys and every checkpoint layout keyed by them tell shards apart and say which
+    rows they hold. ``module.weight`` returns the shard either way, and assigning it (tying) works.
+    """
+
+    def _set_shard(self, local: str, param: nn.Parameter | None) -> None:
+        names = self.__dict__.setdefault("_shard_names", {})
+        self.__dict__.setdefault("_tp_locals", set()).add(local)
+        old = names.pop(local, None)
+        if old is not None:
+            self._parameters.pop(old, None)
+        if param is None:
+            nn.Module.__setattr__(self, local, None)
+            return
+        info = getattr(param, "ds_tp", None)
+        if info is None or self.tp.size == 1 or not self.__dict__.get("_shard_named", False):
+            nn.Module.__setattr__(self, local, param)
+        else:
+            self.__dict__.pop(local, None)
+            self._parameters.pop(local, None)
+            key = shard_key(info.target, info, self.tp.rank, self.tp.size)
+            self.register_parameter(key, param)
+            names[local] = key
+        owners = param.__dict__.setdefault("_ds_owners", [])
+        owners[:] = [o for o in owners if o() is not None and o() is not self] + [weakref.ref(self)]
+        if len(owners) > 1 and not getattr(self, "_ds_tied_hook", False):
+            # [Note: tied shards] a second module holding the same shard (an output head tied to the
+            # embedding) saves its own copy: checkpoint files store tensors sharing memory once, and a
+            # per-rank file would otherwise lose one of the names
+            self._ds_tied_hook = True
+            self._register_state_dict_hook(_copy_tied_shards)
+
+    def __getattr__(self, name: str):
+        names = self.__dict__.get("_shard_names")
+        if names and name in names:
+            return self._parameters[names[name]]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.__dict__.get("_tp_locals", ()) and (value is None or isinstance(value, nn.Parameter)):
+            self._set_shard(name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+def use_shard_names(model: nn.Module, on: bool = True) -> nn.Module:
+    """Register every tensor-parallel shard of ``model`` under its shard key (``on=False``: its own name)."""
+    for module in model.modules():
+        if isinstance(module, _ShardNamed) and module.tp.size > 1 and module.__dict__.get("_shard_named") != on:
+            module.__dict__["_shard_named"] = on
+            for local in sorted(module.__dict__.get("_tp_locals", ())):
+                module._set_shard(local, getattr(module, local))
+    return model
+
+
+def _copy_tied_shards(module, state_dict, prefix, local_metadata):
+    for key, p in module._parameters.items():
+        owners = getattr(p, "_ds_owners", ())
+        if p is not None and len(owners) > 1 and owners[0]() is not module and prefix + key in state_dict:
+            state_dict[prefix + key] = state_dict[prefix + key].clone()
 
 
 def _mark(param: nn.Parameter, info: ShardInfo, group: TensorGroup) -> nn.Parameter:
@@ -62,7 +150,7 @@ def _mark(param: nn.Parameter, info: ShardInfo, group: TensorGroup) -> nn.Parame
     return param
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_ShardNamed, nn.Module):
     """``y = x Wᵀ + b`` with the output features split over the tensor group.
 
     ``parts`` describe the output (default: one :class:`~ds_parallel.shards.Part` of
@@ -75,7 +163,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int | None = None, bias: bool = True, *,
                  group: TensorGroup | None = None, parts=None, gather_output: bool = False,
                  conv1d: bool = False, weight: torch.Tensor | None = None, bias_tensor: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 dtype: torch.dtype | None = None, device=None, reuse_params: bool = False) -> None:
         super().__init__()
         self.tp = group or TensorGroup()
         if parts is None:
@@ -107,28 +195,36 @@ class ColumnParallelLinear(nn.Module):
         if spec.rep_runs:
             names = ("weight_replicated", "bias_replicated") if spec.shard_runs else ("weight", "bias")
             sources.append((*names, spec.rep_runs, spec.rep_rows, True))
-        for wname, bname, runs, rows, replicated in sources:
-            w = _new_param(weight, wshape(rows), wdim, runs, dtype, device)
-            setattr(self, wname, _mark(w, ShardInfo("weight", wdim, full_w, runs, replicated), self.tp))
+        # every slice is taken before any parameter changes ([Note: parameter identity])
+        slices = [(_slice(weight, wdim, runs, dtype, device), _slice(bias_tensor, 0, runs, dtype, device) if bias else None)
+                  for _, _, runs, _, _ in sources]
+        for i, ((wname, bname, runs, rows, replicated), (w_local, b_local)) in enumerate(zip(sources, slices)):
+            w = _param(w_local, weight, wshape(rows), dtype, device, reuse_params and i == 0)
+            self._set_shard(wname, _mark(w, ShardInfo("weight", wdim, full_w, runs, replicated), self.tp))
             if bias:
-                b = _new_param(bias_tensor, (rows,), 0, runs, dtype, device)
-                setattr(self, bname, _mark(b, ShardInfo("bias", 0, (full,), runs, replicated), self.tp))
+                b = _param(b_local, bias_tensor, (rows,), dtype, device, reuse_params and i == 0)
+                self._set_shard(bname, _mark(b, ShardInfo("bias", 0, (full,), runs, replicated), self.tp))
             else:
                 setattr(self, bname, None)
         if not bias:
             self.bias = None
         self._sources = [s[:2] for s in sources]
         self._gather_index: torch.Tensor | None = None
+        # True when the module feeding this layer applies ``f`` once for several column layers
+        self.input_synced = False
+        install_shard_keys(self)
 
     @classmethod
     def from_dense(cls, module: nn.Module, group: TensorGroup | None = None, parts=None,
-                   gather_output: bool = False) -> ColumnParallelLinear:
-        """Shard an ``nn.Linear`` (or a subclass, or GPT-2's ``Conv1D``); meta weights stay meta."""
+                   gather_output: bool = False, reuse_params: bool = False) -> ColumnParallelLinear:
+        """Shard an ``nn.Linear`` (or a subclass, or GPT-2's ``Conv1D``); meta weights stay meta.
+        ``reuse_params``: the module's parameter objects take the shards ([Note: parameter identity])."""
         conv = is_conv1d(module)
         w = module.weight
         in_f, out_f = (w.shape[0], w.shape[1]) if conv else (w.shape[1], w.shape[0])
         return cls(in_f, out_f, module.bias is not None, group=group, parts=parts, gather_output=gather_output,
-                   conv1d=conv, weight=w, bias_tensor=module.bias, dtype=w.dtype, device=w.device)
+                   conv1d=conv, weight=w, bias_tensor=module.bias, dtype=w.dtype, device=w.device,
+                   reuse_params=reuse_params)
 
     # -- forward -----------------------------------------------------------------------------------
     def _local_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -150,7 +246,8 @@ class ColumnParallelLinear(nn.Module):
         return w, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_group(x, self.tp)
+        if not self.input_synced:
+            x = copy_to_group(x, self.tp)
         w, b = self._local_weight()
         y = F.linear(x, w.t() if self.conv1d else w, b)
         if self.gather_output and self.tp.size > 1:
@@ -196,7 +293,7 @@ def _full_order_index(specs: list[ColumnSpec]) -> torch.Tensor:
     return where
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardNamed, nn.Module):
     """``y = x Wᵀ + b`` with the input features split over the tensor group.
 
     Each rank multiplies its slice of the input; the partial sums are added with one all-reduce
@@ -208,7 +305,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  group: TensorGroup | None = None, input_is_parallel: bool = True, unit: int = 1,
                  conv1d: bool = False, weight: torch.Tensor | None = None, bias_tensor: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 dtype: torch.dtype | None = None, device=None, reuse_params: bool = False) -> None:
         super().__init__()
         self.tp = group or TensorGroup()
         self.full_in, self.out_features = in_features, out_features
@@ -220,21 +317,23 @@ class RowParallelLinear(nn.Module):
         wdim = 0 if conv1d else 1
         shape = (length, out_features) if conv1d else (out_features, length)
         full_w = (in_features, out_features) if conv1d else (out_features, in_features)
-        w = _new_param(weight, shape, wdim, [(start, length)], dtype, device)
-        self.weight = _mark(w, ShardInfo("weight", wdim, full_w, ((start, length),)), self.tp)
+        w = _new_param(weight, shape, wdim, [(start, length)], dtype, device, reuse_params)
+        self._set_shard("weight", _mark(w, ShardInfo("weight", wdim, full_w, ((start, length),)), self.tp))
         if bias:
-            self.bias = _new_param(bias_tensor, (out_features,), 0, [(0, out_features)], dtype, device)
+            self.bias = _new_param(bias_tensor, (out_features,), 0, [(0, out_features)], dtype, device, reuse_params)
         else:
             self.bias = None
+        install_shard_keys(self)
 
     @classmethod
     def from_dense(cls, module: nn.Module, group: TensorGroup | None = None, unit: int = 1,
-                   input_is_parallel: bool = True) -> RowParallelLinear:
+                   input_is_parallel: bool = True, reuse_params: bool = False) -> RowParallelLinear:
         conv = is_conv1d(module)
         w = module.weight
         in_f, out_f = (w.shape[0], w.shape[1]) if conv else (w.shape[1], w.shape[0])
         return cls(in_f, out_f, module.bias is not None, group=group, input_is_parallel=input_is_parallel,
-                   unit=unit, conv1d=conv, weight=w, bias_tensor=module.bias, dtype=w.dtype, device=w.device)
+                   unit=unit, conv1d=conv, weight=w, bias_tensor=module.bias, dtype=w.dtype, device=w.device,
+                   reuse_params=reuse_params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -249,7 +348,7 @@ class RowParallelLinear(nn.Module):
                 + (", conv1d" if self.conv1d else ""))
 
 
-class VocabParallelEmbedding(nn.Embedding):
+class VocabParallelEmbedding(_ShardNamed, nn.Embedding):
     """An embedding whose vocabulary rows are split over the tensor group.
 
     Each rank looks up the tokens in its range (others read as zeros) and one all-reduce adds the
@@ -260,11 +359,12 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
                  group: TensorGroup | None = None, weight: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, device=None) -> None:
+                 dtype: torch.dtype | None = None, device=None, reuse_params: bool = False) -> None:
         nn.Module.__init__(self)
-        self._init_shard(num_embeddings, embedding_dim, padding_idx, group, weight, dtype, device)
+        self._init_shard(num_embeddings, embedding_dim, padding_idx, group, weight, dtype, device, reuse_params)
 
-    def _init_shard(self, num_embeddings, embedding_dim, padding_idx, group, weight, dtype, device) -> None:
+    def _init_shard(self, num_embeddings, embedding_dim, padding_idx, group, weight, dtype, device,
+                    reuse_params: bool = False) -> None:
         self.tp = group or TensorGroup()
         sizes = vocab_sizes(num_embeddings, self.tp.size)
         self.vocab_start = sum(sizes[:self.tp.rank])
@@ -281,11 +381,13 @@ class VocabParallelEmbedding(nn.Embedding):
         self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, 2.0, False, False
         dtype = dtype or (weight.dtype if weight is not None else torch.get_default_dtype())
         run = ((self.vocab_start, self.num_embeddings),)
-        w = _new_param(weight, (self.num_embeddings, embedding_dim), 0, run, dtype, device)
-        self.weight = _mark(w, ShardInfo("weight", 0, (num_embeddings, embedding_dim), run), self.tp)
+        w = _new_param(weight, (self.num_embeddings, embedding_dim), 0, run, dtype, device, reuse_params)
+        self._set_shard("weight", _mark(w, ShardInfo("weight", 0, (num_embeddings, embedding_dim), run), self.tp))
+        install_shard_keys(self)
 
     @classmethod
-    def from_embedding(cls, module: nn.Embedding, group: TensorGroup | None = None) -> nn.Embedding:
+    def from_embedding(cls, module: nn.Embedding, group: TensorGroup | None = None,
+                       reuse_params: bool = False) -> nn.Embedding:
         """Shard ``module`` (an ``nn.Embedding`` or subclass), keeping its class's own forward."""
         if getattr(module, "max_norm", None) is not None or getattr(module, "sparse", False):
             raise ConfigError("a vocabulary-parallel embedding supports neither max_norm nor sparse gradients; "
@@ -293,14 +395,14 @@ class VocabParallelEmbedding(nn.Embedding):
         w = module.weight
         if type(module) is nn.Embedding or isinstance(module, VocabParallelEmbedding):
             return cls(w.shape[0], w.shape[1], module.padding_idx, group=group, weight=w, dtype=w.dtype,
-                       device=w.device)
+                       device=w.device, reuse_params=reuse_params)
         base = type(module)
         mixed = _MIXED.get(base)
         if mixed is None:
             mixed = _MIXED[base] = type(f"VocabParallel{base.__name__}", (base, cls), {"__module__": __name__})
         del module._parameters["weight"]
         module.__class__ = mixed
-        module._init_shard(w.shape[0], w.shape[1], module.padding_idx, group, w, w.dtype, w.device)
+        module._init_shard(w.shape[0], w.shape[1], module.padding_idx, group, w, w.dtype, w.device, reuse_params)
         return module
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

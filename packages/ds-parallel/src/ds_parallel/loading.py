@@ -23,6 +23,7 @@ from ds_core.errors import ConfigError
 
 from .grads import carry_over
 from .layers import shard_info
+from .shards import read_runs
 
 __all__ = ["meta_init", "SafetensorsCheckpoint", "load_sharded", "from_pretrained", "read_runs"]
 
@@ -101,16 +102,6 @@ class SafetensorsCheckpoint:
 
     def close(self) -> None:
         self._open.clear()
-
-
-def read_runs(sl, dim: int, runs) -> torch.Tensor:
-    """Read ``runs`` along ``dim`` from a safetensors slice object, reading only those bytes."""
-    rank = len(sl.get_shape())
-    pieces = []
-    for start, length in runs:
-        index = tuple([slice(None)] * dim + [slice(start, start + length)] + [slice(None)] * (rank - dim - 1))
-        pieces.append(sl[index])
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
 def _checkpoint_name(name: str, ckpt: SafetensorsCheckpoint, prefix: str) -> str | None:

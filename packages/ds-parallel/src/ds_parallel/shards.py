@@ -37,6 +37,7 @@ from ds_core.errors import ConfigError
 
 __all__ = [
     "Run",
+    "read_runs",
     "Part",
     "KVHeads",
     "GroupedQKV",
@@ -316,3 +317,13 @@ class ShardInfo:
     def from_json(cls, data: dict) -> ShardInfo:
         return cls(data["target"], data["dim"], tuple(data["full_shape"]),
                    tuple(tuple(r) for r in data["runs"]), data.get("replicated", False))
+
+
+def read_runs(sl, dim: int, runs) -> torch.Tensor:
+    """Read ``runs`` along ``dim`` from a safetensors slice object, reading only those bytes."""
+    rank = len(sl.get_shape())
+    pieces = []
+    for start, length in runs:
+        index = tuple([slice(None)] * dim + [slice(start, start + length)] + [slice(None)] * (rank - dim - 1))
+        pieces.append(sl[index])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)

@@ -1,95 +1,68 @@
 """ds-parallel inside ``ds_core.initialize``: the ``tensor_parallel`` section's ``model_wrapper``.
 
 This is the one module that talks to ds-core's training seam (with :mod:`ds_parallel._seam` for the
-parameter tags). ``model_wrapper(engine, module)`` runs while the engine is being built, before it
-creates gradient buffers, reducers or the optimizer from its topology: it makes sure the topology
-has the tensor (and sequence) axis the config asks for, then shards the model.
-
-[Note: topology adoption] ``initialize`` builds its default topology (everything on the data axis)
-before components run. When that topology lacks the tensor or sequence axis the config asks for,
-the wrapper re-shapes that topology object in place (the engine's constructor still holds it in a
-local variable it builds more groups from) and refreshes what the engine already took from it: the
-data-parallel group and its size and the resolved batch sizes. That is safe because nothing else
-has been built from the old shape yet. A run that builds the model with :func:`ds_parallel.tensor_parallel` (or sets the
-topology with ``ds_core.comm.ensure_topology(tensor=N)``) before ``initialize`` needs none of this,
-and is the way to give a ``train_batch_size`` computed for the data-parallel size
-(``initialize`` checks the batch triple against the launched world before any component runs).
+parameter tags). The topology is settled before any component runs: ``initialize`` asks the parsed
+``tensor_parallel`` section for its axes (:meth:`~ds_parallel.config.TensorParallelConfig.ds_axes`,
+``{"tensor": autotp_size}``) and reads the top-level ``sequence_parallel_size``, so the run's topology
+already has those axes (with the data axis what is left of the world, and the batch triple resolved
+for it). ``model_wrapper(ctx, module)`` (``order = 10``: before other transforms, e.g. compression,
+and before the data-parallel strategy takes the parameters) then shards the module over
+``ctx.topology``'s tensor axis, splits sequences over its sequence axis, and tags every sharded
+parameter (``shard_axis="tensor"``) so that gradients average over ``data`` only, the step decision
+sums sharded norms over ``tensor`` and checkpoints are written per tensor rank (``tp{t}_`` files).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ds_core import comm
 from ds_core.errors import ConfigError
 
 from .comm import tensor_group
 
-__all__ = ["model_wrapper", "requested_sizes", "adopt_topology"]
+__all__ = ["model_wrapper"]
 
 
-def requested_sizes(config) -> tuple[int, int]:
-    """``(tensor, sequence)`` sizes a ds-core config asks for.
-
-    ``sequence_parallel_size`` is a top-level DeepSpeed key; with a ds-core config model that does not
-    define it yet, the sequence size comes from the topology (``ds_parallel.sequence_parallel`` or
-    ``ds_core.comm.ensure_topology(sequence=N)`` before ``initialize``).
-    """
-    section = config.section("tensor_parallel")
-    tensor = section.size if section is not None else 1
-    sequence = getattr(config, "sequence_parallel_size", None) or 1
-    return tensor, int(sequence)
+def _check_strategy(strategy: str, tensor: int, sequence: int) -> None:
+    if strategy == "zero-3" and (tensor > 1 or sequence > 1):
+        what = "tensor" if tensor > 1 else "sequence"
+        raise ConfigError(f"ZeRO stage 3 with {what} parallelism is not supported: stage 3 partitions only "
+                          f"parameters replicated over the data axis; use zero_optimization.stage 1 or 2 "
+                          f"(optimizer state and gradients partitioned over the data axis)")
 
 
-def adopt_topology(engine, tensor: int, sequence: int) -> None:
-    """Give ``engine`` a topology with these axes (see [Note: topology adoption])."""
-    old = engine.topology
-    world = comm.get_world_size()
-    if old is not None:
-        for axis, want in (("tensor", tensor), ("sequence", sequence)):
-            have = old.size(axis)
-            if have not in (1, want):
-                raise ConfigError(f"the config asks for {axis} size {want} but the topology already has {axis}="
-                                  f"{have} ({old!r}); use one size")
-        if old.size("tensor") == tensor and old.size("sequence") == sequence:
-            return
-        pipe, expert = old.size("pipe"), old.size("expert")
-    else:
-        pipe = expert = 1
-    topology = comm.Topology(world, pipe=pipe, expert=expert, sequence=sequence, tensor=tensor,
-                             device_type=getattr(old, "device_type", "cpu"))
-    if old is not None:  # the same object everywhere it is already referenced (see the note)
-        old.__dict__.clear()
-        old.__dict__.update(topology.__dict__)
-        topology = old
-    comm.set_topology(topology)
-    engine.topology = topology
-    engine.dp_group = topology.group("data") if world > 1 else None
-    engine.dp_world_size = comm.get_world_size(engine.dp_group)
-    engine.config.resolve_batch(engine.dp_world_size)
-
-
-def model_wrapper(engine, module: nn.Module) -> nn.Module:
-    """The ``model_wrapper`` component: shard ``module`` as the ``tensor_parallel`` section says."""
+def model_wrapper(ctx, module: nn.Module) -> nn.Module:
+    """The ``model_wrapper`` component: shard ``module`` over ``ctx.topology``'s tensor and sequence axes."""
     from .apply import tensor_parallel
+    from .layers import use_shard_names
 
-    section = engine.config.section("tensor_parallel")
+    section = ctx.section
     if section is not None:
         section.warn_unused()
-    tensor, sequence = requested_sizes(engine.config)
+    topology = ctx.topology
+    tensor, sequence = topology.size("tensor"), topology.size("sequence")
     done = getattr(module, "ds_tp_group", None)
-    if done is not None and done.size != tensor and tensor > 1:
-        raise ConfigError(f"the model is already sharded over {done.size} tensor ranks but tensor_parallel."
-                          f"autotp_size is {tensor}; build the model unsharded or use one size")
-    if done is not None and tensor == 1:
-        tensor = done.size
-    if tensor > 1 or sequence > 1:
-        adopt_topology(engine, tensor, sequence)
+    if done is not None and done.size != tensor:
+        raise ConfigError(f"the model is already sharded over {done.size} tensor ranks but the run's topology has "
+                          f"tensor={tensor} ({topology!r}); build the model unsharded or use one size")
+    sp_done = getattr(module, "ds_sp_group", None)
+    if sp_done is not None and sp_done.size != sequence:
+        raise ConfigError(f"the model is already sequence-parallel over {sp_done.size} ranks but the run's topology "
+                          f"has sequence={sequence} ({topology!r}); use one size")
+    _check_strategy(ctx.strategy, tensor, sequence)
     if tensor > 1 and done is None:
         names = [n for n, _ in module.named_modules() if n]
         overrides, keep = section.overrides_for(names) if section is not None else ({}, True)
         kwargs = {"vocab_parallel_head": section.vocab_parallel_head, "shard_embeddings": section.shard_embeddings} \
             if section is not None else {}
-        module = tensor_parallel(module, group=tensor_group(engine.topology), overrides=overrides,
-                                 keep_found=keep, **kwargs)
+        module = tensor_parallel(module, group=tensor_group(topology), overrides=overrides, keep_found=keep, **kwargs)
+    elif tensor > 1:
+        use_shard_names(module)  # engine checkpoints tell shards apart by name
+    if sequence > 1 and sp_done is None:
+        from .sequence.hf import sequence_group, sequence_parallel
+
+        module = sequence_parallel(module, group=sequence_group(topology), comm_dtype=ctx.sequence_comm_dtype)
     return module
+
+
+model_wrapper.order = 10  # before other model transforms (compression wraps the sharded layers)

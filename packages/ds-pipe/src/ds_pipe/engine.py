@@ -17,8 +17,10 @@ import torch
 
 from ds_core import comm
 from ds_core.engine import Engine
+from ds_core.engine.initialize import resolve_topology
 from ds_core.engine.strategy import FullGradients
 from ds_core.errors import ConfigError, DSError
+from ds_core.params import shard_axis
 
 from . import checkpoint as ckpt
 from .executor import BatchState, run_instructions
@@ -66,7 +68,8 @@ class PipelineEngine:
             raise ConfigError(f"initialize(topology={topology!r}) differs from the PipelineModule's "
                               f"{module.topology!r}; build the module with topology= the one you pass")
         self.topology = module.topology
-        self.topology.check_world(comm.get_world_size())
+        # the axes the config asks for (tensor_parallel.autotp_size, sequence_parallel_size) must be the module's
+        resolve_topology(module, self.topology, comm.get_world_size(), config)
         self.stage_id, self.num_stages = module.stage_id, module.num_stages
         config.resolve_batch(self.topology.size("data"))
         self.micro_batches = config.batch.gradient_accumulation_steps
@@ -91,6 +94,8 @@ class PipelineEngine:
         # the step decision clips by the norm of every stage: this hook turns the stage's into that
         self.core.hooks.subscribe("grad_norm", self._norm_over_stages)
         self.agg_train_loss: torch.Tensor | None = None
+        # every last-stage rank reports its loss: data replicas, and tensor/sequence ranks of one replica
+        self._loss_ranks = max(1, self.topology.world_size // self.num_stages)
 
     @classmethod
     def initialize(cls, args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
@@ -189,7 +194,7 @@ class PipelineEngine:
         run_instructions(self, st, [c for c in cmds if c.micro_batch >= 0], data_iter)
         loss_sum = float(sum(st.losses)) / self.micro_batches if self.is_last_stage() and not st.error else 0.0
         total = self._agree(st, loss_sum)
-        loss = total / self.dp_world_size
+        loss = total / self._loss_ranks
         for cmd in cmds:
             if isinstance(cmd, ReduceTiedGrads):
                 self.tied.reduce(self.core.strategy)
@@ -213,7 +218,7 @@ class PipelineEngine:
         finally:
             self.module.train(was_training)
         loss_sum = float(sum(st.losses)) / self.micro_batches if self.is_last_stage() and not st.error else 0.0
-        loss = torch.tensor(self._agree(st, loss_sum) / self.dp_world_size)
+        loss = torch.tensor(self._agree(st, loss_sum) / self._loss_ranks)
         if not return_logits:
             return loss
         logits = torch.cat(st.logits) if self.is_last_stage() and st.logits else None
@@ -222,11 +227,18 @@ class PipelineEngine:
     # -- the step --------------------------------------------------------------------------------
     def _norm_over_stages(self, sq: float) -> float:
         """The ``grad_norm`` hook: this stage's squared norm -> the sum over every stage, tied copies
-        counted once (every stage but a tie's first owner subtracts its copy)."""
+        counted once (every stage but a tie's first owner subtracts its copy). A copy sharded over an
+        axis (tensor parallelism) entered the stage's norm summed over that axis, so its shards' squares
+        are summed over the same group before they are subtracted."""
         strategy = self.core.strategy
         total = torch.tensor([sq], dtype=torch.float64)
         for p in self.tied.duplicates():
-            total -= torch.linalg.vector_norm(strategy.gradient_of(p), dtype=torch.float64).pow(2)
+            copy = torch.linalg.vector_norm(strategy.gradient_of(p), dtype=torch.float64).pow(2).reshape(1)
+            axis = shard_axis(p)
+            group = self.core.groups.group(axis) if axis is not None else None
+            if group is not None and comm.get_world_size(group) > 1:
+                comm.all_reduce(copy, group=group)
+            total -= copy
         if self.pipe_group is not None:
             comm.all_reduce(total, group=self.pipe_group)
         value = float(total)

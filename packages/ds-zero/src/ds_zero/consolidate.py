@@ -17,11 +17,16 @@ Layouts (see ``checkpoint.py`` and ``checkpoint3.py``):
 
 Partitioned parameters come out in fp32 (the masters); other tensors keep their saved dtype. Every
 name of a tied parameter is written (as separate copies), so the result is an ordinary state dict.
+With tensor or sequence parallelism each *scope* (the ranks holding one model shard) has its own
+files, prefixed with its coordinates (``tp1_model.safetensors``, ``tp1_zero_rank0.safetensors``,
+described in ``tp1_meta.json``): every scope is consolidated, tensors all scopes hold are written once,
+and tensor-parallel shards (ds-parallel's self-describing keys) are stitched back into full tensors.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,11 +65,65 @@ def consolidated_tensors(checkpoint_dir, tag: str | None = None
 
     ``produce()`` assembles that one tensor on demand (reading only its pieces).
     """
+    yield from _stitch_tensor_parallel(_consolidated(checkpoint_dir, tag))
+
+
+# Tensor-parallel shards are saved under self-describing keys (docs/parallel.md, "shard keys"):
+# <full name>#tp:<rank>/<size>:dim<d>:<full shape>:<start>+<length>,...  (or #rep: for replicated rows)
+_SHARD_KEY = re.compile(r"^(?P<name>.+)#(?:tp:\d+/\d+|rep):dim(?P<dim>\d+):(?P<shape>\d+(?:x\d+)*)"
+                        r":(?P<runs>\d+\+\d+(?:,\d+\+\d+)*)$")
+
+
+def _stitch_tensor_parallel(entries):
+    """Every tensor-parallel shard of one tensor (one per rank file) becomes that full tensor."""
+    groups: dict[str, list] = {}
+    for name, dtype, shape, produce in entries:
+        m = _SHARD_KEY.match(name)
+        if m is None:
+            yield name, dtype, shape, produce
+            continue
+        runs = [tuple(int(v) for v in r.split("+")) for r in m["runs"].split(",")]
+        full = tuple(int(d) for d in m["shape"].split("x"))
+        groups.setdefault(m["name"], []).append((int(m["dim"]), full, runs, dtype, produce))
+    for name, pieces in groups.items():
+        dim, full, _, dtype, _ = pieces[0]
+
+        def produce(pieces=pieces, dim=dim, full=full, dtype=dtype, name=name):
+            out = torch.empty(full, dtype=dtype)
+            covered = torch.zeros(full[dim], dtype=torch.bool)
+            for _, _, runs, _, piece in pieces:
+                local, at = piece(), 0
+                for start, length in runs:
+                    out.narrow(dim, start, length).copy_(local.narrow(dim, at, length))
+                    covered[start:start + length] = True
+                    at += length
+            if not covered.all():
+                raise CheckpointError(f"{name}: the tensor-parallel shards saved hold only {int(covered.sum())} of "
+                                      f"its {full[dim]} rows along dim {dim}; every rank's model file is needed")
+            return out
+        yield name, dtype, full, produce
+
+
+_SCOPE = re.compile(r"^(?:pp\d+_)?(?:sp\d+_)?(?:tp\d+_)?$")
+
+
+def _scopes(path: Path, meta: dict) -> list[tuple[str, dict]]:
+    """``(prefix, JSON)`` of every scope of the checkpoint: each tensor/sequence rank's files are
+    prefixed with its coordinates (``tp1_``) and described in ``{prefix}meta.json``; without such axes
+    there is one scope, ``""``, described in ``meta.json``."""
+    found = sorted(f.name[:-len("meta.json")] for f in path.glob("*_meta.json") if _SCOPE.match(f.name[:-9]))
+    if not found:
+        return [("", meta)]
+    if any(s.startswith("pp") for s in found):
+        raise CheckpointError(f"{path} is a pipeline checkpoint (one file per layer); zero-to-fp32 consolidates "
+                              f"the model files of data, tensor and sequence parallel runs: load it into the "
+                              f"PipelineModule instead")
+    return [(s, json.loads((path / f"{s}meta.json").read_text())) for s in found]
+
+
+def _consolidated(checkpoint_dir, tag: str | None = None):
     path = _resolve(checkpoint_dir, tag)
     meta = json.loads((path / "meta.json").read_text())
-    zero = meta.get("zero")
-    aliases: dict[str, str] = dict((meta.get("aliases") or {}).get("model", {}))
-    model_files = [path / "model.safetensors"] + sorted(path.glob("model_rank*.safetensors"))
     handles: dict[Path, object] = {}
 
     def handle(file: Path):
@@ -72,10 +131,23 @@ def consolidated_tensors(checkpoint_dir, tag: str | None = None
             handles[file] = safe_open(str(file), framework="pt")
         return handles[file]
 
+    seen: set[str] = set()  # tensors every scope holds (replicated over the tensor axis) are written once
+    for scope, scope_meta in _scopes(path, meta):
+        for name, *rest in _scope_tensors(path, scope, scope_meta, handle):
+            if name not in seen:
+                seen.add(name)
+                yield name, *rest
+
+
+def _scope_tensors(path: Path, scope: str, meta: dict, handle):
+    zero = meta.get("zero")
+    aliases: dict[str, str] = dict((meta.get("aliases") or {}).get("model", {}))
+    model_files = [path / f"{scope}model.safetensors"] + sorted(path.glob(f"{scope}model_rank*.safetensors"))
+
     partitioned: dict[str, tuple[tuple[int, ...], Producer]] = {}
     if zero is not None:
         world = zero["world_size"]
-        ranks = [path / f"zero_rank{r}.safetensors" for r in range(world)]
+        ranks = [path / f"{scope}zero_rank{r}.safetensors" for r in range(world)]
         for file in ranks:
             if not file.is_file():
                 raise CheckpointError(f"{file} is missing: the checkpoint was saved by {world} ranks and "

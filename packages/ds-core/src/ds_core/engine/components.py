@@ -42,6 +42,7 @@ def select_components(config, model=None) -> dict[str, Any]:
     -> a list of them, for the features whose sections the config uses or that claim the model."""
     chosen: dict[str, Any] = {}
     active = [plugins.feature_for_section(section) for section in config.features]
+    active += _needed_by_keys(config)
     if model is not None:
         active += [spec for spec in plugins.features().values() if spec.claims_model(model)]
     seen: set[str] = set()
@@ -66,6 +67,23 @@ def select_components(config, model=None) -> dict[str, Any]:
                     f"the config section of one of them")
             chosen[kind] = entry
     return chosen
+
+
+def _needed_by_keys(config) -> list:
+    """Features of the packages that top-level keys set to a value that does something say they need
+    (the key table's ``needs``: ``sequence_parallel_size`` > 1 needs ds-parallel, whose model wrapper
+    then splits the sequences), so such a key works without its package's config section."""
+    from ..config.keys import key_table
+
+    out = []
+    for path, entry in key_table().entries.items():
+        if "." in path or not entry.needs:
+            continue
+        value = getattr(config, entry.name, None)
+        if value is None or (entry.inert is not None and value in entry.inert):
+            continue
+        out += [spec for spec in plugins.features().values() if spec.dist == entry.needs]
+    return out
 
 
 def model_transforms(components: dict) -> list[tuple[str, Any, str | None]]:

@@ -148,7 +148,12 @@ class ModelContext:
     hooks: EngineHooks
     rank: int
     world_size: int
-    zero_stage: int = 0  #: the ZeRO stage the strategy will run (transforms that need whole parameters check it)
+    #: the ``layout`` name of the data-parallel strategy that will take the parameters ("replicated",
+    #: "zero", "zero-3", ...), for transforms that compose only with some strategies
+    strategy: str = "replicated"
+    #: the config's ``seq_parallel_communication_data_type`` (None: fp32), for a transform that splits
+    #: sequences over the topology's ``sequence`` axis
+    sequence_comm_dtype: torch.dtype | None = None
     #: optimizer steps taken so far, read live (restored by ``load_checkpoint``): schedules follow it
     global_steps: Callable[[], int] = field(default=lambda: 0)
 

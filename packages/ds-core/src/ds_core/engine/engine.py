@@ -30,7 +30,14 @@ from ..monitor.timers import make_timers
 from . import checkpoint_layout
 from .checkpoint import CheckpointError, checkpoint_options
 from .components import model_transforms
-from .context import ModelContext, OptimizerFactory, ProcessGroups, ReduceSettings, TrainingContext
+from .context import (
+    COMM_DTYPES,
+    ModelContext,
+    OptimizerFactory,
+    ProcessGroups,
+    ReduceSettings,
+    TrainingContext,
+)
 from .hooks import EngineHooks, StepInfo
 from .precision import LossScaler, Precision
 from .reducer import broadcast_parameters
@@ -79,11 +86,13 @@ class Engine(torch.nn.Module):
         self.hooks = EngineHooks()
 
         module = module.to(device=self.device, dtype=self.dtype)
-        zero_stage = int(getattr(config.section("zero_optimization"), "stage", 0) or 0)
+        strategy, origin = build_strategy(components, config)  # not prepared: transforms see its layout
+        seq_dtype = COMM_DTYPES.get(getattr(config, "seq_parallel_communication_data_type", None) or "fp32")
         for feature, factory, section in model_transforms(components):
             ctx = ModelContext(config.section(section) if section else None, self.topology, self.device,
                                self.precision_spec, self.hooks, self.global_rank, self.world_size,
-                               zero_stage=zero_stage, global_steps=lambda: self.global_steps)
+                               strategy=strategy.layout, sequence_comm_dtype=seq_dtype,
+                               global_steps=lambda: self.global_steps)
             module = factory(ctx, module)
             if not isinstance(module, torch.nn.Module):
                 raise DSError(f"the model_wrapper of feature {feature!r} returned {type(module).__name__}, not a "
@@ -112,7 +121,6 @@ class Engine(torch.nn.Module):
         self.param_groups = _param_groups(module, optimizer, model_parameters)
         self.clip = config.gradient_clipping if isinstance(config.gradient_clipping, float) else 0.0
         self.loss_scaler = LossScaler.from_config(config.fp16) if self.precision_spec.loss_scaling else None
-        strategy, origin = build_strategy(components, config)
         section = components.get("data_parallel_strategy", (None, None, None))[2]
         ctx = TrainingContext(
             module=module, param_groups=tuple(self.param_groups), groups=self.groups, device=self.device,

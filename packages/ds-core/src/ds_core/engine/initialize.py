@@ -14,7 +14,7 @@ from ..config import parse_config
 from ..errors import ConfigError
 from .components import select_components
 
-__all__ = ["initialize", "init_distributed", "resolve_topology"]
+__all__ = ["initialize", "init_distributed", "resolve_topology", "config_axes"]
 
 
 def init_distributed(dist_backend: str | None = None, **kwargs):
@@ -46,13 +46,39 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
-def resolve_topology(model: torch.nn.Module | None, topology, world_size: int):
-    """The run's topology: ``topology`` if given, else the one the model's layers were built with
-    (``ds_topology``), else one built from the axes they ask for (``ds_axes``, e.g. an MoE layer's
-    ``{"expert": ep_size}``). Checked against ``world_size`` and every layer's needs before any process
-    group exists; layers that asked for axes are then given it (their ``ds_topology``)."""
-    built: list[tuple[str, Topology]] = []
+def config_axes(config) -> dict[str, tuple[int, str]]:
+    """Axes the config asks for: ``sequence_parallel_size`` (a top-level key), and every feature section
+    whose parsed model has ``ds_axes() -> {axis: size}`` (ds-parallel's ``tensor_parallel`` section asks
+    for ``{"tensor": autotp_size}``). ``axis -> (size, where)``; sizes of 1 ask for nothing."""
+    if config is None:
+        return {}
+    wanted: list[tuple[str, int, str]] = []
+    seq = getattr(config, "sequence_parallel_size", 1) or 1
+    if seq > 1:
+        wanted.append(("sequence", int(seq), "config sequence_parallel_size"))
+    for name, section in config.features.items():
+        ask = getattr(section, "ds_axes", None)
+        if callable(ask):
+            wanted += [(axis, int(size), f"config section {name!r}") for axis, size in (ask() or {}).items()]
     asked: dict[str, tuple[int, str]] = {}
+    for axis, size, where in wanted:
+        if size <= 1:
+            continue
+        if axis in asked and asked[axis][0] != size:
+            raise ConfigError(f"{asked[axis][1]} asks for {axis}={asked[axis][0]} and {where} for {axis}={size}; "
+                              f"one run has one size per axis: make them agree")
+        asked[axis] = (size, where)
+    return asked
+
+
+def resolve_topology(model: torch.nn.Module | None, topology, world_size: int, config=None):
+    """The run's topology: ``topology`` if given, else the one the model's layers were built with
+    (``ds_topology``), else one built from the axes they and the config ask for (``ds_axes``, e.g. an
+    MoE layer's ``{"expert": ep_size}``; :func:`config_axes`). Checked against ``world_size`` and every
+    layer's and config section's needs before any process group exists; layers that asked for axes
+    are then given it (their ``ds_topology``)."""
+    built: list[tuple[str, Topology]] = []
+    asked: dict[str, tuple[int, str]] = dict(config_axes(config))
     users = []
     for name, m in (model.named_modules() if model is not None else ()):
         own = getattr(m, "ds_topology", None)
@@ -61,9 +87,12 @@ def resolve_topology(model: torch.nn.Module | None, topology, world_size: int):
         for axis, size in (getattr(m, "ds_axes", None) or {}).items():
             label = name or type(m).__name__
             if axis in asked and asked[axis][0] != size:
-                raise ConfigError(f"layers {asked[axis][1]} and {label} ask for {axis}={asked[axis][0]} and "
-                                  f"{axis}={size}; one run has one size per axis: build them alike")
-            asked[axis] = (size, label)
+                first = asked[axis][1]
+                both = (f"layers {first[6:]} and {label}" if first.startswith("layer ")
+                        else f"{first} and layer {label}")
+                raise ConfigError(f"{both} ask for {axis}={asked[axis][0]} and {axis}={size}; one run has one "
+                                  f"size per axis: build them alike")
+            asked[axis] = (size, f"layer {label}")
             users.append(m)
     if topology is None:
         topology = built[0][1] if built else Topology(world_size, **{a: s for a, (s, _) in asked.items()})
@@ -77,9 +106,9 @@ def resolve_topology(model: torch.nn.Module | None, topology, world_size: int):
                               f"model with the topology you pass to initialize (topology=)")
     for axis, (size, label) in asked.items():
         if topology.size(axis) != size:
-            raise ConfigError(f"layer {label} needs {axis}={size} but the run's topology has {axis}="
-                              f"{topology.size(axis)} ({topology!r}); build the layer with topology= or pass a "
-                              f"topology with {axis}={size}")
+            raise ConfigError(f"{label} needs {axis}={size} but the run's topology has {axis}="
+                              f"{topology.size(axis)} ({topology!r}); build the model with that topology "
+                              f"(topology=) or pass a topology with {axis}={size}")
     for m in users:
         bind = getattr(m, "use_topology", None)
         if bind is not None:
@@ -115,7 +144,7 @@ def initialize(args=None, model: torch.nn.Module | None = None, optimizer=None, 
                               collate_fn=collate_fn, config=cfg, dist_init_required=dist_init_required,
                               components=others, topology=topology)
     # Check the topology and the batch triple against the launch's world size before any process group.
-    topology = resolve_topology(model, topology, world_env)
+    topology = resolve_topology(model, topology, world_env, cfg)
     cfg.resolve_batch(topology.size("data"))
     if dist_init_required is not False and not comm.is_initialized():
         comm.init_distributed()

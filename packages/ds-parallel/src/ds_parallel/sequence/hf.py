@@ -25,7 +25,7 @@ from torch import nn
 from ds_core import comm
 from ds_core.errors import ConfigError
 
-from ..comm import TensorGroup
+from ..comm import TensorGroup, model_topology
 from ..grads import sum_gradient_over
 from .data import IGNORE_INDEX, sequence_parallel_loss
 from .ulysses import replicate_kv_heads, seq_all_to_all
@@ -90,8 +90,7 @@ def register_ulysses_attention(group=None, inner: str = "sdpa", comm_dtype: torc
 
 
 def sequence_group(topology=None) -> TensorGroup:
-    """The ``sequence`` axis of ``topology`` (default: ds-core's current one) as a TensorGroup."""
-    topology = topology if topology is not None else comm.get_topology()
+    """The ``sequence`` axis of ``topology`` as a TensorGroup (one process without a topology)."""
     if topology is None or topology.size("sequence") == 1:
         return TensorGroup()
     if not comm.is_initialized():
@@ -132,28 +131,26 @@ def _wrap_loss(model: nn.Module, tg: TensorGroup) -> None:
     model.loss_function = loss_function
 
 
-def sequence_parallel(model: nn.Module, sp_size: int | None = None, group=None, *, inner: str = "sdpa",
+def sequence_parallel(model: nn.Module, sp_size: int | None = None, group=None, *, topology=None, inner: str = "sdpa",
                       comm_dtype: torch.dtype | None = None) -> nn.Module:
     """Make ``model`` train with its sequence split over the sequence group (see the module docstring).
 
-    The group is ``group``, else the ``sequence`` axis of ds-core's topology (``sp_size`` must agree),
-    else a topology created with ``sequence=sp_size``. Heads that the group size does not divide are
+    The group is ``group``, else the ``sequence`` axis of ``topology``, else of the model's own topology
+    (``model.ds_topology``, e.g. from :func:`~ds_parallel.tensor_parallel`) or, with ``sp_size``, of a
+    topology with ``sequence=sp_size`` (keeping the model's tensor size), recorded as
+    ``model.ds_topology`` for ``ds_core.initialize``. Heads that the group size does not divide are
     an error naming the numbers, raised before any collective.
     """
     if group is None:
-        topology = comm.get_topology()
-        if topology is not None and topology.size("sequence") > 1:
+        if topology is not None:
             if sp_size is not None and sp_size != topology.size("sequence"):
-                raise ConfigError(f"sp_size={sp_size} but ds-core's topology has sequence="
-                                  f"{topology.size('sequence')}; use one size")
+                raise ConfigError(f"sp_size={sp_size} but the topology has sequence={topology.size('sequence')}; "
+                                  f"use one size")
             group = sequence_group(topology)
         elif sp_size is not None and sp_size > 1:
-            if not comm.is_initialized():
-                raise ConfigError(f"sp_size={sp_size} needs torch.distributed: call ds_core.init_distributed() "
-                                  f"and launch a multiple of {sp_size} ranks")
-            tensor = topology.size("tensor") if topology is not None else 1
-            comm.ensure_topology(sequence=sp_size, tensor=tensor)
-            group = sequence_group()
+            group = sequence_group(model_topology(model, sequence=sp_size))
+        elif getattr(model, "ds_topology", None) is not None:
+            group = sequence_group(model.ds_topology)
         else:
             group = TensorGroup()
     tg = group if isinstance(group, TensorGroup) else TensorGroup.of(group)
