@@ -30,7 +30,7 @@ class Wrapped(torch.nn.Module):
 
 def wrap_model(ctx, module):
     assert isinstance(ctx, ModelContext) and not isinstance(ctx, Engine)
-    CALLS.append(("model_wrapper", ctx.section.level, ctx.precision.name, ctx.topology.world_size))
+    CALLS.append(("model_wrapper", ctx.section.level, ctx.precision.name, ctx.topology.world_size, ctx.strategy))
     return Wrapped(module, 2)
 
 
@@ -102,7 +102,8 @@ def test_transforms_get_a_context_and_run_in_order(monkeypatch):
     engine, *_ = ds_core.initialize(model=torch.nn.Linear(2, 1), config=dict(CONFIG, other_feature={}))
     assert isinstance(engine.module, Wrapped) and engine.module.factor == 2 and engine.module.inner.factor == 3
     assert isinstance(engine.strategy, ReplicatedStrategy)  # the factory returned None: stage 0 kept
-    assert CALLS == [("first", "Linear"), ("model_wrapper", 3, "fp32", 1), ("data_parallel_strategy", 3)]
+    # the strategy is built (not prepared) first, so transforms see its layout; prepared after them
+    assert CALLS == [("data_parallel_strategy", 3), ("first", "Linear"), ("model_wrapper", 3, "fp32", 1, "replicated")]
 
 
 def test_a_feature_strategy_replaces_stage_0_and_gets_the_step_coefficient(monkeypatch):

@@ -74,31 +74,56 @@ def _reference(tied: bool = False):
     return out
 
 
-def _run(tied: bool = False):
+def _engine(tied: bool, seed: int = 1234):
     import torch.distributed as dist
 
     import ds_core
     from ds_pipe import PipelineModule
 
     topology = ds_core.comm.Topology(dist.get_world_size(), pipe=2, tensor=2)
-    model = PipelineModule(_specs(tied), topology=topology, loss_fn=_loss, seed_layers=True,
+    model = PipelineModule(_specs(tied), topology=topology, loss_fn=_loss, seed_layers=True, base_seed=seed,
                            partition_method="uniform" if tied else "parameters")
     if tied:
         assert model.tie_owners("block") == [0, 1]
     engine, *_ = ds_core.initialize(model=model, optimizer=lambda groups: torch.optim.AdamW(groups, lr=LR), config={
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": ACCUM, "steps_per_print": 0,
         "gradient_clipping": CLIP, "tensor_parallel": {"autotp_size": 2}})
+    return engine
+
+
+def _more():
+    for i in range(2 * ACCUM):
+        yield synthetic_tokens(2, CFG.seq_len, CFG.vocab_size, 100 + i)
+
+
+def _run(tied: bool = False, root: str | None = None):
+    import torch.distributed as dist
+
+    engine = _engine(tied)
     it = _data()
     out = [(float(engine.train_batch(it)), engine.get_global_grad_norm()) for _ in range(STEPS)]
     sharded = sum(1 for n, _ in engine.module.named_parameters() if "#tp:" in n)
-    return out, _reference(tied) if dist.get_rank() == 0 else None, sharded
+    resume = None
+    if root is not None:  # per-layer files per tensor rank: a reload continues exactly
+        engine.save_checkpoint(root, tag="saved")
+        it = _more()
+        continued = [float(engine.train_batch(it)) for _ in range(2)]
+        fresh = _engine(tied, seed=99)  # other initial weights: everything must come from the checkpoint
+        fresh.load_checkpoint(root, tag="saved")
+        it = _more()
+        resume = (continued, [float(fresh.train_batch(it)) for _ in range(2)])
+    return out, _reference(tied) if dist.get_rank() == 0 else None, sharded, resume
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["plain", "tied-sharded-block"])
-def test_pipe2_tp2_matches_unpipelined_unsharded(tied):
-    results = run_distributed(_run, 4, args=(tied,), timeout=600)
+def test_pipe2_tp2_matches_unpipelined_unsharded(tied, tmp_path):
+    results = run_distributed(_run, 4, args=(tied, str(tmp_path) if tied else None), timeout=600)
     ref = results[0][1]
-    for out, _, sharded in results:
+    if tied:
+        for *_, (continued, resumed) in results:
+            assert resumed == continued  # the pipeline x tensor checkpoint reloads exactly
+        assert sorted(p.name for p in (tmp_path / "saved").glob("tp1_layer_*"))  # one file set per tensor rank
+    for out, _, sharded, _ in results:
         assert sharded > 0  # each stage's blocks are tensor-parallel
         for (loss, norm), (ref_loss, ref_norm) in zip(out, ref):
             assert abs(loss - ref_loss) < 1e-5, (out, ref)

@@ -82,6 +82,26 @@ def test_zero_tp_checkpoint_reloads_exactly(tp2_dp2, stage):
         assert rank[stage]["resumed"] == rank[stage]["continued"]
 
 
+def _reload_at_data_size_1(root):
+    out = {}
+    for stage in (1, 2):
+        _, engine = engine_losses(KIND, _config(stage), steps=0, dp_rank=0, dp=1)
+        engine.load_checkpoint(f"{root}/zero{stage}", tag="saved")  # optimizer state re-sliced per tensor rank
+        engine.eval()
+        with torch.no_grad():
+            out[stage] = engine(input_ids=IDS).logits
+    return out
+
+
+def test_zero_tp_checkpoint_reloads_at_another_data_parallel_size(tp2_dp2):
+    """Saved at tensor 2 × data 2, loaded at tensor 2 × data 1 (each tensor rank's ZeRO partitions,
+    optimizer state included, re-sliced over its new data ranks): the same model."""
+    root, ranks = tp2_dp2
+    for rank in run_distributed(_reload_at_data_size_1, 2, args=(str(root),), timeout=600):
+        for stage in (1, 2):
+            torch.testing.assert_close(rank[stage], ranks[0][stage]["logits"], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_to_fp32_consolidates_tensor_shards(tp2_dp2, stage, tmp_path):
     from ds_core.cli import main

@@ -4,7 +4,8 @@ A pipeline saves through its stage engine (``ds_core.engine.checkpoint_layout``)
 the *module layout* of that checkpoint. Layout of ``save_dir/tag/``:
 
 - ``layer_XX-model_states.safetensors``: layer ``XX``'s state dict (global layer index), written by data
-  rank 0 of its stage. A tied module is stored by every stage holding it, under the first index it
+  rank 0 of its stage (with tensor or sequence parallelism, one per model shard, prefixed with its
+  coordinates: ``tp1_layer_XX-model_states.safetensors``). A tied module is stored by every stage holding it, under the first index it
   uses there: its tied weights are equal everywhere, its other weights are each stage's own (the head
   stage's copy of an embedding's position table is never used there, but it is its state). A stage
   loads its copy from its own index, or from the first index that uses the module when the stages
@@ -24,6 +25,8 @@ Everything goes through ds-core's atomic directory protocol.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from safetensors.torch import load_file
 
@@ -32,8 +35,15 @@ from ds_core.engine.checkpoint import CheckpointError
 __all__ = ["LayerFiles", "layer_file", "pipeline_meta", "check"]
 
 
-def layer_file(idx: int) -> str:
-    return f"layer_{idx:02d}-model_states.safetensors"
+def layer_file(idx: int, shard: str = "") -> str:
+    """Layer ``idx``'s file; ``shard`` prefixes it with the model shard of other axes (``tp1_``)."""
+    return f"{shard}layer_{idx:02d}-model_states.safetensors"
+
+
+def _shard(scope: str) -> str:
+    """The scope without its pipeline stage (``pp0_tp1_`` -> ``tp1_``): layer files are named by global
+    layer index, so only tensor/sequence coordinates tell two ranks' files of one layer apart."""
+    return re.sub(r"^pp\d+_", "", scope)
 
 
 def _local_layers(module) -> dict[int, torch.nn.Module]:
@@ -62,34 +72,36 @@ class LayerFiles:
         self.module = module
 
     def save(self, writer) -> dict:
+        shard = _shard(writer.scope)
         for idx, layer in _local_layers(self.module).items():
-            writer.replicated(layer_file(idx)[:-len(".safetensors")], layer.state_dict(), scoped=False)
+            writer.replicated(layer_file(idx, shard)[:-len(".safetensors")], layer.state_dict(), scoped=False)
         return {}
 
-    def _targets(self, path) -> dict[int, torch.nn.Module]:
+    def _targets(self, path, shard: str = "") -> dict[int, torch.nn.Module]:
         """Layer file index -> module to load it into (a tied module: its own copy if it was saved, else
         the first one)."""
         module = self.module
         targets = dict(module.local_layers)
         for key, tied in module.tied_modules.items():
             own = _first_local(module, key)
-            targets[own if (path / layer_file(own)).is_file() else module.tied_indices[key][0]] = tied
+            targets[own if (path / layer_file(own, shard)).is_file() else module.tied_indices[key][0]] = tied
         for idx in targets:
-            f = path / layer_file(idx)
+            f = path / layer_file(idx, shard)
             if not f.is_file():
                 raise CheckpointError(f"{f} is missing: layer {idx} ({module.layer_names[idx]}) was not saved; "
                                       f"load a checkpoint written by this model")
         return targets
 
     def check(self, reader) -> None:
-        self._targets(reader.path)
+        self._targets(reader.path, _shard(reader.scope))
 
     def saved(self, reader) -> dict[str, torch.Tensor]:
         return {}
 
     def load(self, reader) -> None:
-        for idx, layer in sorted(self._targets(reader.path).items()):
-            f = reader.path / layer_file(idx)
+        shard = _shard(reader.scope)
+        for idx, layer in sorted(self._targets(reader.path, shard).items()):
+            f = reader.path / layer_file(idx, shard)
             try:
                 with torch.no_grad():
                     layer.load_state_dict(load_file(str(f)))
