@@ -78,7 +78,7 @@ def split_client_state(client_state: dict) -> tuple[dict[str, torch.Tensor], dic
             return value
         raise CheckpointError(
             f"{_key_path(path)} is a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint "
-            f"cannot store: client_state holds tensors and JSON values (numbers, strings, lists, dicts, "
+            f"cannot store: client_state must hold tensors and JSON values (numbers, strings, lists, dicts, "
             f"nested in any way); convert that value (e.g. to a dict or a string) before saving")
 
     rest = {}
