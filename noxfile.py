@@ -41,6 +41,7 @@ PACKAGES = [
 # Optional extras exercised by the tests: Triton kernels run on CPU under TRITON_INTERPRET=1.
 EXTRAS = {
     "ds-ops": "[cuda,bnb]",
+    "ds-core": "[lightning,transformers]",  # the framework integrations (tests/ds_core/integrations)
 }
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
 TEST_DEPS = [

@@ -99,7 +99,6 @@ def test_strategies_are_registered_by_name():
     assert custom.config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
 
 
-@pytest.mark.smoke
 @pytest.mark.world_size(2, timeout=300)
 def test_lightning_trains_checkpoints_and_resumes_with_plain_loop_parity(tmp_path):
     tmp_path = tmp_path  # the same directory on both ranks (resolved once in the pytest process)

@@ -124,6 +124,10 @@ class Trainer(transformers.Trainer):
         if training_args is not None and getattr(training_args, "deepspeed", None):
             raise ConfigError("TrainingArguments(deepspeed=...) starts DeepSpeed's own integration; pass the config "
                               "to this Trainer as ds_config= instead and leave deepspeed unset")
+        if not hasattr(transformers.Trainer, "_prepare_for_training"):
+            raise ImportError(f"ds_core.integrations.transformers.Trainer needs transformers 5.20 or later (the "
+                              f"Trainer's _prepare_for_training step); found {transformers.__version__}: "
+                              f"pip install 'ds-core[transformers]'")
         super().__init__(*args, **kwargs)
         self.ds_config = ds_config
         self.engine = None
