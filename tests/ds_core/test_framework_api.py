@@ -240,24 +240,22 @@ def test_current_device_name():
 
 
 def test_init_distributed_takes_deepspeeds_arguments():
-    code = ("import datetime, ds_core, torch.distributed as d\n"
-            "ds_core.init_distributed('gloo', auto_mpi_discovery=True, distributed_port=29500, "
-            "timeout=datetime.timedelta(seconds=60))\n"
-            "print(d.get_world_size(), d.get_backend())\n")
-    out = run_python(code, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-2:] == ["1", "gloo"]
-
-
-def test_init_distributed_without_mpi_discovery_refuses_mpi_variables():
-    code = ("import ds_core\n"
+    # one fresh interpreter: auto_mpi_discovery=False refuses MPI variables, then a one-process world
+    # starts with the backend, port and timeout given
+    code = ("import datetime, os, ds_core, torch.distributed as d\n"
+            "os.environ.update(OMPI_COMM_WORLD_RANK='0', OMPI_COMM_WORLD_SIZE='2')\n"
             "try:\n"
             "    ds_core.init_distributed('gloo', auto_mpi_discovery=False)\n"
             "except ds_core.errors.CommError as e:\n"
-            "    print('REFUSED', e)\n")
-    env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}
-    out = run_python(code, env=env, timeout=120)
+            "    print('REFUSED', e)\n"
+            "del os.environ['OMPI_COMM_WORLD_RANK'], os.environ['OMPI_COMM_WORLD_SIZE']\n"
+            "ds_core.init_distributed('gloo', auto_mpi_discovery=True, distributed_port=29500, "
+            "timeout=datetime.timedelta(seconds=60))\n"
+            "print('WORLD', d.get_world_size(), d.get_backend())\n")
+    out = run_python(code, timeout=120)
+    assert out.returncode == 0, out.stderr
     assert "REFUSED" in out.stdout and "auto_mpi_discovery=True" in out.stdout, out.stdout + out.stderr
+    assert "WORLD 1 gloo" in out.stdout
     assert issubclass(CommError, RuntimeError)
 
 

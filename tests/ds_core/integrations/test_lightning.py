@@ -107,6 +107,9 @@ def test_lightning_trains_checkpoints_and_resumes_with_plain_loop_parity(tmp_pat
     trainer.fit(model)
     engine = trainer.strategy.engine
     assert engine.global_steps == STEPS and engine.config["zero_optimization"]["stage"] == 2
+    # validate() after fit runs through the engine: the weights the last validation of fit saw
+    last_val = float(trainer.callback_metrics["val_loss"])
+    assert trainer.validate(model, verbose=False)[0]["val_loss"] == pytest.approx(last_val, abs=1e-6)
 
     # parity with the plain ds loop at ZeRO 2 (same seed, data order, optimizer): 1e-5
     reference = _plain_ds_losses(stage=2)

@@ -165,6 +165,7 @@ class DSStrategy(DDPStrategy):
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
             self._build_engine(trainer)
+        # validate/test/predict after fit() run through the engine (ZeRO-3 gathers what they touch)
         self.setup_precision_plugin()
         self.barrier()
 
@@ -202,6 +203,9 @@ class DSStrategy(DDPStrategy):
 
         module = self.lightning_module
         config = self._full_config(trainer)
+        if self.engine is not None:  # a second fit(): the previous engine lets go of the module first
+            self.engine.destroy()
+            self.engine = None
         optimizer = scheduler = None
         if "optimizer" not in config:
             optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
@@ -266,11 +270,6 @@ class DSStrategy(DDPStrategy):
             import shutil
 
             shutil.rmtree(filepath, ignore_errors=True)
-
-    def teardown(self) -> None:
-        if self.engine is not None:
-            self.engine.destroy()
-        super().teardown()
 
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:
