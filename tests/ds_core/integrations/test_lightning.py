@@ -71,7 +71,7 @@ def _trainer(tmp_path, strategy, max_steps=STEPS, **kw):
                    enable_model_summary=False, use_distributed_sampler=False, **kw)
 
 
-def _plain_ds_losses(stage):
+def _plain_ds_losses(stage, steps=STEPS):
     """The reference: the same model, data order and optimizer through the plain ds loop."""
     torch.manual_seed(0)
     model = GPT(CFG)
@@ -79,7 +79,7 @@ def _plain_ds_losses(stage):
                                     config={"train_micro_batch_size_per_gpu": 2, "steps_per_print": 0,
                                             "zero_optimization": {"stage": stage}})
     losses = []
-    for x, y in [*_loader(), *_loader()]:  # two epochs
+    for x, y in [*_loader(), *_loader()][:steps]:  # two epochs
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
@@ -135,3 +135,16 @@ def test_lightning_trains_checkpoints_and_resumes_with_plain_loop_parity(tmp_pat
         assert torch.allclose(a, b, atol=1e-6)
     cb = trainer2.checkpoint_callback
     assert cb.best_model_path.endswith(".ckpt")  # ModelCheckpoint's state came back through client_state
+
+
+@pytest.mark.world_size(2, timeout=300)
+def test_lightning_zero3_trains_and_validates_with_plain_loop_parity(tmp_path):
+    model = TinyGPT()
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ds_stage_3", max_steps=2, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                      limit_val_batches=2, use_distributed_sampler=False, enable_model_summary=False)
+    trainer.fit(model)
+    assert trainer.strategy.engine.config["zero_optimization"]["stage"] == 3
+    reference = _plain_ds_losses(stage=3, steps=2)
+    assert max(abs(a - b) for a, b in zip(model.losses, reference)) < 1e-5, (model.losses, reference)
+    assert torch.isfinite(torch.tensor(trainer.validate(model, verbose=False)[0]["val_loss"]))
