@@ -73,17 +73,19 @@ def _train_losses(trainer):
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
-def _plain_ds_losses(stage):
+def _plain_ds_losses(stage, accumulation=1):
     """The reference: the same model, data order (the Trainer's loader shards batches round-robin over
-    ranks), optimizer and clipping through the plain ds loop."""
+    ranks, epoch after epoch), optimizer, accumulation and clipping through the plain ds loop; the loss
+    of each micro-batch."""
     model = _model()
     engine, *_ = ds_core.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR,
                                                                              weight_decay=0.0),
                                     config={"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+                                            "gradient_accumulation_steps": accumulation,
                                             "steps_per_print": 0, "zero_optimization": {"stage": stage}})
-    batches = list(DataLoader(Tokens(), batch_size=2))[dist.get_rank()::2]
+    batches = list(DataLoader(Tokens(), batch_size=2))[dist.get_rank()::2] * 2  # two epochs
     losses = []
-    for batch in batches[:STEPS]:
+    for batch in batches[:STEPS * accumulation]:
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()
@@ -94,14 +96,17 @@ def _plain_ds_losses(stage):
 @pytest.mark.world_size(2, timeout=300)
 def test_trainer_zero2_trains_evaluates_saves_and_resumes_with_plain_loop_parity(tmp_path):
     config = {**DS_CONFIG, "zero_optimization": {"stage": 2}}
-    trainer = RecordingTrainer(model=_model(), args=_args(tmp_path / "run"), train_dataset=Tokens(),
+    args = _args(tmp_path / "run", gradient_accumulation_steps=2)  # the Trainer's boundaries drive the engine
+    trainer = RecordingTrainer(model=_model(), args=args, train_dataset=Tokens(),
                                eval_dataset=Tokens(4, offset=100), ds_config=config)
     trainer.train()
     assert trainer.engine.global_steps == STEPS and trainer.engine.config["zero_optimization"]["stage"] == 2
+    assert trainer.engine.gradient_accumulation_steps() == 2  # "auto" from the TrainingArguments
     assert len(_train_losses(trainer)) == STEPS  # the Trainer logged every step
-    # this rank's loss at each step equals the plain ds loop's (same seed, data, optimizer, clipping): 1e-5
-    reference = _plain_ds_losses(stage=2)
-    assert len(trainer.rank_losses) == STEPS
+    # this rank's loss at each micro-step equals the plain ds loop's (same seed, data, optimizer,
+    # accumulation, clipping): 1e-5
+    reference = _plain_ds_losses(stage=2, accumulation=2)
+    assert len(trainer.rank_losses) == 2 * STEPS
     assert max(abs(a - b) for a, b in zip(trainer.rank_losses, reference)) < 1e-5, (trainer.rank_losses, reference)
     metrics = trainer.evaluate()
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
@@ -113,7 +118,7 @@ def test_trainer_zero2_trains_evaluates_saves_and_resumes_with_plain_loop_parity
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 2
 
     # resume from step 2 in a fresh Trainer: the same weights after step 4
-    again = Trainer(model=_model(), args=_args(tmp_path / "run"), train_dataset=Tokens(), ds_config=config)
+    again = Trainer(model=_model(), args=args, train_dataset=Tokens(), ds_config=config)
     again.train(resume_from_checkpoint=str(ckpt))
     assert again.state.global_step == STEPS and again.engine.global_steps == STEPS
     for (name, a), b in zip(again.model.named_parameters(), trainer.model.parameters()):
