@@ -21,8 +21,9 @@ the ds engine does the rest:
   state, scheduler, counters); ``train(resume_from_checkpoint=...)`` resumes from it.
 
 Where transformers leaves no seam, the subclass overrides a private method of ``Trainer``:
-``_prepare_for_training``, ``_wrap_model``, ``_save_optimizer_and_scheduler``,
-``_load_optimizer_and_scheduler``, ``_load_from_checkpoint`` (transformers 5.x names; pinned by the tests).
+``_prepare_for_training``, ``_wrap_model``, ``_clip_grad_norm``, ``_get_grad_norm``,
+``_save_optimizer_and_scheduler``, ``_load_optimizer_and_scheduler``, ``_load_from_checkpoint``
+(transformers 5.20+ names; pinned by the tests).
 The loss of each micro-batch is its mean (``num_items_in_batch`` is not passed to the model): the
 engine averages micro-batches, as DeepSpeed's does.
 """
