@@ -44,6 +44,7 @@ EXTRAS = {
     "ds-ops": "[cuda,bnb]",
     "ds-infer": "[hf,serve]",
     "ds-parallel": "[hf]",
+    "ds-core": "[lightning,transformers,accelerate]",  # the framework integrations (tests/ds_core/integrations)
 }
 TEST_PLUGIN = "tests/ds_core/plugins/ds-test-accel"
 TEST_DEPS = [

@@ -254,7 +254,9 @@ class PipelineEngine:
     def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False):
         with_state = load_optimizer_states and not load_module_only
-        return self.core.load_checkpoint(load_dir, tag, with_state, load_lr_scheduler_states, load_module_only,
+        return self.core.load_checkpoint(load_dir, tag, load_optimizer_states=with_state,
+                                         load_lr_scheduler_states=load_lr_scheduler_states,
+                                         load_module_only=load_module_only,
                                          check=lambda reader: ckpt.check(self, reader, with_state))
 
     def destroy(self) -> None:

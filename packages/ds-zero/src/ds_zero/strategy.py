@@ -99,6 +99,11 @@ class ZeroStrategy:
     def param_groups(self):
         return self.optimizer.param_groups
 
+    @property
+    def state(self):
+        """The optimizer state of this rank's partition, as DeepSpeed's optimizer wrappers expose it."""
+        return self.optimizer.state
+
     def reload_masters_from_model(self) -> None:
         self.zero.reload_masters_from_model()
 
@@ -200,6 +205,14 @@ class Stage3Strategy(ZeroStrategy):
         from .checkpoint3 import managed_names
 
         return set(managed_names(self.ctx.module, self.parts))
+
+    def gathered_state_dict(self, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        """The full module state in the model's dtype on the host (a collective; ``{}`` off rank 0 with
+        ``rank0_only``): what ``engine._zero3_consolidated_16bit_state_dict()`` returns."""
+        from .checkpoint3 import _gathered
+
+        keep = not rank0_only or self.ctx.rank == 0
+        return _gathered(self.ctx.module, self.parts, keep)
 
     def save(self, writer) -> None:
         from .checkpoint3 import save_shards

@@ -111,6 +111,13 @@ class TorchAccelerator:
     def set_device(self, index: int) -> None:
         self.module.set_device(index)
 
+    def current_device_name(self) -> str:
+        """``"cuda:0"``-style name of this process's current device (``"cpu"`` for host devices)."""
+        index = getattr(self.module, "current_device", None)
+        if self.device_type == "cpu" or index is None:
+            return self.device_type
+        return f"{self.device_type}:{index()}"
+
     def synchronize(self) -> None:
         self.module.synchronize()
 

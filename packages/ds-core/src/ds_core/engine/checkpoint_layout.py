@@ -26,7 +26,6 @@ layout is refused naming both, before anything changes.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,30 +37,94 @@ from . import checkpoint as protocol
 from .checkpoint import CheckpointError
 
 __all__ = ["StateWriter", "StateReader", "ModuleFiles", "save_engine", "load_engine", "check_model_tensors",
-           "split_client_state", "sharded_names", "engine_meta", "restore_engine_state", "found_layout"]
+           "split_client_state", "join_client_state", "sharded_names", "frozen_names", "engine_meta", "restore_engine_state", "found_layout"]
+
+
+_TENSOR_REF = "__ds_tensor__"  #: JSON marker of a tensor nested in client_state, stored in client.safetensors
+
+
+def _key_path(path: tuple) -> str:
+    return "client_state" + "".join(f"[{k!r}]" for k in path)
 
 
 def split_client_state(client_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {k: v for k, v in client_state.items() if isinstance(v, torch.Tensor)}
-    rest = {k: v for k, v in client_state.items() if not isinstance(v, torch.Tensor)}
-    try:
-        json.dumps(rest)
-    except TypeError as exc:
-        raise CheckpointError(f"client_state must hold tensors and JSON values (numbers, strings, "
-                              f"lists, dicts): {exc}; convert that value before saving") from None
+    """``client_state`` -> (tensors for ``client.safetensors``, the rest as JSON).
+
+    Top-level tensors keep their key; a tensor nested in dicts, lists or tuples (Lightning's callback
+    state) is replaced by ``{"__ds_tensor__": name}`` and stored under that name. Tuples come back as
+    lists. A value that is neither a tensor nor JSON is refused naming its key path.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value, path: tuple):
+        if isinstance(value, torch.Tensor):
+            name = "/".join(str(k) for k in path)
+            while name in tensors:
+                name += "'"
+            tensors[name] = value.detach()
+            return {_TENSOR_REF: name}
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, str) and not (isinstance(k, (int, float, bool)) or k is None):
+                    raise CheckpointError(
+                        f"{_key_path(path)} has the key {k!r} ({type(k).__name__}): client_state keys must be "
+                        f"strings (or numbers, saved as strings); convert that key before saving")
+                out[k] = walk(v, path + (k,))
+            return out
+        if isinstance(value, (list, tuple)):
+            return [walk(v, path + (i,)) for i, v in enumerate(value)]
+        if value is None or isinstance(value, (str, bool, int, float)):
+            return value
+        raise CheckpointError(
+            f"{_key_path(path)} is a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint "
+            f"cannot store: client_state must hold tensors and JSON values (numbers, strings, lists, dicts, "
+            f"nested in any way); convert that value (e.g. to a dict or a string) before saving")
+
+    rest = {}
+    for key, value in client_state.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach()
+        else:
+            rest[key] = walk(value, (key,))
     return tensors, rest
 
 
+def join_client_state(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """Undo :func:`split_client_state`: the JSON with its tensor markers replaced, plus top-level tensors."""
+    used: set[str] = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            if set(value) == {_TENSOR_REF}:
+                name = value[_TENSOR_REF]
+                if name not in tensors:
+                    raise CheckpointError(f"client_state refers to tensor {name!r}, which client.safetensors does "
+                                          f"not hold: the checkpoint is incomplete; load an earlier one")
+                used.add(name)
+                return tensors[name]
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    out = {k: walk(v) for k, v in meta.items()}
+    out.update({k: v for k, v in tensors.items() if k not in used})
+    return out
+
+
 def check_model_tensors(module: torch.nn.Module, saved: dict[str, torch.Tensor], where,
-                        other_ranks: set[str] = frozenset(), skip: set[str] = frozenset()) -> None:
+                        other_ranks: set[str] = frozenset(), skip: set[str] = frozenset(),
+                        strict: bool = True) -> None:
     """Raise listing every missing, unexpected or differently shaped tensor.
 
     ``other_ranks`` are sharded tensors saved by other ranks (experts this rank does not hold);
-    ``skip`` are keys the strategy checks itself.
+    ``skip`` are keys the strategy checks itself. ``strict=False`` (``load_module_strict=False``)
+    allows missing and unexpected tensors; a shape mismatch is always an error.
     """
     current = {k: v for k, v in module.state_dict().items() if k not in skip}
-    missing = sorted(set(current) - set(saved))
-    unexpected = sorted(set(saved) - set(current) - set(other_ranks) - set(skip))
+    missing = sorted(set(current) - set(saved)) if strict else []
+    unexpected = sorted(set(saved) - set(current) - set(other_ranks) - set(skip)) if strict else []
     shapes = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(current[k].shape)}"
               for k in sorted(set(current) & set(saved)) if saved[k].shape != current[k].shape]
     if missing or unexpected or shapes:
@@ -74,6 +137,11 @@ def check_model_tensors(module: torch.nn.Module, saved: dict[str, torch.Tensor],
             lines.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:10]))
         lines.append("  load a checkpoint saved from the same model definition")
         raise CheckpointError("\n".join(lines))
+
+
+def frozen_names(module: torch.nn.Module) -> list[str]:
+    """State-dict names of parameters that do not train (``requires_grad=False``), tied names included."""
+    return [name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad]
 
 
 def sharded_names(module: torch.nn.Module, outer_axes=()) -> set[str]:
@@ -215,13 +283,16 @@ class ModuleFiles:
         self.module, self.outer_axes, self.skip = module, tuple(outer_axes), set(skip)
         self._saved: tuple[dict, set] | None = None
 
-    def save(self, writer: StateWriter) -> dict:
-        state = {k: v for k, v in self.module.state_dict().items() if k not in self.skip}
+    def save(self, writer: StateWriter, exclude_frozen: bool = False) -> dict:
+        """Add the module files; ``exclude_frozen`` leaves out parameters with ``requires_grad=False``
+        (recorded, so loading does not count them as missing)."""
+        frozen = set(frozen_names(self.module)) if exclude_frozen else set()
+        state = {k: v for k, v in self.module.state_dict().items() if k not in self.skip and k not in frozen}
         sharded = sharded_names(self.module, self.outer_axes)
         writer.replicated("model", {k: v for k, v in state.items() if k not in sharded})
         if sharded:
             writer.per_rank("model", {k: state[k] for k in sharded if k in state})
-        return {"sharded": sorted(sharded)}
+        return {"sharded": sorted(sharded), **({"frozen_excluded": sorted(frozen)} if frozen else {})}
 
     def saved(self, reader: StateReader) -> dict[str, torch.Tensor]:
         return self._read(reader)[0]
@@ -237,9 +308,10 @@ class ModuleFiles:
             self._saved = (saved, other_ranks)
         return self._saved
 
-    def check(self, reader: StateReader) -> None:
+    def check(self, reader: StateReader, strict: bool = True) -> None:
         saved, other_ranks = self._read(reader)
-        check_model_tensors(self.module, saved, reader.path, other_ranks, self.skip)
+        excluded = set(reader.meta.get("frozen_excluded", ()))
+        check_model_tensors(self.module, saved, reader.path, other_ranks, self.skip | excluded, strict)
 
     def load(self, reader: StateReader) -> None:
         saved, _ = self._read(reader)
@@ -288,14 +360,16 @@ def _strategy_name(strategy) -> str:
 
 # -- save and load -----------------------------------------------------------------------------------
 
-def save_engine(engine, save_dir, tag: str, client_state: dict, module_files=None, extra_meta=None) -> Path:
-    """Collect the module files, the strategy's state and the engine's JSON; write them atomically."""
+def save_engine(engine, save_dir, tag: str, client_state: dict, module_files=None, extra_meta=None,
+                exclude_frozen: bool = False) -> Path:
+    """Collect the module files, the strategy's state and the engine's JSON; write them atomically.
+    ``exclude_frozen``: leave parameters with ``requires_grad=False`` out of the module files."""
     strategy = engine.strategy
     client_tensors, client_meta = split_client_state(client_state)
     writer = StateWriter(engine.global_rank, engine.scope, engine.data_rank)
     strategy.save(writer)  # may run collectives (all ranks are here): nothing is written yet
     module_files = module_files or engine.module_files()
-    writer.meta.update(module_files.save(writer))
+    writer.meta.update(module_files.save(writer, exclude_frozen=True) if exclude_frozen else module_files.save(writer))
     writer.meta["strategy"] = {"layout": strategy.layout, "name": _strategy_name(strategy),
                                "data_world_size": engine.dp_world_size}
     meta = {**engine_meta(engine, client_meta), **(extra_meta or {})} if engine.global_rank == 0 else None
@@ -306,7 +380,7 @@ def save_engine(engine, save_dir, tag: str, client_state: dict, module_files=Non
 
 
 def load_engine(engine, load_dir, tag, load_optimizer_states: bool, load_lr_scheduler_states: bool,
-                module_files=None, check=None):
+                module_files=None, check=None, strict: bool = True):
     """Check, then load the module files, the strategy's state and the engine's JSON.
 
     ``check(reader)``: an extra check of the caller's (the pipeline's), run before anything changes.
@@ -323,7 +397,10 @@ def load_engine(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
             f"{path} holds {reader.layout_name} (layout {reader.layout!r}); this run's "
             f"{_strategy_name(strategy)} expects layout {strategy.layout!r}: load it with the strategy it was "
             f"saved with, or pass load_optimizer_states=False to take the model weights only (nothing was changed)")
-    module_files.check(reader)
+    if strict:
+        module_files.check(reader)
+    else:  # load_module_strict=False: missing and unexpected module tensors are allowed
+        module_files.check(reader, strict=False)
     if meta["world_size"] != engine.world_size:
         warnings.warn(f"{path} was saved by {meta['world_size']} ranks and is loaded by {engine.world_size}: "
                       f"per-rank random-number streams restart from the saved ranks'", stacklevel=3)
@@ -333,6 +410,4 @@ def load_engine(engine, load_dir, tag, load_optimizer_states: bool, load_lr_sche
         strategy.sync_from_module()
     restore_engine_state(engine, meta, load_optimizer_states, load_lr_scheduler_states)
     protocol.set_rng_state(rng_tensors, rng_meta)
-    client = dict(meta["client_state"])
-    client.update(files.get("client", {}))
-    return str(path), client
+    return str(path), join_client_state(meta["client_state"], files.get("client", {}))

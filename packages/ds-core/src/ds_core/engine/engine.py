@@ -65,6 +65,15 @@ def _param_groups(module: torch.nn.Module, optimizer, model_parameters) -> list[
     return [{"params": [p for p in items if p.requires_grad]}]
 
 
+def _set_overflow(strategy, overflow: bool) -> None:
+    """``strategy.overflow``: whether the last step was skipped (an fp16 overflow), which frameworks read
+    from DeepSpeed's optimizer wrappers (``engine.optimizer.overflow``)."""
+    try:
+        strategy.overflow = overflow
+    except AttributeError:  # a strategy with __slots__ or a read-only property keeps its own
+        pass
+
+
 class Engine(torch.nn.Module):
     """Returned by :func:`ds_core.initialize`; drive it with ``engine(batch)``, ``backward``, ``step``."""
 
@@ -131,6 +140,8 @@ class Engine(torch.nn.Module):
         strategy.prepare(ctx)
         check_strategy(strategy, origin)
         self.strategy = strategy
+        self._boundary: bool | None = None  # set_gradient_accumulation_boundary's override
+        _set_overflow(strategy, False)
         self.client_optimizer = optimizer
         self.lr_scheduler = self._scheduler(lr_scheduler)
 
@@ -178,7 +189,37 @@ class Engine(torch.nn.Module):
         return self.config.batch.gradient_accumulation_steps
 
     def is_gradient_accumulation_boundary(self) -> bool:
+        if self._boundary is not None:
+            return self._boundary
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool | None) -> None:
+        """Say whether the next backward/step is an accumulation boundary, overriding the count of
+        micro-steps (what Accelerate and the HF Trainer call when they own the accumulation loop).
+        ``None`` returns to counting."""
+        self._boundary = None if is_boundary is None else bool(is_boundary)
+
+    def zero_gather_16bit_weights_on_model_save(self) -> bool:
+        """Whether ``zero_optimization.stage3_gather_16bit_weights_on_model_save`` is set: frameworks
+        then save the gathered 16-bit weights (:meth:`_zero3_consolidated_16bit_state_dict`)."""
+        zero = self.config.get("zero_optimization") or {}
+        return bool(zero.get("stage3_gather_16bit_weights_on_model_save", False))
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False):
+        """The full module state in the model's dtype on the host, on global rank 0 (``None`` elsewhere),
+        as DeepSpeed returns it. Under ZeRO-3 the partitioned parameters are gathered one at a time:
+        a collective, every rank must call it. Keys are the module's (no ``module.`` prefix)."""
+        gather = getattr(self.strategy, "gathered_state_dict", None)
+        if gather is not None:
+            state = gather(rank0_only=True)
+        else:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        if self.global_rank != 0:
+            return None
+        if exclude_frozen_parameters:
+            frozen = set(checkpoint_layout.frozen_names(self.module))
+            state = {k: v for k, v in state.items() if k not in frozen}
+        return state
 
     def get_lr(self) -> list[float]:
         return [g["lr"] for g in self.strategy.optimizer.param_groups]
@@ -289,6 +330,7 @@ class Engine(torch.nn.Module):
                     raise
             if scaler is not None:
                 scaler.update(not decision.apply)
+            _set_overflow(self.strategy, not applied)
             if not applied:
                 self.skipped_steps += 1
             self.global_grad_norm = decision.grad_norm if applied else float("inf")
@@ -351,15 +393,24 @@ class Engine(torch.nn.Module):
         return checkpoint_layout.ModuleFiles(self.module, self.topology.outer_axes(), self.strategy.module_keys())
 
     def save_checkpoint(self, save_dir, tag: str | None = None, client_state: dict | None = None,
-                        save_latest: bool = True, extra_meta: dict | None = None):
+                        save_latest: bool = True, extra_meta: dict | None = None,
+                        exclude_frozen_parameters: bool = False):
+        """Write ``save_dir/tag`` (see docs/engine.md). ``client_state``: tensors and JSON values, nested
+        in any way; ``exclude_frozen_parameters``: leave parameters that do not train out of the model
+        files (loading then keeps the model's own values for them)."""
         self._refuse_if_broken("save")
         tag = tag or f"global_step{self.global_steps}"
         with checkpoint_options(save_latest=save_latest):
-            return checkpoint_layout.save_engine(self, save_dir, tag, client_state or {}, extra_meta=extra_meta)
+            return checkpoint_layout.save_engine(self, save_dir, tag, client_state or {}, extra_meta=extra_meta,
+                                                 exclude_frozen=exclude_frozen_parameters)
 
-    def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
-                        load_lr_scheduler_states: bool = True, load_module_only: bool = False, check=None):
-        """Load a checkpoint; ``check(reader)`` is an extra check run before anything changes."""
+    def load_checkpoint(self, load_dir, tag: str | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False, check=None):
+        """Load a checkpoint; returns ``(path, client_state)``. ``load_module_strict=False`` allows module
+        tensors missing from the checkpoint or not in the model (shapes must still match);
+        ``load_module_only`` loads the weights and nothing else (no optimizer, scheduler or counters).
+        ``check(reader)`` is an extra check run before anything changes."""
         holder = {}
 
         def track(reader):  # a load that fails after the module changed leaves the engine unusable
@@ -370,7 +421,7 @@ class Engine(torch.nn.Module):
         try:
             out = checkpoint_layout.load_engine(
                 self, load_dir, tag, load_optimizer_states and not load_module_only,
-                load_lr_scheduler_states and not load_module_only, check=track)
+                load_lr_scheduler_states and not load_module_only, check=track, strict=load_module_strict)
         except BaseException as exc:
             reader = holder.get("reader")
             if reader is not None and reader.module_loaded:

@@ -17,8 +17,30 @@ from .components import select_components
 __all__ = ["initialize", "init_distributed", "resolve_topology", "config_axes"]
 
 
-def init_distributed(dist_backend: str | None = None, **kwargs):
-    """Create the default process group from the launcher's environment (see ds_core.comm)."""
+def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool = True,
+                     distributed_port: int | None = None, timeout=None, **kwargs):
+    """Create the default process group from the launcher's environment (see ds_core.comm), with
+    DeepSpeed's signature.
+
+    ``auto_mpi_discovery``: take rank and world size from MPI/PMI/SLURM variables when torchrun's are
+    absent (the default); ``False`` requires torchrun's (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``).
+    ``distributed_port``: the rendezvous port when the launcher set no ``MASTER_PORT``.
+    ``timeout``: a ``datetime.timedelta`` or seconds for collectives (default 30 minutes).
+    """
+    from ..comm.env import detect
+    from ..errors import CommError
+
+    if not comm.is_initialized():
+        env = detect()
+        if env.source not in ("torchrun", "single") and not auto_mpi_discovery:
+            raise CommError(f"rank {env.rank} of {env.world_size} comes from {env.source} variables, and "
+                            f"auto_mpi_discovery=False takes them only from torchrun's (RANK, WORLD_SIZE, "
+                            f"MASTER_ADDR, MASTER_PORT): launch with torchrun/ds run, or pass "
+                            f"auto_mpi_discovery=True")
+        if distributed_port is not None and env.source != "single" and "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(int(distributed_port))
+    if timeout is not None:
+        kwargs["timeout"] = timeout
     return comm.init_distributed(dist_backend=dist_backend, **kwargs)
 
 

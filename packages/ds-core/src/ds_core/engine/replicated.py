@@ -74,6 +74,11 @@ class ReplicatedStrategy:
     def param_groups(self):
         return self.optimizer.param_groups
 
+    @property
+    def state(self):
+        """The optimizer state (per master parameter), as DeepSpeed's optimizer wrappers expose it."""
+        return self.optimizer.state
+
     # -- backward ----------------------------------------------------------------------------------
     def begin_backward(self, sync: bool) -> None:
         self.reducer.begin(sync)
