@@ -30,6 +30,7 @@ import json
 import math
 import random
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -481,6 +482,19 @@ def _seeded_rng(seed: int) -> tuple[dict[str, torch.Tensor], dict]:
             np.random.set_state(saved_np)
 
 
+@contextmanager
+def _one_process():
+    """[Note: conversion is local] One process writes every rank's files, so the directory protocol's
+    agreement between ranks must not run even when this process belongs to a process group (a rank-0-only
+    conversion inside a training job): its view of the world is narrowed to this process while writing."""
+    original = protocol._world
+    protocol._world = lambda: (0, 1)
+    try:
+        yield
+    finally:
+        protocol._world = original
+
+
 def write_ds(state: DeepSpeedState, out_dir: str | Path, tag: str | None = None, world_size: int | None = None,
              stage: int | None = None, set_latest: bool = True) -> Path:
     """Write ``state`` as the checkpoint ds's strategy for ``stage`` (default: the DeepSpeed run's) would
@@ -529,7 +543,7 @@ def write_ds(state: DeepSpeedState, out_dir: str | Path, tag: str | None = None,
                                "stage": state.stage, "world_size": state.world_size}}
     seed = state.config.get("seed", 1234)
     rng = _seeded_rng(int(seed) if isinstance(seed, int) else 1234)
-    with protocol.writing_checkpoint(out_dir, tag, 0) as partial:
+    with _one_process(), protocol.writing_checkpoint(out_dir, tag, 0) as partial:
         for r, w in enumerate(writers):
             w.write(partial, meta if r == 0 else None, rng, client_tensors if r == 0 else None)
     return Path(out_dir) / tag
