@@ -95,7 +95,7 @@ class RunReport:
         flops = self.train_flops()
         if flops is not None and seconds_per_step:
             tflops = flops / seconds_per_step / 1e12
-            fields["TFLOPs"] = round(tflops, 4) if tflops < 1e-3 else tflops
+            fields["TFLOPs"] = tflops
             if self._peak:
                 fields["MFU"] = f"{tflops / self._peak:.1%}"
         if self.total_steps and seconds_per_step and step < self.total_steps:
