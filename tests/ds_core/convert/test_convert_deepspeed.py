@@ -224,6 +224,7 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.smoke
 def test_a_planted_malicious_pickle_is_refused_without_running(tmp_path):
     state, moments, hyper, *_ = _reference()
     marker = tmp_path / "pwned"

@@ -1,4 +1,5 @@
-"""A run started with DeepSpeed, converted after 10 steps and resumed in ds, matches DeepSpeed continuing.
+"""A run started with DeepSpeed, converted after 10 steps and resumed in ds, matches DeepSpeed continuing
+(ZeRO stages 0, 2 and 3).
 
 Both run on the same 2 gloo ranks (DeepSpeed on its CPU accelerator), the same model, data, torch AdamW,
 WarmupLR schedule and gradient clipping; fp32 everywhere, so the two continuations agree to float
@@ -116,3 +117,8 @@ def test_stage2_run_converted_after_10_steps_resumes_like_deepspeed(tmp_path):
 @pytest.mark.world_size(2, timeout=300)
 def test_stage3_run_converted_after_10_steps_resumes_like_deepspeed(tmp_path):
     _parity(3, tmp_path)
+
+
+@pytest.mark.world_size(2, timeout=300)
+def test_stage0_run_converted_after_10_steps_resumes_like_deepspeed(tmp_path):
+    _parity(0, tmp_path)

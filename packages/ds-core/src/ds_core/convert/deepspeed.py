@@ -257,6 +257,26 @@ def _read_stage3(path: Path, optims: list[dict], param_shapes: list[dict]) -> li
     return groups
 
 
+def _stage0_shapes(path: Path, model: dict) -> list[dict]:
+    """Stage 0 saves no ``param_shapes``: the optimizer's parameters are the module's non-buffer entries in
+    order (``model.parameters()``), split by the sizes of its parameter groups."""
+    opt = model.get("optimizer")
+    if not isinstance(opt, dict) or "param_groups" not in opt:
+        return []
+    buffers = set(model.get("buffer_names") or [])
+    names = [k for k in model["module"] if k not in buffers]
+    sizes = [len(g["params"]) for g in opt["param_groups"]]
+    if sum(sizes) != len(names):
+        raise CheckpointError(f"{path}: the optimizer holds {sum(sizes)} parameters but the module has {len(names)} "
+                              f"non-buffer entries (frozen or tied parameters): a stage-0 checkpoint does not say "
+                              f"which is which; convert a checkpoint saved with ZeRO stage 1 or higher")
+    out, at = [], 0
+    for size in sizes:
+        out.append({n: tuple(model["module"][n].shape) for n in names[at:at + size]})
+        at += size
+    return out
+
+
 def _read_stage0(path: Path, model: dict, param_shapes: list[dict]) -> list[Group]:
     """Stage 0: the torch optimizer's own state dict, per parameter, in ``model_states['optimizer']``."""
     opt = model.get("optimizer")
@@ -298,6 +318,8 @@ def read_deepspeed(ckpt_dir: str | Path, tag: str | None = None) -> DeepSpeedSta
     optims = [load_restricted(f)["optimizer_state_dict"] for f in optim_files]
     stage = _stage_of(optims[0] if optims else None, config)
     param_shapes = model.get("param_shapes")
+    if not param_shapes and not optims:
+        param_shapes = _stage0_shapes(model_files[0], model)
     if not param_shapes:
         raise CheckpointError(f"{model_files[0]} has no param_shapes: it was written by a DeepSpeed too old (or "
                               f"without an optimizer) to convert")
