@@ -120,10 +120,10 @@ def _tensor_rebuilders() -> dict[tuple[str, str], Any]:
     import torch._utils as tu
 
     allowed = {}
+    # dense tensors and parameters over storages torch has already resolved; nothing that takes a class
+    # or a callable from the file (``_rebuild_wrapper_subclass``, ``_rebuild_parameter_with_state``'s hooks)
     for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state", "_rebuild_sparse_tensor", "_rebuild_qtensor",
-                 "_rebuild_nested_tensor", "_rebuild_device_tensor_from_numpy", "_rebuild_meta_tensor_no_storage",
-                 "_rebuild_wrapper_subclass"):
+                 "_rebuild_sparse_tensor", "_rebuild_meta_tensor_no_storage"):
         if hasattr(tu, name):
             allowed[("torch._utils", name)] = getattr(tu, name)
     allowed[("torch._tensor", "_rebuild_from_type_v2")] = _rebuild_from_type_v2
