@@ -11,6 +11,7 @@ order).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import pickle
@@ -46,6 +47,11 @@ def deepspeed_modules():
         def __init__(self, scale):
             self.cur_scale, self.dynamic = scale, False
 
+    class DynamicLossScaler:
+        def __init__(self, scale, cur_iter, last_overflow_iter, hysteresis):
+            self.cur_scale, self.cur_iter, self.last_overflow_iter = scale, cur_iter, last_overflow_iter
+            self.cur_hysteresis, self.scale_factor, self.scale_window, self.dynamic = hysteresis, 2.0, 1000, True
+
     class ZeroStageEnum(int):
         def __reduce__(self):
             return (type(self), (int(self),))
@@ -54,13 +60,15 @@ def deepspeed_modules():
         def __init__(self, numel, start):
             self.numel, self.start = numel, start
 
-    for cls, mod in ((LossScaler, "deepspeed.runtime.fp16.loss_scaler"), (ZeroStageEnum, "deepspeed.runtime.zero.config"),
+    for cls, mod in ((LossScaler, "deepspeed.runtime.fp16.loss_scaler"),
+                     (DynamicLossScaler, "deepspeed.runtime.fp16.loss_scaler"), (ZeroStageEnum, "deepspeed.runtime.zero.config"),
                      (fragment_address, "deepspeed.utils.tensor_fragment")):
         cls.__module__, cls.__qualname__ = mod, cls.__name__
         setattr(mods[mod], cls.__name__, cls)
     sys.modules.update(mods)
     try:
-        yield types.SimpleNamespace(LossScaler=LossScaler, ZeroStageEnum=ZeroStageEnum, fragment_address=fragment_address)
+        yield types.SimpleNamespace(LossScaler=LossScaler, DynamicLossScaler=DynamicLossScaler,
+                                    ZeroStageEnum=ZeroStageEnum, fragment_address=fragment_address)
     finally:
         for n, m in saved.items():
             if m is None:
@@ -113,7 +121,7 @@ def _flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _write_deepspeed(tmp_path, stage, state, moments, hyper, extra=None):
+def _write_deepspeed(tmp_path, stage, state, moments, hyper, extra=None, config=None, scaler=None):
     """The files DeepSpeed 0.19 writes for this run at ``stage`` on ``WORLD`` ranks."""
     names = [k for k in state if k.endswith(("weight", "bias"))]
     shapes = OrderedDict((n, torch.Size(state[n].shape)) for n in names)
@@ -123,7 +131,7 @@ def _write_deepspeed(tmp_path, stage, state, moments, hyper, extra=None):
     common = {"buffer_names": [], "optimizer": None, "param_shapes": [shapes], "frozen_param_shapes": OrderedDict(),
               "shared_params": {}, "frozen_param_fragments": OrderedDict(), "lr_scheduler": None,
               "data_sampler": None, "random_ltd": None, "skipped_steps": 0, "global_steps": 6, "global_samples": 96,
-              "dp_world_size": WORLD, "mp_world_size": 1, "ds_config": _config(stage), "ds_version": "0.19.8",
+              "dp_world_size": WORLD, "mp_world_size": 1, "ds_config": config or _config(stage), "ds_version": "0.19.8",
               "epoch": 2, "cursor": torch.tensor([4, 5]), **(extra or {})}
     group_hyper = {**hyper, "params": [0]}
     with deepspeed_modules() as ds:
@@ -142,7 +150,8 @@ def _write_deepspeed(tmp_path, stage, state, moments, hyper, extra=None):
             sq = split(_flat(moments[n]["exp_avg_sq"] for n in names))
             step = moments[names[0]]["step"]
             for r in range(WORLD):
-                optim = {"loss_scaler": ds.LossScaler(1.0), "dynamic_loss_scale": False, "overflow": False,
+                optim = {"loss_scaler": scaler(ds) if scaler else ds.LossScaler(1.0), "dynamic_loss_scale": False,
+                         "overflow": False,
                          "clip_grad": 0.0,
                          "base_optimizer_state": {"state": {0: {"step": step.clone(), "exp_avg": avg[r],
                                                                 "exp_avg_sq": sq[r]}},
@@ -260,3 +269,18 @@ def test_cli_converts(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "global_step6" / "zero_rank1.safetensors").is_file()
     assert "global_step6" in done.stdout
+
+
+def test_fp16_loss_scale_state_is_carried_over(tmp_path):
+    state, moments, hyper, *_ = _reference()
+    config = {**_config(2), "fp16": {"enabled": True, "initial_scale_power": 16}}
+    src = _write_deepspeed(tmp_path, 2, state, moments, hyper, config=config,
+                           scaler=lambda ds: ds.DynamicLossScaler(1024.0, 50, 40, 2))
+    read = read_deepspeed(src)
+    assert read.precision == "fp16"
+    expected = {"scale": 1024.0, "remaining_hysteresis": 2, "iteration": 50, "last_overflow": 40}
+    assert read.loss_scaler == expected
+    out = convert_deepspeed(src, tmp_path / "ds")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["loss_scaler"] == expected and meta["precision"] == "fp16"
+    assert meta["converted_from"]["framework"] == "deepspeed"
