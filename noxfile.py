@@ -55,6 +55,7 @@ TEST_DEPS = [
     "wandb",
     "openai",  # the official client against `ds serve` (tests/ds_infer/serving)
     "transformers",  # Hugging Face models under ZeRO-3 (tests/ds_zero/test_stage3_hf.py)
+    "deepspeed==0.19.8",  # writes the checkpoints tests/ds_core/convert converts (pure Python; ~10 s to install)
     "tests/ds_core/plugins/ds-test-strategy",  # a third-party data-parallel strategy (tests/ds_core)
 ]
 XDIST_WORKERS = 2  # this many test processes; every multi-rank test starts its own ranks besides

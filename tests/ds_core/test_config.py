@@ -147,5 +147,5 @@ def test_feature_section_validated_by_owner(monkeypatch):
 
 
 def test_accepted_deepspeed_key_without_effect_warns():
-    with pytest.warns(UserWarning, match="'flops_profiler' is accepted but has no effect"):
-        parse_config({"train_batch_size": 8, "flops_profiler": {"enabled": True}})
+    with pytest.warns(UserWarning, match="'autotuning' is accepted but has no effect"):
+        parse_config({"train_batch_size": 8, "autotuning": {"enabled": True}})

@@ -19,13 +19,12 @@ ASKING = {
                           "offload_optimizer": {"device": "cpu", "pipeline_read": True, "pipeline_write": True,
                                                 "fast_init": True}},
     "comms_logger": {"enabled": True, "debug": True},
-    "flops_profiler": {"enabled": True, "profile_step": 5},
     "dataloader_drop_last": False,
 }
 WARNED = ["checkpoint.tag_validation", "checkpoint.use_node_local_storage", "checkpoint.parallel_write.pipeline_stage",
           "checkpoint.checkpoint_serialization", "fp16.auto_cast", "zero_optimization.stage3_model_persistence_threshold",
           "zero_optimization.offload_optimizer.pipeline_read", "zero_optimization.offload_optimizer.pipeline_write",
-          "zero_optimization.offload_optimizer.fast_init", "comms_logger.debug", "flops_profiler",
+          "zero_optimization.offload_optimizer.fast_init", "comms_logger.debug",
           "dataloader_drop_last"]
 
 

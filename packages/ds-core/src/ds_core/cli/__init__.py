@@ -13,6 +13,7 @@ __all__ = ["main"]
 BUILTIN = {
     "report": ("ds_core.cli.report:main", "versions, accelerator, installed features and ops"),
     "run": ("ds_core.cli.run:main", "launch a training script on one or many nodes"),
+    "convert-deepspeed": ("ds_core.convert.cli:main", "convert a DeepSpeed checkpoint into a ds checkpoint"),
 }
 
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_valid
 
 from .. import plugins
 from ..errors import ConfigError
+from ..profiling.flops import FlopsProfilerConfig
 from .loader import read_config
 from .sections import (
     OPTIMIZERS,
@@ -111,6 +112,7 @@ class DSConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     csv_monitor: CSVMonitorConfig = Field(default_factory=CSVMonitorConfig)
     aio: AioConfig = Field(default_factory=AioConfig)
+    flops_profiler: FlopsProfilerConfig = Field(default_factory=FlopsProfilerConfig)
 
     _features: dict[str, Any] = PrivateAttr(default_factory=dict)
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)

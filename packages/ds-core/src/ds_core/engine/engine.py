@@ -27,6 +27,7 @@ from ..accelerator import get_accelerator
 from ..errors import DSError
 from ..monitor.monitor import Monitor, Throughput, format_log_line
 from ..monitor.timers import make_timers
+from ..profiling.report import RunReport
 from . import checkpoint_layout
 from .checkpoint import CheckpointError, checkpoint_options
 from .components import model_transforms
@@ -148,6 +149,7 @@ class Engine(torch.nn.Module):
         self.timers = make_timers(config.wall_clock_breakdown, accelerator=self.accelerator)
         self.monitor = Monitor(config, rank=self.global_rank)
         self.throughput = Throughput(window=max(1, config.steps_per_print or 10), accelerator=self.accelerator)
+        self.run_report = RunReport(config.raw, self.global_rank, self.device, self.gradient_accumulation_steps())
 
     def _scheduler(self, client):
         opt = self.strategy.optimizer
@@ -258,12 +260,13 @@ class Engine(torch.nn.Module):
         return x
 
     def forward(self, *inputs, **kwargs):
-        first = inputs[0] if inputs else None
+        first = inputs[0] if inputs else kwargs.get("input_ids")  # HF models are called with keywords
         if isinstance(first, torch.Tensor) and first.dim() >= 2 and not first.is_floating_point():
             self._tokens += first.numel()
         self.hooks.fire("forward_start")
         with self.timers("forward"):
-            return self.module(*self.cast_inputs(inputs), **self.cast_inputs(kwargs))
+            return self.run_report.forward(self.global_steps + 1, self.module, lambda: self.module(
+                *self.cast_inputs(inputs), **self.cast_inputs(kwargs)))
 
     def backward(self, loss, retain_graph: bool = False, scale_wrt_gas: bool = True, *, grad_tensors=None,
                  sync: bool | None = None):
@@ -367,12 +370,13 @@ class Engine(torch.nn.Module):
             if self.loss_scaler is not None:
                 events.append(("Train/Samples/loss_scale", self.get_loss_scale(), self.global_samples))
             self.monitor.write_events(events)
+        extra = self.run_report.after_step(self.global_steps, self.throughput.seconds_per_step)
         every = self.config.steps_per_print
         if every and self.global_steps % every == 0:
             if self.global_rank == 0:
-                print("[ds] " + format_log_line(
+                self.run_report.print("[ds] " + format_log_line(
                     self.global_steps, self.last_loss, self.get_lr()[0], self.get_global_grad_norm(),
-                    self.throughput.samples_per_sec, self.throughput.tokens_per_sec), flush=True)
+                    self.throughput.samples_per_sec, self.throughput.tokens_per_sec, **extra))
                 if self.config.wall_clock_breakdown:
                     print("[ds] " + self.timers.log(["forward", "backward", "reduce", "step"],
                                                     normalizer=every), flush=True)
@@ -382,6 +386,7 @@ class Engine(torch.nn.Module):
     def destroy(self) -> None:
         """Close the monitors (flushing TensorBoard and W&B) and release the strategy's hooks."""
         self.monitor.close()
+        self.run_report.close()
         self.strategy.close()
 
     # -- checkpoints ---------------------------------------------------------------------------------

@@ -334,6 +334,11 @@ class Throughput:
         return sum(s[1] for s in self._steps) / seconds if self._steps and seconds > 0 else None
 
     @property
+    def seconds_per_step(self) -> float | None:
+        """Mean wall time of the measured steps in the window; None until one is measured."""
+        return sum(s[0] for s in self._steps) / len(self._steps) if self._steps else None
+
+    @property
     def tokens_per_sec(self) -> float | None:
         """None until measured, or when any step in the window was updated without tokens."""
         if not self._steps or any(s[2] is None for s in self._steps):
