@@ -1,6 +1,5 @@
 """The README's main job, shortened: `ds run` starts 2 CPU ranks of examples/train_gpt.py."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +8,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_train_gpt_runs_through_ds_run(tmp_path):
-    ds = shutil.which("ds") or f"{sys.executable} -m ds_core.cli"
-    cmd = [*ds.split(), "run", "--nproc", "2", str(ROOT / "examples/train_gpt.py"),
+    # `python -m ds_core`, not a `ds` on PATH: DeepSpeed (a test dependency) installs a `ds` script too
+    cmd = [sys.executable, "-m", "ds_core", "run", "--nproc", "2", str(ROOT / "examples/train_gpt.py"),
            "--config", str(ROOT / "examples/configs/gpt_cpu.json"), "--steps", "12",
            "--dim", "32", "--layers", "1", "--seq-len", "32", "--corpus-bytes", "200000",
            "--save-dir", str(tmp_path / "ckpt")]
