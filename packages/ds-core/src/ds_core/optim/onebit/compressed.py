@@ -31,22 +31,37 @@ from ... import comm
 
 __all__ = ["CompressedAllReduce", "pack_signs", "unpack_signs", "compressed_bytes"]
 
-_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.float32)
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+#: row ``b``: the eight signs (+1 / -1) byte ``b`` packs, high bit first
+_TABLE = ((torch.arange(256, dtype=torch.uint8).reshape(-1, 1) >> _SHIFTS) & 1).float() * 2 - 1
 
 
-def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """``x >= 0`` as bits, eight to a uint8 (the first element in the high bit); ``x.numel() % 8 == 0``."""
+def pack_signs(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x >= 0`` as bits, eight to a uint8 (the first element in the high bit); ``x.numel() % 8 == 0``.
+    (-0.0 counts as negative, as ``copysign`` says.)"""
     if x.numel() % 8:
         raise ValueError(f"pack_signs: {x.numel()} elements is not a multiple of 8; pad the tensor first")
-    bits = (x.reshape(-1, 8) >= 0).to(torch.uint8)
-    return (bits * _WEIGHTS.to(x.device)).sum(dim=1, dtype=torch.uint8)
+    return _pack_pm1(torch.copysign(torch.ones((), device=x.device), x.float()), out)
 
 
-def unpack_signs(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The inverse of :func:`pack_signs`: +1 for a set bit, -1 for a clear one."""
-    bits = (packed.reshape(-1, 1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.reshape(-1).to(dtype) * 2 - 1
+def _pack_pm1(signs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pack fp32 signs (+1 / -1): byte = sum(w_i * (s_i + 1) / 2) = sum(w_i / 2 * s_i) + 127.5, one pass."""
+    packed = torch.addmv(torch.full((), 127.5, device=signs.device), signs.view(-1, 8),
+                         _WEIGHTS.to(signs.device) / 2)
+    if out is None:
+        return packed.round_().to(torch.uint8)
+    return out.copy_(packed.round_().view_as(out))
+
+
+def unpack_signs(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of :func:`pack_signs`: +1 for a set bit, -1 for a clear one (fp32, 8 per byte)."""
+    table = _TABLE.to(packed.device)
+    index = packed.reshape(-1).long()
+    if out is None:
+        return table.index_select(0, index).reshape(-1)
+    torch.index_select(table, 0, index, out=out.view(-1, 8))
+    return out
 
 
 def compressed_bytes(numel: int, world: int) -> tuple[int, int]:
@@ -82,6 +97,7 @@ class CompressedAllReduce:
         self.server_error = torch.zeros(self.chunk, dtype=torch.float32, device=device)
         # Real (unpadded) elements in each chunk, for the scale's sqrt(count).
         self._counts = [max(0, min(self.chunk, numel - r * self.chunk)) for r in range(self.world)]
+        self._scratch: torch.Tensor | None = None
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"worker_error": self.worker_error, "server_error": self.server_error}
@@ -101,39 +117,48 @@ class CompressedAllReduce:
         if x.numel() != self.numel:
             raise ValueError(f"compressed all-reduce built for {self.numel} elements got {x.numel()}")
         n, world, chunk = self.numel, self.world, self.chunk
+        nb = chunk // 8
+        if self._scratch is None:  # reused every call: fresh large buffers cost page faults each time
+            dev = self.worker_error.device
+            self._scratch = torch.empty(self.padded, dtype=torch.float32, device=dev)
+            self._send = torch.empty(world, nb + 4, dtype=torch.uint8, device=dev)
+            self._recv = torch.empty_like(self._send)
+            self._mine = torch.empty(nb + 4, dtype=torch.uint8, device=dev)
+            self._gathered = torch.empty(world, nb + 4, dtype=torch.uint8, device=dev)
+            self._avg = torch.empty(chunk, dtype=torch.float32, device=dev)
         flat = x.reshape(-1)
-        # worker compression, with error feedback
-        buf = self.worker_error.clone()
-        buf[:n] += flat.float()
+        signs = self._scratch
+        # worker compression, with error feedback: the error buffer becomes b = x + error, then b - s*sign(b)
+        buf = self.worker_error
+        buf[:n] += flat
         scale = _scale(buf[:n], n)
-        signs = torch.where(buf >= 0, 1.0, -1.0)
-        self.worker_error.copy_(buf - scale * signs)
-        self.worker_error[n:] = 0.0
-        packed = pack_signs(buf).reshape(world, chunk // 8)
-        send = torch.cat([packed, scale.view(torch.uint8).expand(world, 4)], dim=1).contiguous()
-        recv = torch.empty_like(send)
+        torch.copysign(torch.ones((), device=buf.device), buf, out=signs)
+        _pack_pm1(signs, out=self._send[:, :nb])
+        self._send[:, nb:] = scale.view(torch.uint8)
+        buf.addcmul_(signs, scale, value=-1.0)
+        buf[n:] = 0.0
         if world > 1:
-            comm.all_to_all(recv, send, group=self.group)
+            comm.all_to_all(self._recv, self._send, group=self.group)
         else:
-            recv.copy_(send)
+            self._recv.copy_(self._send)
         # server: average this rank's chunk from every worker, compress again
-        scales = recv[:, chunk // 8:].reshape(-1).clone().view(torch.float32).reshape(world, 1)
-        received = unpack_signs(recv[:, :chunk // 8]).reshape(world, chunk)
-        avg = (received * scales).sum(dim=0) / world + self.server_error
+        scales = self._recv[:, nb:].reshape(-1).clone().view(torch.float32)
+        received = unpack_signs(self._recv[:, :nb], out=signs).view(world, chunk)
+        avg = torch.mv(received.t(), scales / world, out=self._avg).add_(self.server_error)
         count = self._counts[self.rank]
         avg[count:] = 0.0
         server_scale = _scale(avg[:count], count)
-        server_signs = torch.where(avg >= 0, 1.0, -1.0)
-        self.server_error.copy_(avg - server_scale * server_signs)
+        server_signs = torch.copysign(torch.ones((), device=avg.device), avg)
+        _pack_pm1(server_signs, out=self._mine[:nb])
+        self._mine[nb:] = server_scale.view(torch.uint8)
+        self.server_error.copy_(avg).addcmul_(server_signs, server_scale, value=-1.0)
         self.server_error[count:] = 0.0
-        mine = torch.cat([pack_signs(avg), server_scale.view(torch.uint8)])
-        gathered = torch.empty(world * mine.numel(), dtype=torch.uint8, device=mine.device)
         if world > 1:
-            comm.all_gather(gathered, mine, group=self.group)
+            comm.all_gather(self._gathered.view(-1), self._mine, group=self.group)
         else:
-            gathered.copy_(mine)
-        gathered = gathered.reshape(world, -1)
-        server_scales = gathered[:, chunk // 8:].reshape(-1).clone().view(torch.float32).reshape(world, 1)
-        out = unpack_signs(gathered[:, :chunk // 8]).reshape(world, chunk) * server_scales
-        flat.copy_(out.reshape(-1)[:n].to(flat.dtype))
+            self._gathered.copy_(self._mine.view(1, -1))
+        server_scales = self._gathered[:, nb:].reshape(-1).clone().view(torch.float32)
+        out = unpack_signs(self._gathered[:, :nb], out=signs).view(world, chunk)
+        out.mul_(server_scales.view(world, 1))
+        flat.copy_(out.reshape(-1)[:n])
         return x

@@ -117,6 +117,8 @@ class OneBitOptimizer(torch.optim.Optimizer):
         for name in self.buffers:
             self.flat[name] = torch.zeros(off, dtype=torch.float32, device=device)
         self.compressor = CompressedAllReduce(off, self.comm_group, device)
+        # reused every step (fresh large buffers cost page faults every time)
+        self._g, self._p, self._u = (torch.empty(off, dtype=torch.float32, device=device) for _ in range(3))
         self._init_extra(device)
 
     def _init_extra(self, device) -> None:
@@ -125,10 +127,12 @@ class OneBitOptimizer(torch.optim.Optimizer):
     def _flat_grads(self) -> torch.Tensor:
         parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                  for p, _, _ in self._layout]
-        return torch.cat(parts) if parts else torch.zeros(0)
+        return torch.cat(parts, out=self._g) if parts else self._g
 
     def _flat_params(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).float() for p, _, _ in self._layout])
+        """The weights as one flat fp32 tensor (a scratch buffer, overwritten by the next call)."""
+        parts = [p.detach().reshape(-1).float() for p, _, _ in self._layout]
+        return torch.cat(parts, out=self._p) if parts else self._p
 
     def _write_params(self, flat: torch.Tensor) -> None:
         for p, off, _ in self._layout:
@@ -222,17 +226,17 @@ class OneBitAdam(OneBitOptimizer):
         if not warmup:
             self.compressor(m)
         params = self._flat_params()
-        update = torch.empty_like(m)
+        update = self._u
         for g, sl in self._groups():
             b1, b2 = g["betas"]
             tv = min(t, self.freeze_step)
             bc1 = 1 - b1 ** t if g["bias_correction"] else 1.0
             bc2 = 1 - b2 ** tv if g["bias_correction"] else 1.0
-            denom = _denom(v[sl], bc2, g)
-            update[sl] = m[sl] / bc1 / denom
+            u = _denom(v[sl], bc2, g, out=update[sl])
+            torch.div(m[sl], u, out=u).div_(bc1)
             if g["weight_decay"]:
-                update[sl].add_(params[sl], alpha=g["weight_decay"])
-            update[sl].mul_(g["lr"])
+                u.add_(params[sl], alpha=g["weight_decay"])
+            u.mul_(g["lr"])
         self._sub_update(update)
         return loss
 
@@ -341,13 +345,14 @@ class ZeroOneAdam(OneBitOptimizer):
     def _update(self, m: torch.Tensor, params: torch.Tensor, t: int) -> torch.Tensor:
         """lr × (corrected momentum / denominator + weight decay × weights), flat."""
         v = self.flat["exp_avg_sq"]
-        update = torch.empty_like(m)
+        update = self._u
         for g, sl in self._groups():
             bc1, bc2 = self._corrections(g, t)
-            update[sl] = m[sl] / bc1 / _denom(v[sl], bc2, g)
+            u = _denom(v[sl], bc2, g, out=update[sl])
+            torch.div(m[sl], u, out=u).div_(bc1)
             if g["weight_decay"]:
-                update[sl].add_(params[sl], alpha=g["weight_decay"])
-            update[sl].mul_(g["lr"])
+                u.add_(params[sl], alpha=g["weight_decay"])
+            u.mul_(g["lr"])
         return update
 
     def _extra_meta(self):
@@ -480,10 +485,11 @@ class OneBitLamb(OneBitOptimizer):
         return {"freeze_step": self.freeze_step}
 
 
-def _denom(v: torch.Tensor, bc2: float, g: dict) -> torch.Tensor:
+def _denom(v: torch.Tensor, bc2: float, g: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sqrt(v / bc2) + eps`` (``sqrt(v / bc2 + eps)`` with ``eps_inside_sqrt``), into ``out`` if given."""
     if g["eps_inside_sqrt"]:
-        return (v / bc2 + g["eps"]).sqrt()
-    return v.sqrt() / math.sqrt(bc2) + g["eps"]
+        return torch.div(v, bc2, out=out).add_(g["eps"]).sqrt_()
+    return torch.sqrt(v, out=out).div_(math.sqrt(bc2)).add_(g["eps"])
 
 
 def _refuse_common(amsgrad: bool, max_grad_norm: float) -> None:

@@ -72,7 +72,7 @@ class OneBitStrategy(ReplicatedStrategy):
     def save(self, writer) -> None:
         tensors, meta = self.optimizer.flat_state()
         tensors = dict(tensors)
-        tensors["params"] = self.optimizer._flat_params()
+        tensors["params"] = self.optimizer._flat_params().clone()
         writer.per_rank("onebit", tensors)
         writer.rank_meta["onebit"] = meta
         writer.meta["onebit"] = {"type": self.optimizer_type, "world": self.ctx.world_size}
