@@ -231,6 +231,15 @@ def test_bad_params_are_refused_at_parse(params, match):
         ds_core.config.parse_config(_config("OneBitAdam", **params))
 
 
+def test_freeze_step_past_the_run_is_refused():
+    config = _config("OneBitAdam", freeze_step=500) | {
+        "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 500, "warmup_num_steps": 10}}}
+    with pytest.raises(ConfigError, match=r"freeze_step 500 is past the run \(scheduler total_num_steps 500\)"):
+        ds_core.config.parse_config(config)
+    config["optimizer"]["params"]["freeze_step"] = 100
+    ds_core.config.parse_config(config)
+
+
 def test_lamb_and_zero_one_params_checked():
     with pytest.raises(ConfigError, match="factor_min"):
         ds_core.config.parse_config(_config("OneBitLamb", factor_min=2.0))

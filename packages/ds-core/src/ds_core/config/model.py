@@ -395,6 +395,13 @@ def _check_onebit_zero(config: DSConfig) -> None:
         return
     zero = config.section("zero_optimization")
     stage = zero.get("stage", 0) if isinstance(zero, dict) else getattr(zero, "stage", 0)
+    total = config.scheduler.params.get("total_num_steps") if config.scheduler is not None else None
+    for key in ("freeze_step", "var_freeze_step"):
+        value = config.optimizer.params.get(key)
+        if isinstance(total, int) and isinstance(value, int) and not isinstance(value, bool) and value >= total:
+            raise ConfigError(f"optimizer {name}: {key} {value} is past the run (scheduler total_num_steps {total}): "
+                              f"compression would never start; set {key} below {total} (about 15-25% of the steps "
+                              f"is usual for the warm-up)")
     if isinstance(stage, int) and stage >= 1:
         raise ConfigError(f"optimizer.type {name!r} (1-bit compressed communication) runs on plain data "
                           f"parallelism, but zero_optimization.stage is {stage}: ZeRO stage {stage} is not supported "
