@@ -319,13 +319,14 @@ class ZeroOneAdam(OneBitOptimizer):
         if self.since_sync >= self.local_interval:
             acc = self.flat["accumulated"]
             self.compressor(acc)  # the window's average update over the ranks, 1 bit
-            self._write_params(self.flat["anchor"] - acc)
-            self.flat["anchor"].copy_(self._flat_params())
             # the momentum every rank continues from: the window's average direction, rescaled
             if self.lr_sum > 0:
                 for g, sl in self._groups():
                     bc1, bc2 = self._corrections(g, t)
-                    m[sl] = acc[sl] * _denom(v[sl], bc2, g) * bc1 / self.lr_sum
+                    _denom(v[sl], bc2, g, out=m[sl]).mul_(acc[sl]).mul_(bc1 / self.lr_sum)
+            anchor = self.flat["anchor"]
+            anchor.sub_(acc)  # the weights every rank held at the last sync, moved by the average
+            self._write_params(anchor)
             acc.zero_()
             self.lr_sum = 0.0
             self.since_sync = 0
@@ -449,16 +450,23 @@ class OneBitLamb(OneBitOptimizer):
                 b1, b2 = g["betas"]
                 implied = (m[sl] - b1 * last[sl]) / (1 - b1)
                 fresh[sl].mul_(b2).addcmul_(implied, implied, value=1 - b2)
-        update = torch.empty_like(m)
-        for i, (p, off, gi) in enumerate(self._layout):
-            g = self.param_groups[gi]
-            sl = slice(off, off + p.numel())
+        # r = corrected momentum / denominator (+ weight decay), flat; r_fresh likewise with the fresh variance
+        update, r_fresh = self._u, self._g  # the gradient is not needed any more
+        for g, sl in self._groups():
             b1, b2 = g["betas"]
             bc1 = 1 - b1 ** t if g["bias_correction"] else 1.0
             bc2 = 1 - b2 ** min(t, self.freeze_step) if g["bias_correction"] else 1.0
-            r = m[sl] / bc1 / _denom(v[sl], bc2, g)
-            if g["weight_decay"]:
-                r = r + g["weight_decay"] * params[sl]
+            for out, var, corr in ((update, v, bc2), (r_fresh, fresh, 1 - b2 ** t if g["bias_correction"] else 1.0)):
+                if out is r_fresh and warmup:
+                    continue
+                d = _denom(var[sl], corr, g, out=out[sl])
+                torch.div(m[sl], d, out=d).div_(bc1)
+                if g["weight_decay"]:
+                    d.add_(params[sl], alpha=g["weight_decay"])
+        for i, (p, off, gi) in enumerate(self._layout):
+            g = self.param_groups[gi]
+            sl = slice(off, off + p.numel())
+            r = update[sl]
             if warmup:
                 w_norm, r_norm = params[sl].norm(), r.norm()
                 trust = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, torch.ones_like(w_norm))
@@ -466,18 +474,14 @@ class OneBitLamb(OneBitOptimizer):
                 beta = self.coeff_beta if t > 1 else 0.0
                 self.coeff[i] = beta * self.coeff[i] + (1 - beta) * trust
             else:
-                bc2f = 1 - b2 ** t if g["bias_correction"] else 1.0
-                r_fresh = m[sl] / bc1 / _denom(fresh[sl], bc2f, g)
-                if g["weight_decay"]:
-                    r_fresh = r_fresh + g["weight_decay"] * params[sl]
-                ratio = r.norm() / r_fresh.norm().clamp_min(1e-30)
+                ratio = r.norm() / r_fresh[sl].norm().clamp_min(1e-30)
                 prev = self.factor[i]
                 factor = ratio.clamp(self.factor_min, self.factor_max)
                 factor = torch.minimum(torch.maximum(factor, prev * (1 - self.factor_threshold)),
                                        prev * (1 + self.factor_threshold))
                 self.factor[i] = factor
                 trust = (self.coeff[i] * factor).clamp(g["min_coeff"], g["max_coeff"])
-            update[sl] = r * trust * g["lr"]
+            r.mul_(trust * g["lr"])
         self._sub_update(update)
         return loss
 
