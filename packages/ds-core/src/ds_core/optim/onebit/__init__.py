@@ -3,7 +3,8 @@
 - ``compressed.py``: the error-compensated 1-bit all-reduce (signs packed eight to a byte).
 - ``optimizers.py``: the three optimizers, which average their momentum through it.
 - ``strategy.py``: the data-parallel strategy the engine uses when ``optimizer.type`` names one of
-  them: stage 0 whose plain gradient all-reduce runs only during warm-up.
+  them: stage 0 whose plain gradient all-reduce runs only during warm-up (import it as
+  ``ds_core.optim.onebit.strategy``: it builds on the engine, which imports this package's optimizers).
 
 They live in ds-core beside the other optimizers because the config's ``optimizer`` section (ds-core's)
 selects them and they need nothing but ``ds_core.comm``.
@@ -11,7 +12,6 @@ selects them and they need nothing but ``ds_core.comm``.
 
 from .compressed import CompressedAllReduce, pack_signs, unpack_signs
 from .optimizers import OneBitAdam, OneBitLamb, OneBitOptimizer, ZeroOneAdam
-from .strategy import ONEBIT_TYPES, OneBitStrategy
 
 __all__ = ["CompressedAllReduce", "pack_signs", "unpack_signs", "OneBitAdam", "ZeroOneAdam", "OneBitLamb",
-           "OneBitOptimizer", "OneBitStrategy", "ONEBIT_TYPES"]
+           "OneBitOptimizer"]
