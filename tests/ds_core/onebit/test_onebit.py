@@ -267,3 +267,33 @@ def test_client_optimizer_with_onebit_config_is_refused():
     with pytest.raises(ConfigError, match="remove one of them"):
         ds_core.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
                            config=_config("OneBitAdam", freeze_step=2))
+
+
+@pytest.mark.world_size(2)
+def test_standalone_optimizer_without_the_engine():
+    """The caller all-reduces gradients while the optimizer asks for it; afterwards it communicates itself."""
+    from ds_core.optim.onebit import OneBitAdam
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 1)
+    opt = OneBitAdam(model.parameters(), lr=5e-2, freeze_step=3)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    x = torch.randn(64, 16, generator=g)
+    y = x @ torch.arange(16.0).reshape(16, 1) / 16
+    phases, losses = [], []
+    for _ in range(60):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        phases.append(opt.phase)
+        if opt.needs_averaged_gradients():
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= 2
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert phases[:3] == ["warmup"] * 3 and set(phases[3:]) == {"compressed"}
+    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+    w = model.weight.detach().clone()
+    dist.broadcast(w, 0)
+    assert torch.equal(w, model.weight.detach())
