@@ -104,7 +104,9 @@ def check_strategy(strategy: Any, origin: str, prepared: bool = True) -> None:
 
 def build_strategy(components: dict, config):
     """The strategy for this run, not yet prepared: the ``data_parallel_strategy`` component's when a
-    feature provides one (called with its config section; ``None`` keeps the default), else stage 0."""
+    feature provides one (called with its config section; ``None`` keeps the default), else the 1-bit
+    strategy when ``optimizer.type`` is OneBitAdam / ZeroOneAdam / OneBitLamb (``ds_core.optim.onebit``;
+    with a feature's strategy, e.g. a ZeRO stage, that is an error), else stage 0."""
     from ..optim.onebit.strategy import onebit_strategy
 
     strategy, origin = None, "ds-core (stage 0)"
