@@ -188,27 +188,33 @@ def _weight_gap(engine):
 
 # -- checkpoints -------------------------------------------------------------------------------------
 
-@pytest.mark.world_size(2)
-@pytest.mark.parametrize("opt_type,params", [
+RESUME_CASES = [
     ("OneBitAdam", {"freeze_step": 3}),
     ("ZeroOneAdam", {"var_freeze_step": 3, "local_step_scaler": 2, "local_step_clipper": 4}),
     ("OneBitLamb", {"freeze_step": 3}),
-])
-def test_resume_restores_error_feedback(tmp_path, opt_type, params):
-    path = comm.all_gather_strings(str(tmp_path))[0]
-    config = _config(opt_type, **params)
-    engine = _engine(config)
-    _train(engine, 0, 7)  # past warm-up; 0/1 Adam inside a local window
-    opt = engine.optimizer.optimizer
-    assert opt.compressor.worker_error.abs().sum() > 0
-    engine.save_checkpoint(path, tag="t")
-    uninterrupted = _train(engine, 7, 3)
-    resumed_engine = _engine(config)  # a freshly built model and optimizer
-    resumed_engine.load_checkpoint(path, tag="t")
-    ropt = resumed_engine.optimizer.optimizer
-    assert torch.equal(ropt.compressor.server_error, _reload_reference(path, "server_error"))
-    resumed = _train(resumed_engine, 7, 3)
-    assert max(abs(a - b) for a, b in zip(uninterrupted, resumed)) < 1e-6, (uninterrupted, resumed)
+]
+
+
+@pytest.mark.world_size(2)
+def test_resume_restores_error_feedback(tmp_path):
+    """For each optimizer: save past warm-up (0/1 Adam inside a local window), reload into a freshly
+    built model, and the next steps equal the uninterrupted run's."""
+    root = comm.all_gather_strings(str(tmp_path))[0]
+    for opt_type, params in RESUME_CASES:
+        path = f"{root}/{opt_type}"
+        config = _config(opt_type, **params)
+        engine = _engine(config)
+        _train(engine, 0, 7)
+        opt = engine.optimizer.optimizer
+        assert opt.compressor.worker_error.abs().sum() > 0
+        engine.save_checkpoint(path, tag="t")
+        uninterrupted = _train(engine, 7, 3)
+        resumed_engine = _engine(config)  # a freshly built model and optimizer
+        resumed_engine.load_checkpoint(path, tag="t")
+        ropt = resumed_engine.optimizer.optimizer
+        assert torch.equal(ropt.compressor.server_error, _reload_reference(path, "server_error"))
+        resumed = _train(resumed_engine, 7, 3)
+        assert max(abs(a - b) for a, b in zip(uninterrupted, resumed)) < 1e-6, (opt_type, uninterrupted, resumed)
 
 
 def _reload_reference(path, name):
@@ -251,22 +257,18 @@ def test_lamb_and_zero_one_params_checked():
 
 
 @pytest.mark.world_size(2)
-def test_zero_stage_is_refused_naming_the_stage():
+def test_zero_stage_and_client_optimizer_are_refused():
     config = _config("OneBitAdam", freeze_step=2) | {"zero_optimization": {"stage": 1}}
     with pytest.raises(ConfigError, match=r"ZeRO stage 1 .*set zero_optimization.stage to 0"):
         ds_core.initialize(model=GPT(CFG), config=config)
-    # stage 0 is plain data parallelism: accepted
-    engine, *_ = ds_core.initialize(model=GPT(CFG), config=_config("OneBitAdam", freeze_step=2)
-                                    | {"zero_optimization": {"stage": 0}})
-    assert type(engine.strategy).__name__ == "OneBitStrategy"
-
-
-@pytest.mark.world_size(2)
-def test_client_optimizer_with_onebit_config_is_refused():
     model = GPT(CFG)
     with pytest.raises(ConfigError, match="remove one of them"):
         ds_core.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
                            config=_config("OneBitAdam", freeze_step=2))
+    # stage 0 is plain data parallelism: accepted
+    engine, *_ = ds_core.initialize(model=GPT(CFG), config=_config("OneBitAdam", freeze_step=2)
+                                    | {"zero_optimization": {"stage": 0}})
+    assert type(engine.strategy).__name__ == "OneBitStrategy"
 
 
 @pytest.mark.world_size(2)
