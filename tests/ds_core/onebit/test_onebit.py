@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import ds_core
 from ds_core import comm
+from ds_core.engine.checkpoint import CheckpointError
 from ds_core.errors import ConfigError
 from ds_core.optim.onebit import CompressedAllReduce, pack_signs, unpack_signs
 from ds_core.optim.onebit.compressed import compressed_bytes
@@ -217,6 +218,16 @@ def test_resume_restores_error_feedback(tmp_path):
         assert torch.equal(ropt.compressor.server_error, _reload_reference(path, "server_error"))
         resumed = _train(resumed_engine, 7, 3)
         assert max(abs(a - b) for a, b in zip(uninterrupted, resumed)) < 1e-6, (opt_type, uninterrupted, resumed)
+    # stage 0's checkpoint: its optimizer state is refused naming both layouts; its weights load alone
+    adam = _engine(_config("AdamW"))
+    _train(adam, 0, 2)
+    adam.save_checkpoint(f"{root}/adam", tag="t")
+    onebit = _engine(_config("OneBitAdam", freeze_step=3))
+    with pytest.raises(CheckpointError, match=r"layout 'replicated'.*expects layout 'onebit'"):
+        onebit.load_checkpoint(f"{root}/adam", tag="t")
+    onebit.load_checkpoint(f"{root}/adam", tag="t", load_optimizer_states=False)
+    ours, theirs = dict(onebit.module.named_parameters()), dict(adam.module.named_parameters())
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _reload_reference(path, name):
