@@ -30,7 +30,7 @@ def _config(optimizer=None, scheduler=None):
     ({"type": "Adam", "params": {"max_grad_norm": 1.0}}, None, r"clip with the top-level \"gradient_clipping\" instead"),
     ({"type": "SGD", "params": {"nesterov": True}}, None, r"nesterov true needs momentum > 0"),
     ({"type": "Lamb", "params": {"min_coeff": 2.0, "max_coeff": 1.0}}, None, r"need 0 <= min_coeff <= max_coeff"),
-    ({"type": "OneBitAdam", "params": {}}, None, r"asks for 1-bit Adam .*the closest is 'Adam'"),
+    ({"type": "OneBitAdam", "params": {"freeze_step": -1}}, None, r"freeze_step -1 must be a whole number >= 1"),
     ({"type": "Muon", "params": {}}, None, r"asks for the Muon optimizer"),
     ({"type": "RMSprop", "params": {}}, None, r"torch.optim class ds does not build yet; build it yourself and pass "
                                               r"optimizer=torch.optim.RMSprop"),

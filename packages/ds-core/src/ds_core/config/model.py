@@ -382,11 +382,32 @@ def _checked(screened: Any, raw: dict[str, Any], data_parallel_size: int | None)
         raise ConfigError("fp16.enabled and bf16.enabled are both true; a run has one precision: disable one of them")
     if config.optimizer is not None:
         check_optimizer(config.optimizer.type, config.optimizer.params)
+        _check_onebit_zero(config)
     if config.scheduler is not None:
         check_scheduler(config.scheduler.type, config.scheduler.params)
     if data_parallel_size is not None:
         config.resolve_batch(data_parallel_size)
     return config
+
+
+def _check_onebit_zero(config: DSConfig) -> None:
+    """1-bit optimizers run on plain data parallelism: refuse a ZeRO stage >= 1 before any process group."""
+    name = str(config.optimizer.type).strip()
+    if name.lower() not in ("onebitadam", "zerooneadam", "onebitlamb"):
+        return
+    zero = config.section("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else getattr(zero, "stage", 0)
+    total = config.scheduler.params.get("total_num_steps") if config.scheduler is not None else None
+    for key in ("freeze_step", "var_freeze_step"):
+        value = config.optimizer.params.get(key)
+        if isinstance(total, int) and isinstance(value, int) and not isinstance(value, bool) and value >= total:
+            raise ConfigError(f"optimizer {name}: {key} {value} is past the run (scheduler total_num_steps {total}): "
+                              f"compression would never start; set {key} below {total} (about 15-25% of the steps "
+                              f"is usual for the warm-up)")
+    if isinstance(stage, int) and stage >= 1:
+        raise ConfigError(f"optimizer.type {name!r} (1-bit compressed communication) runs on plain data "
+                          f"parallelism, but zero_optimization.stage is {stage}: ZeRO stage {stage} is not supported "
+                          f"with it (nor by DeepSpeed); set zero_optimization.stage to 0, or use Adam/Lamb with ZeRO")
 
 
 def parse_config(source: Any, data_parallel_size: int | None = None) -> DSConfig:

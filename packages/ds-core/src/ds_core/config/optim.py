@@ -38,6 +38,12 @@ _ADAM_KEYS: dict[str, Any] = {
     "foreach": None, "fused": None,
 }
 
+_ONEBIT_KEYS: dict[str, Any] = {
+    "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "bias_correction": True,
+    "eps_inside_sqrt": False, "max_grad_norm": 0.0, "amsgrad": False, "cuda_aware": False,
+    "comm_backend_name": "nccl",
+}
+
 #: Accepted ``params`` keys of each optimizer (lower-case name) and the value used when a key is
 #: absent or ``"auto"``. ``foreach``/``fused`` of None mean "let the factory pick".
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -51,19 +57,24 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
              "eps_inside_sqrt": False, "max_grad_norm": 0.0, "max_coeff": 10.0, "min_coeff": 0.01,
              "amsgrad": False},
     "lion": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0},
+    # 1-bit optimizers (ds_core.optim.onebit): DeepSpeed's params and defaults
+    "onebitadam": {**_ONEBIT_KEYS, "freeze_step": 100000},
+    "zerooneadam": {**_ONEBIT_KEYS, "var_freeze_step": 100000, "var_update_scaler": 16,
+                    "local_step_scaler": 32678, "local_step_clipper": 16},
+    "onebitlamb": {**_ONEBIT_KEYS, "freeze_step": 100000, "max_coeff": 10.0, "min_coeff": 0.01,
+                   "coeff_beta": 0.9, "factor_max": 4.0, "factor_min": 0.5, "factor_threshold": 0.1},
 }
+ONEBIT_INT_KEYS = ("freeze_step", "var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper")
 
 _CANONICAL = {name.lower(): name for name in OPTIMIZERS}
 _BOOL_KEYS = {"amsgrad", "bias_correction", "adam_w_mode", "torch_adam", "maximize", "nesterov",
-              "eps_inside_sqrt"}
+              "eps_inside_sqrt", "cuda_aware"}
 _NONNEGATIVE_KEYS = {"lr", "eps", "weight_decay", "momentum", "dampening", "lr_decay",
-                     "initial_accumulator_value", "max_grad_norm", "max_coeff", "min_coeff"}
+                     "initial_accumulator_value", "max_grad_norm", "max_coeff", "min_coeff", "coeff_beta",
+                     "factor_max", "factor_min", "factor_threshold"}
 
 # DeepSpeed optimizers ds does not implement: the feature, and the closest one ds has.
 _DEEPSPEED_ONLY = {
-    "onebitadam": ("1-bit Adam (OneBitAdam, compressed all-reduce)", "Adam"),
-    "zerooneadam": ("0/1 Adam (ZeroOneAdam, compressed all-reduce)", "Adam"),
-    "onebitlamb": ("1-bit LAMB (OneBitLamb, compressed all-reduce)", "Lamb"),
     "muadam": ("muP Adam (MuAdam)", "Adam"),
     "muadamw": ("muP AdamW (MuAdamW)", "AdamW"),
     "musgd": ("muP SGD (MuSGD)", "SGD"),
@@ -119,7 +130,22 @@ def check_optimizer_value(display: str, key: str, value: Any) -> Any:
             raise ConfigError(f"optimizer {display}: betas {list(value)!r} must both lie in [0, 1), "
                               "e.g. [0.9, 0.999]")
         return betas
+    if key == "comm_backend_name":
+        from ..optim.onebit.optimizers import COMM_BACKENDS
+
+        if str(value).lower() not in COMM_BACKENDS:
+            raise ConfigError(f"optimizer {display}: comm_backend_name {value!r} is not one of "
+                              f"{', '.join(COMM_BACKENDS)} (ds communicates through the process group's backend "
+                              f"whichever is named)")
+        return str(value)
     number = _number(display, key, value)
+    if key in ONEBIT_INT_KEYS:
+        minimum = 1
+        if isinstance(value, bool) or not float(number).is_integer() or number < minimum:
+            what = ("the number of full-precision warm-up steps before compression starts"
+                    if key == "freeze_step" else "a whole number of steps")
+            raise ConfigError(f"optimizer {display}: {key} {value!r} must be a whole number >= {minimum} ({what})")
+        return int(number)
     if key in _NONNEGATIVE_KEYS and number < 0:
         raise ConfigError(f"optimizer {display}: {key} {value!r} must be >= 0")
     return number
@@ -156,6 +182,21 @@ def check_optimizer(type_name: Any, params: Mapping[str, Any]) -> None:
     if name == "lamb" and not 0.0 <= values["min_coeff"] <= values["max_coeff"]:
         raise ConfigError(f"optimizer Lamb: need 0 <= min_coeff <= max_coeff, got min_coeff {values['min_coeff']}, "
                           f"max_coeff {values['max_coeff']}; the trust ratio is clamped to [min_coeff, max_coeff]")
+    if name in ("onebitadam", "zerooneadam", "onebitlamb"):
+        if values["amsgrad"]:
+            raise ConfigError(f"optimizer {display}: amsgrad true is not supported (nor by DeepSpeed); remove it")
+        if values["max_grad_norm"]:
+            raise ConfigError(f"optimizer {display}: max_grad_norm {values['max_grad_norm']} is not supported; clip "
+                              f"with the top-level \"gradient_clipping\" instead")
+    if name == "onebitlamb":
+        if not 0.0 <= values["min_coeff"] <= values["max_coeff"]:
+            raise ConfigError(f"optimizer {display}: need 0 <= min_coeff <= max_coeff, got {values['min_coeff']}, "
+                              f"{values['max_coeff']}")
+        if not values["coeff_beta"] < 1.0:
+            raise ConfigError(f"optimizer {display}: coeff_beta {values['coeff_beta']} must lie in [0, 1)")
+        if not 0.0 < values["factor_min"] <= 1.0 <= values["factor_max"]:
+            raise ConfigError(f"optimizer {display}: need 0 < factor_min <= 1 <= factor_max, got factor_min "
+                              f"{values['factor_min']}, factor_max {values['factor_max']}")
     if name == "sgd" and values["nesterov"] and (values["momentum"] <= 0 or values["dampening"] != 0):
         raise ConfigError("optimizer SGD: nesterov true needs momentum > 0 and dampening 0 (torch.optim.SGD's "
                           "rule); set momentum, or remove nesterov")

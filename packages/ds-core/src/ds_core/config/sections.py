@@ -34,7 +34,7 @@ __all__ = [
 AUTO = "auto"
 Auto = Literal["auto"]
 
-OPTIMIZERS = ("Adam", "AdamW", "SGD", "Adagrad", "Lamb", "Lion")
+OPTIMIZERS = ("Adam", "AdamW", "SGD", "Adagrad", "Lamb", "Lion", "OneBitAdam", "ZeroOneAdam", "OneBitLamb")
 SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
 
 

@@ -104,12 +104,25 @@ def check_strategy(strategy: Any, origin: str, prepared: bool = True) -> None:
 
 def build_strategy(components: dict, config):
     """The strategy for this run, not yet prepared: the ``data_parallel_strategy`` component's when a
-    feature provides one (called with its config section; ``None`` keeps the default), else stage 0."""
+    feature provides one (called with its config section; ``None`` keeps the default), else the 1-bit
+    strategy when ``optimizer.type`` is OneBitAdam / ZeroOneAdam / OneBitLamb (``ds_core.optim.onebit``;
+    with a feature's strategy, e.g. a ZeRO stage, that is an error), else stage 0."""
+    from ..optim.onebit.strategy import onebit_strategy
+
     strategy, origin = None, "ds-core (stage 0)"
+    onebit = onebit_strategy(config)  # optimizer.type OneBitAdam / ZeroOneAdam / OneBitLamb
     if "data_parallel_strategy" in components:
         feature, factory, section = components["data_parallel_strategy"]
         strategy = factory(config.section(section) if section else None)
         origin = f"feature {feature!r}"
+        if strategy is not None and onebit is not None:
+            stage = getattr(config.section(section), "stage", None) if section else None
+            what = f"ZeRO stage {stage}" if stage is not None else getattr(strategy, "name", origin)
+            raise ConfigError(f"optimizer.type {onebit.optimizer_type!r} (1-bit compressed communication) runs on "
+                              f"plain data parallelism, but the config asks for {what} ({origin}); set "
+                              f"zero_optimization.stage to 0 (or remove the section), or use Adam/Lamb with ZeRO")
+    if strategy is None and onebit is not None:
+        strategy, origin = onebit, "ds-core (1-bit data parallel)"
     if strategy is None:
         from .replicated import ReplicatedStrategy
 

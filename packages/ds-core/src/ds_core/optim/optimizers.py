@@ -43,6 +43,7 @@ KERNEL_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 _CANONICAL = {name.lower(): name for name in OPTIMIZERS}
+_ONEBIT = {"onebitadam": "OneBitAdam", "zerooneadam": "ZeroOneAdam", "onebitlamb": "OneBitLamb"}
 # Modes the factory consumes itself; they never reach a constructor.
 _MODE_KEYS = {"adam_w_mode", "torch_adam"}
 # torch fused kernels per optimizer: the device types we pick them for automatically.
@@ -125,6 +126,12 @@ def build_optimizer(
     values = _resolve_params(display, name, dict(config.params))
     groups = _normalise_params(params)
     tensors = [p for group in groups for p in group["params"]]
+    if name in _ONEBIT:  # 1-bit optimizers: ds_core.optim.onebit (averaged over the world unless set_group)
+        from . import onebit
+
+        optimizer = getattr(onebit, _ONEBIT[name])(groups, **values)
+        optimizer.ds_implementation = f"ds_core {_ONEBIT[name]} (1-bit compressed momentum)"
+        return optimizer
 
     decoupled = True
     if name in ("adam", "adamw"):
