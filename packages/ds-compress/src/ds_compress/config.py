@@ -55,7 +55,8 @@ class WeightQuantShared(Section):
 class WeightQuantParams(Section):
     start_bits: int = Field(8, ge=1, le=16, description="Bits when quantization starts.")
     target_bits: int = Field(8, ge=1, le=8, description="Final bits (<= start_bits).")
-    quantization_period: int = Field(1, ge=1, description="Steps until the first one-bit reduction; the period doubles after each.")
+    quantization_period: int = Field(1, ge=0, description="Steps until the first one-bit reduction; the period doubles "
+                                     "after each; 0 quantizes at target_bits from the start (DeepSpeed's examples use it).")
 
     @model_validator(mode="after")
     def _order(self):
