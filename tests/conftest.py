@@ -16,6 +16,18 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_process_group_left_behind_by_a_module():
+    """The same for a module-scoped fixture that built an engine in the pytest process (set up first,
+    torn down last among the module's fixtures)."""
+    import torch.distributed as dist
+
+    had_group = dist.is_available() and dist.is_initialized()
+    yield
+    if not had_group and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture(autouse=True)
 def _no_process_group_left_behind():
     import torch.distributed as dist
