@@ -135,7 +135,7 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Every benchmark script; each prints our figure, the baseline's, and the ratio."""
     _install_all(session)
-    session.install(TORCH, "numpy", "deepspeed")  # DeepSpeed: the optional baseline (benchmarks/_deepspeed.py)
+    session.install(TORCH, "numpy", "deepspeed==0.19.8")  # DeepSpeed: the optional baseline (benchmarks/_deepspeed.py)
     scripts = session.posargs or sorted(glob.glob("benchmarks/bench_*.py"))
     for script in scripts:
         session.run("python", script)
