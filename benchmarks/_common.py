@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 
 import torch
@@ -58,3 +59,23 @@ def engine_step(base: torch.nn.Module, batches, config: dict):
 
     step.engine = engine
     return step
+
+
+def timed_median(fn, iters: int, device: str, warmup: int = 2) -> float:
+    """Median seconds per call after ``warmup`` calls, timed with CUDA events on a GPU (host clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)

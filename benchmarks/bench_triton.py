@@ -19,35 +19,14 @@ defaults (they run and agree with torch), printing the same ratios; it never fai
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from _common import timed_median as _time
 
 from ds_ops import norm, quant
 from ds_ops import triton as ds_triton
 from ds_ops.fused_adam import FusedAdam
-
-
-def _time(fn, iters: int, device: str) -> float:
-    """Median seconds per call after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _params(numel: int, tensors: int, device: str, dtype=torch.float32) -> list[torch.nn.Parameter]:

@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +45,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+
+from _common import timed_median  # noqa: E402
 
 H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's datasheet figure for dense bf16 on an H200 SXM
 
@@ -154,26 +156,6 @@ def _junit_cases(path: Path) -> list[dict]:
 
 
 # --- 2. benchmarks --------------------------------------------------------------------------------
-
-
-def timed_median(fn, iters: int, device: str, warmup: int = 2) -> float:
-    """Median seconds per call, timed with CUDA events on the device (host clock on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_kernels(report: Report, device: str, dry: bool) -> None:

@@ -23,6 +23,7 @@ archive and storage handling is used unchanged (storages are resolved by torch b
 from __future__ import annotations
 
 import collections
+import io
 import pickle
 import types
 from pathlib import Path
@@ -172,7 +173,7 @@ def _pickle_module(source: str) -> types.ModuleType:
     mod = types.ModuleType("ds_core_restricted_pickle")
     mod.Unpickler = type("Unpickler", (RestrictedUnpickler,), {"source": source})
     mod.load = lambda f, **kw: mod.Unpickler(f, **kw).load()
-    mod.loads = pickle.loads  # not used by torch.load on a file; kept for completeness of the interface
+    mod.loads = lambda data, **kw: mod.Unpickler(io.BytesIO(data), **kw).load()  # restricted too
     mod.__name__ = "pickle"  # torch checks nothing else
     return mod
 

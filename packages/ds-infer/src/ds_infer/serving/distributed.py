@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ds_core import comm
+
 from .config import ServingConfig
 from .engine import LLMEngine, plan_kv_cache
 from .kv_cache import PagedKVCache
@@ -140,7 +142,7 @@ def _build_runner(model_dir, *, tp: int, dtype, quant, device, config: ServingCo
     spec = model.kv_spec()
     num_blocks, _ = plan_kv_cache(spec, config, model.arch.max_position_embeddings)
     agreed = torch.tensor([num_blocks], dtype=torch.long)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+    comm.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
     config = config.model_copy(update={"num_kv_blocks": int(agreed)})
     cache = PagedKVCache(spec.num_layers, int(agreed), config.block_size, spec.num_kv_heads, spec.head_dim,
                          spec.dtype, spec.device)  # fmt: skip
