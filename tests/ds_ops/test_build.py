@@ -3,6 +3,7 @@ an unwritable cache dir, a corrupt cached build rebuilt, the file lock and ``ds 
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -70,11 +71,16 @@ def test_unwritable_cache_dir_names_dir_and_env(monkeypatch, tmp_path, fresh_bui
 
 def test_corrupt_cached_build_is_rebuilt(tmp_path, monkeypatch, fresh_build):
     build.load("aio")
-    built_dir = build.cached_library("aio").parent
+    _, built_dir = build._paths("aio")
     # Corrupt a copy in another cache root: truncating a .so this process has mapped would crash
     # it, whereas a real corrupt cache comes from another process (a crash mid-link, a full disk).
+    # The session's cache is shared by the xdist workers: copy under its build lock, so no worker
+    # is rebuilding it meanwhile.
+    with build._file_lock(build.cache_root() / f"{built_dir.name}.lock"):
+        listing = sorted(p.name for p in built_dir.iterdir()) if built_dir.is_dir() else "missing"
+        assert build.cached_library("aio") is not None, f"{built_dir}: {listing}"
+        shutil.copytree(built_dir, tmp_path / "cache" / built_dir.name)
     monkeypatch.setenv("DS_OPS_CACHE", str(tmp_path / "cache"))
-    shutil.copytree(built_dir, tmp_path / "cache" / built_dir.name)
     build.reset()
     so = build.cached_library("aio")
     assert so is not None and build.describe("aio").startswith("built")
@@ -88,6 +94,30 @@ def test_corrupt_cached_build_is_rebuilt(tmp_path, monkeypatch, fresh_build):
     # CPython keeps one module object per extension name in a process: when another test in this
     # worker imported the op first, load() hands back that object, so compare the files, not __file__
     assert rebuilt.stat().st_size > len(data) // 3
+
+
+def test_manifest_names_the_library_this_build_wrote(tmp_path):
+    """When the interpreter hands back a module it imported from another cache dir, or torch
+    versioned the file name, the manifest still names the file in the build dir."""
+    import types
+
+    elsewhere = tmp_path / "other" / "ds_ops_aio_k.so"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"x")
+    build_dir = tmp_path / "aio-k"
+    build_dir.mkdir()
+    (build_dir / "ds_ops_aio_k.so").write_bytes(b"old")
+    (build_dir / "ds_ops_aio_k_v1.so").write_bytes(b"new")
+    os.utime(build_dir / "ds_ops_aio_k.so", (1_000, 1_000))
+    os.utime(build_dir / "ds_ops_aio_k_v1.so", (2_000, 2_000))
+    module = types.ModuleType("ds_ops_aio_k")
+    module.__file__ = str(elsewhere)
+    assert build._built_library(module, "ds_ops_aio_k", build_dir) == build_dir / "ds_ops_aio_k_v1.so"
+    module.__file__ = str(build_dir / "ds_ops_aio_k.so")
+    assert build._built_library(module, "ds_ops_aio_k", build_dir) == build_dir / "ds_ops_aio_k.so"
+    module.__file__ = str(elsewhere)
+    with pytest.raises(build.BuildError, match="left no library"):
+        build._built_library(module, "ds_ops_woq_k", build_dir)
 
 
 def test_file_lock_serialises(tmp_path):

@@ -253,10 +253,27 @@ def _compile(name: str, module_name: str, build_dir: Path, verbose: bool) -> Mod
             f"building C++ extension {name!r} in {build_dir} failed: {tail}; rerun with "
             f"`ds ops build --verbose` to see the compiler output"
         ) from exc
-    # torch may version the library name (name_v1) when rebuilding within one process: record it
-    so = Path(module.__file__)
+    so = _built_library(module, module_name, build_dir)
     (build_dir / MANIFEST).write_text(json.dumps({"library": so.name, "sha256": _sha256(so)}) + "\n")
     return module
+
+
+def _built_library(module: ModuleType, module_name: str, build_dir: Path) -> Path:
+    """The library this build wrote into ``build_dir``, which the manifest must name.
+
+    torch may version the file (``name_v1.so``) when one process builds a name twice, and the
+    interpreter hands back the module it already imported under that name (``module.__file__`` in
+    another cache dir) when the same extension was loaded from elsewhere first: neither is the file
+    to record, so take the newest ``name*.so`` in ``build_dir``.
+    """
+    so = Path(getattr(module, "__file__", "") or "")
+    if so.parent.resolve() == build_dir.resolve() and so.is_file():
+        return so
+    built = [p for p in build_dir.glob(f"{module_name}*.so") if p.is_file()]
+    if not built:
+        raise BuildError(f"building C++ extension {module_name!r} left no library in {build_dir}; "
+                         "rerun with `ds ops build --verbose` to see the compiler output")
+    return max(built, key=lambda p: p.stat().st_mtime_ns)
 
 
 def load(name: str, verbose: bool = False) -> ModuleType:
