@@ -179,7 +179,7 @@ def _part2(rounds, steps, lengths):
     return rows
 
 
-def _deepspeed_attention(rounds, length):
+def _deepspeed_attention(rounds, steps, length):
     """Ours vs DeepSpeed's DistributedAttention on the same inputs, when DeepSpeed is importable."""
     try:
         import deepspeed
@@ -204,20 +204,36 @@ def _deepspeed_attention(rounds, length):
             layer(q, k, v, 1).sum().backward()
         return step
 
+    def timed(step):  # wall clock and this process's CPU time (steadier when other jobs share the cores)
+        step(-1)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for i in range(steps):
+            step(i)
+        return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+
     t_ours, t_theirs = [], []
-    for _ in range(rounds):
-        dist.barrier()
-        t_ours.append(_time(run(ours), 3))
-        dist.barrier()
-        t_theirs.append(_time(run(theirs), 3))
-    return diff, statistics.median(t_ours), statistics.median(t_theirs)
+    for r in range(rounds):  # alternate which runs first: the first of a pair pays for cold caches
+        order = [(run(ours), t_ours), (run(theirs), t_theirs)]
+        for step, times in order if r % 2 == 0 else order[::-1]:
+            dist.barrier()
+            times.append(timed(step))
+    out = [diff]
+    for k in (0, 1):  # wall, CPU
+        ratios = [a[k] / b[k] for a, b in zip(t_ours, t_theirs)]
+        out.append((statistics.median(a[k] for a in t_ours), statistics.median(b[k] for b in t_theirs),
+                    statistics.median(ratios), min(ratios), max(ratios)))
+    return tuple(out)
 
 
-def _distributed(rounds, steps, lengths, batch, seq, deepspeed):
+def _distributed(rounds, steps, lengths, batch, seq, sections):
     torch.set_num_threads(1)
-    out = {"tp": _part1(rounds, steps, batch, seq)}
-    out["sp"] = _part2(rounds, max(1, steps // 2), lengths)
-    out["deepspeed"] = _deepspeed_attention(rounds, max(lengths)) if deepspeed else "not asked (--no-deepspeed)"
+    out = {}
+    if "tp" in sections:
+        out["tp"] = _part1(rounds, steps, batch, seq)
+    if "sp" in sections:
+        out["sp"] = _part2(rounds, max(1, steps // 2), lengths)
+    out["deepspeed"] = (_deepspeed_attention(rounds, steps, max(lengths)) if "deepspeed" in sections
+                        else "not asked (--no-deepspeed or --sections)")
     return out
 
 
@@ -267,12 +283,33 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--lengths", default="1024,2048,4096")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed DistributedAttention baseline")
+    parser.add_argument("--sections", default="tp,sp,deepspeed",
+                        help="comma-separated subset of tp,sp,deepspeed (the CUDA part runs when a GPU is visible)")
     args = parser.parse_args(argv)
     lengths = [int(v) for v in args.lengths.split(",")]
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = sections - {"tp", "sp", "deepspeed"}
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))}; choose from tp, sp, deepspeed")
+    if args.no_deepspeed:
+        sections.discard("deepspeed")
     env = {} if torch.cuda.is_available() else {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     results = run_distributed(_distributed, 2, args=(args.rounds, args.steps, lengths, args.batch, args.seq,
-                                                          not args.no_deepspeed),
+                                                          sections),
                               timeout=7200, env=env)
+    if "tp" in results[0]:
+        _print_tp(results, args)
+    if "sp" in results[0]:
+        _print_sp(results)
+    _print_deepspeed(results, lengths)
+    if torch.cuda.is_available():
+        _cuda_tiling([4096, 16384, 65536])
+    else:
+        print("\nCUDA section: no GPU visible (torch.cuda.is_available() is False); skipped")
+    return 0
+
+
+def _print_tp(results, args):
     (times, first) = results[0]["tp"]
     print(f"tensor parallel 2 on 2 gloo ranks, Llama hidden 512 × 4 layers (8 heads, 4 KV heads), batch "
           f"{args.batch} × {args.seq}, AdamW fp32; median of {args.rounds} rounds × {args.steps} steps:")
@@ -281,6 +318,9 @@ def main(argv=None) -> int:
     print(f"  ds_parallel / unsharded          = {times['ds_parallel'] / times['unsharded']:.2f}")
     print(f"  ds_parallel / parallelize_module = {times['ds_parallel'] / times['parallelize_module']:.2f}")
     print(f"  first-step loss: ds_parallel {first[0]:.6f}, parallelize_module {first[1]:.6f}, unsharded {first[2]:.6f}")
+
+
+def _print_sp(results):
     print("\nUlysses sequence parallel, Llama hidden 256 × 2 layers (8 heads, 4 KV heads), batch 1, AdamW fp32:")
     print(f"{'sequence':>9} {'SP1 ms':>9} {'SP2 ms':>9} {'ratio':>6} {'SP1 peak MB':>12} {'SP2 peak MB':>12} {'ratio':>6}")
     for (length, t1, t2, m1, m2), other in zip(results[0]["sp"], results[1]["sp"]):
@@ -288,19 +328,19 @@ def main(argv=None) -> int:
         m2 = max(m2, other[4])
         print(f"{length:>9} {t1 * 1e3:>9.1f} {t2 * 1e3:>9.1f} {t2 / t1:>6.2f} {m1 / 1e6:>12.1f} {m2 / 1e6:>12.1f} "
               f"{m2 / m1:>6.2f}")
+
+
+def _print_deepspeed(results, lengths):
     ds = results[0]["deepspeed"]
     if isinstance(ds, str):
         print(f"\nDistributedAttention vs DeepSpeed: {ds}")
-    else:
-        diff, ours, theirs = ds
-        print(f"\nDistributedAttention (sequence {max(lengths)}, 16 heads of 64, causal SDPA) vs DeepSpeed's on the "
-              f"same inputs: max |difference| {diff:.1e}; forward + backward {ours * 1e3:.1f} ms vs "
-              f"{theirs * 1e3:.1f} ms = {ours / theirs:.2f}")
-    if torch.cuda.is_available():
-        _cuda_tiling([4096, 16384, 65536])
-    else:
-        print("\nCUDA section: no GPU visible (torch.cuda.is_available() is False); skipped")
-    return 0
+        return
+    diff, *clocks = ds
+    print(f"\nDistributedAttention (sequence {max(lengths)}, 16 heads of 64, causal SDPA) vs DeepSpeed's on the "
+          f"same inputs: max |difference| {diff:.1e}; forward + backward per step, rank 0, medians:")
+    for name, (ours, theirs, ratio, low, high) in zip(("wall", "CPU time"), clocks):
+        print(f"  {name:<9} ours {ours * 1e3:8.1f} ms, DeepSpeed {theirs * 1e3:8.1f} ms; ours / DeepSpeed per "
+              f"round: median {ratio:.2f}, range {low:.2f}-{high:.2f}")
 
 
 if __name__ == "__main__":
