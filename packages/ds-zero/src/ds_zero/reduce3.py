@@ -19,23 +19,34 @@ to (``strategy.py``), not by this reducer.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ds_core import comm
 from ds_core.engine.reducer import weak_grad_hook
 
+from .quantize import GRAD_BITS, GRAD_BLOCK, dequantize_rows, quantize_rows
 from .reduce import MAX_IN_FLIGHT, GradientPartitions, gloo_prefers_all_reduce
 from .stage3 import ShardedParameter, Stage3Partitions
 
 __all__ = ["Stage3GradientReducer"]
 
 
+class _Quantized(NamedTuple):
+    """A qgZ all-to-all in flight: what arrives, and what is sent (kept alive until it completes)."""
+
+    recv: torch.Tensor
+    send: torch.Tensor
+
 
 class Stage3GradientReducer(GradientPartitions):
     """Reduces each sharded parameter's gradient into its owners' fp32 gradient partitions."""
 
-    def __init__(self, parts: Stage3Partitions, ctx, overlap: bool, coordinator=None) -> None:
+    def __init__(self, parts: Stage3Partitions, ctx, overlap: bool, coordinator=None,
+                 quantized: bool = False) -> None:
         self.device = ctx.device
+        self.quantized = quantized  # ZeRO++ qgZ: see _launch_quantized
         self.overlap = overlap
         self.settings = ctx.reduce
         self.comm_dtype = ctx.reduce.comm_dtype
@@ -75,6 +86,8 @@ class Stage3GradientReducer(GradientPartitions):
             wire.mul_(self.settings.before)
         if s.world == 1:
             out, work = wire, None
+        elif self.quantized:
+            out, work = self._launch_quantized(s, wire)
         elif self.gloo:
             out, work = wire, comm.all_reduce(wire, group=self.parts.group, async_op=True)
         else:
@@ -87,12 +100,25 @@ class Stage3GradientReducer(GradientPartitions):
         while len(self.in_flight) > limit:
             self._complete_oldest()
 
+    def _launch_quantized(self, s: ShardedParameter, wire: torch.Tensor):
+        """ZeRO++ qgZ (Wang et al. 2023, section 3.3): the reduce-scatter as one all-to-all of quantized
+        chunks. Chunk r of the padded gradient (rank r's part) is quantized on its own (int4, a fp32 scale
+        per block) and sent to rank r, which dequantizes what every rank sent it and sums in fp32
+        (:meth:`_complete_oldest`). Quantizing before the sum, not between ring hops, keeps the error to
+        one rounding per rank."""
+        rows = quantize_rows(wire.view(s.world, s.part), GRAD_BLOCK, GRAD_BITS)
+        recv = torch.empty_like(rows)
+        work = comm.all_to_all(recv, rows.reshape(-1), group=self.parts.group, async_op=True)
+        return _Quantized(recv, rows), work
+
     def _complete_oldest(self) -> None:
         gi, i, out, work = self.in_flight.pop(0)
         if work is not None:
             work.wait()
         g = self.parts.groups[gi]
         s = g.sharded[i]
+        if isinstance(out, _Quantized):
+            out = dequantize_rows(out.recv, s.part, GRAD_BLOCK, GRAD_BITS).sum(dim=0)
         if out.numel() != s.part:  # all-reduced whole: keep this rank's shard
             out = out[s.rank * s.part:(s.rank + 1) * s.part]
         self.grads[gi][g.offsets[i]:g.offsets[i] + s.part].add_(out, alpha=self.settings.after(self.parts.world))
