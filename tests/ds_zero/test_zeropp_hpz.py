@@ -1,0 +1,92 @@
+"""ZeRO++ hpZ on 4 gloo ranks with secondary groups of 2: backward gathers stay in the group.
+
+Reference: plain stage 3 on the same seed and data. hpZ changes which ranks a backward gather talks
+to, not the values it delivers (the secondary shards are cut from the forward's gathered tensors and
+gathered exactly), so the losses are equal bit for bit. The comms logger's records are counted by the
+size of the group each all-gather ran on (4: every data-parallel rank, 2: a secondary group).
+"""
+
+import pytest
+import torch.distributed as dist
+
+import ds_core
+from ds_core import comm
+from ds_core.errors import ConfigError
+from ds_zero.fingerprint import header_len
+
+from ._train import batch, config, make_model
+
+STEPS = 4
+ZERO3 = {"stage": 3, "stage3_param_persistence_threshold": 0}
+
+
+def _train_counting(engine, steps: int):
+    """Losses, and the parameter all-gathers of forward and of backward as {group size: count}."""
+    counts = {"forward": {}, "backward": {}}
+    phase = ["forward"]
+    add = comm.comms_logger.add
+    head = header_len(next(engine.module.parameters()).dtype) * 4  # bytes of one rank's header (fp32)
+
+    def record(op, nbytes, seconds, world):
+        # the header-only exchanges (module-path digest, guards) are not parameter gathers
+        if op == "all_gather" and nbytes > world * head:
+            counts[phase[0]][world] = counts[phase[0]].get(world, 0) + 1
+        add(op, nbytes, seconds, world)
+
+    comm.comms_logger.add = record
+    losses = []
+    try:
+        for step in range(steps):
+            phase[0] = "forward"
+            loss = engine(*batch(4, step))
+            phase[0] = "backward"
+            engine.backward(loss)
+            phase[0] = "step"
+            engine.step()
+            losses.append(loss.item())
+    finally:
+        comm.comms_logger.add = add
+    return losses, counts
+
+
+def _engine(**zero):
+    return ds_core.initialize(model=make_model(), config=config(zero_optimization=dict(ZERO3, **zero),
+                                                                comms_logger={"enabled": True}))[0]
+
+
+@pytest.mark.smoke
+@pytest.mark.world_size(4)
+def test_hpz_backward_gathers_stay_in_the_secondary_group_and_losses_match_plain_stage3():
+    ref, ref_counts = _train_counting(_engine(), STEPS)
+    engine = _engine(zero_hpz_partition_size=2)
+    ours, counts = _train_counting(engine, STEPS)
+    assert ours == ref, (ours, ref)
+    assert set(ref_counts["backward"]) == {4}  # plain stage 3 re-gathers over all 4 ranks
+    assert set(counts["backward"]) == {2}, counts  # hpZ: only within the pair
+    assert counts["backward"][2] == ref_counts["backward"][4]  # the same gathers, on the smaller group
+    # forward: the first gather of each module is the primary one; a parameter gathered again in the same
+    # forward (after a release) may already come from the pair
+    assert sum(counts["forward"].values()) == sum(ref_counts["forward"].values())
+    assert counts["forward"][4] >= sum(counts["forward"].values()) - STEPS, (counts, ref_counts)
+    pf = engine.strategy.coordinator.prefetcher
+    assert pf.stats["secondary"] > 0
+    assert all(s.secondary is None for s in pf.shards)  # dropped once backward ended
+    # the pair of consecutive ranks: ranks 0-1 and 2-3
+    assert [dist.get_global_rank(pf.hpz.group, r) for r in range(2)] == [dist.get_rank() // 2 * 2,
+                                                                          dist.get_rank() // 2 * 2 + 1]
+
+
+@pytest.mark.world_size(4)
+def test_hpz_partition_size_not_dividing_the_world_fails_on_every_rank():
+    with pytest.raises(ConfigError, match=r"zero_hpz_partition_size 3 does not divide the data-parallel "
+                                          r"world size 4.*divisor of 4"):
+        _engine(zero_hpz_partition_size=3)
+
+
+def test_zeropp_keys_need_stage_3():
+    from ds_core.config import parse_config
+
+    for key, value in (("zero_quantized_weights", True), ("zero_quantized_gradients", True),
+                       ("zero_hpz_partition_size", 2)):
+        with pytest.raises(Exception, match=f"{key} .* needs stage 3"):
+            parse_config({"train_batch_size": 2, "zero_optimization": {"stage": 2, key: value}})
