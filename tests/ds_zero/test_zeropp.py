@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 import ds_core
 from ds_core import comm
-from ds_zero.quantize import WEIGHT_BLOCK, dequantize_rows, quantize_rows
+from ds_zero.fingerprint import ModulePathMismatchError, header_len
+from ds_zero.quantize import WEIGHT_BLOCK, dequantize_rows, quantize_rows, row_bytes
 
 from ._train import batch, config, make_model, train
 
@@ -31,18 +32,20 @@ def _engine(model, **zero):
 
 
 def _run(model, steps=STEPS, **zero):
-    """Losses and the bytes of each collective kind per step (the comms logger, reset after the setup)."""
+    """Losses, the bytes of each collective kind per step and the all-gathers as {message bytes: count}
+    (the comms logger, reset after the setup)."""
     engine = _engine(model, **zero)
     comm.comms_logger.reset()
     losses = train(engine, steps)
     totals = {op: t["bytes"] / steps for op, t in comm.comms_logger.totals().items()}
+    gathers = {size: stat.count for (op, size), stat in comm.comms_logger.stats.items() if op == "all_gather"}
     comm.comms_logger.reset()
-    return losses, totals, engine
+    return losses, totals, engine, gathers
 
 
 def _plain():
-    losses, totals, _ = _run(make_model())
-    return losses, totals
+    losses, totals, _, gathers = _run(make_model())
+    return losses, totals, gathers
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +59,8 @@ def plain():
 @pytest.mark.smoke
 @pytest.mark.world_size(2)
 def test_qwz_trains_like_plain_stage3_with_a_quarter_of_the_gather_bytes(plain):
-    ref, ref_bytes = plain[dist.get_rank()]
-    ours, our_bytes, _ = _run(make_model(), zero_quantized_weights=True)
+    ref, ref_bytes, ref_gathers = plain[dist.get_rank()]
+    ours, our_bytes, _, gathers = _run(make_model(), zero_quantized_weights=True)
     diff = max(abs(a - b) for a, b in zip(ours, ref))
     assert diff < QWZ_TOLERANCE, (ours, ref)
     assert ours != ref  # the gathers really were quantized
@@ -66,6 +69,16 @@ def test_qwz_trains_like_plain_stage3_with_a_quarter_of_the_gather_bytes(plain):
     # int8 codes + one fp32 scale per 256 values is 0.254 of fp32; the rest is each gather's 56-byte
     # header and small parameters rounded up to one block
     assert ratio < 0.36, ratio
+    # each gather exactly: plain sends (header + P fp32 values) per rank; qwZ the same header and
+    # row_bytes(P) = the int8 codes of whole 256-value blocks and one fp32 scale per block. Header-only
+    # exchanges (the module-path digest, guards before unrecorded gathers) are the same in both.
+    world, head = dist.get_world_size(), header_len(torch.float32) * 4
+    expected = {}
+    for size, count in ref_gathers.items():
+        values = (size // world - head) // 4
+        wire = world * (head + row_bytes(values, WEIGHT_BLOCK)) if values else size
+        expected[wire] = expected.get(wire, 0) + count
+    assert gathers == expected, (gathers, expected)
     assert our_bytes.get("reduce_scatter", 0) == ref_bytes.get("reduce_scatter", 0)
     assert our_bytes.get("all_reduce", 0) == ref_bytes.get("all_reduce", 0)  # gradients untouched
 
@@ -115,8 +128,8 @@ def test_qwz_checkpoint_resume_equals_the_uninterrupted_run(tmp_path):
 
 @pytest.mark.world_size(2)
 def test_qgz_trains_like_plain_stage3_with_at_most_a_quarter_of_the_gradient_bytes(plain):
-    ref, ref_bytes = plain[dist.get_rank()]
-    ours, our_bytes, _ = _run(make_model(), zero_quantized_gradients=True)
+    ref, ref_bytes, _ = plain[dist.get_rank()]
+    ours, our_bytes, _, _ = _run(make_model(), zero_quantized_gradients=True)
     diff = max(abs(a - b) for a, b in zip(ours, ref))
     assert diff < QGZ_TOLERANCE, (ours, ref)
     assert ours[-1] < ours[0], ours
@@ -125,3 +138,18 @@ def test_qgz_trains_like_plain_stage3_with_at_most_a_quarter_of_the_gradient_byt
     fp32 = ref_bytes.get("reduce_scatter", 0) + ref_bytes.get("all_reduce", 0)
     assert our_bytes["all_to_all"] <= fp32 / 4, (our_bytes, ref_bytes)
     assert our_bytes["all_gather"] == ref_bytes["all_gather"]  # weights untouched
+
+
+@pytest.mark.world_size(2, timeout=90)
+def test_qwz_rank_leaving_the_recorded_order_fails_naming_the_modules():
+    """The notice a deviating rank sends in place of the next logged gather is shaped like a quantized
+    gather (bytes), so its peers receive it instead of hanging (test_stage3_hang.py's case, with qwZ)."""
+    from .test_stage3_hang import _swap, _train_until_failure
+    from .test_stage3_prefetch import Branchy, branchy_engine
+
+    engine = branchy_engine(Branchy(), stage3_prefetch_bucket_size=300, zero_quantized_weights=True)
+    with pytest.raises(ModulePathMismatchError, match="ranks are running different modules") as info:
+        _train_until_failure(engine, 6, 3, _swap)
+    text = str(info.value)
+    assert "'b2 (forward)'" in text and "'b1 (forward)' was recorded" in text, text
+    assert engine.strategy.coordinator.prefetcher.stats["notices"] >= (1 if dist.get_rank() == 1 else 0)

@@ -90,3 +90,15 @@ def test_zeropp_keys_need_stage_3():
                        ("zero_hpz_partition_size", 2)):
         with pytest.raises(Exception, match=f"{key} .* needs stage 3"):
             parse_config({"train_batch_size": 2, "zero_optimization": {"stage": 2, key: value}})
+
+
+@pytest.mark.world_size(4)
+def test_hpz_with_qwz_matches_qwz_alone_and_keeps_secondary_gathers_exact():
+    """With qwZ the forward's gathered weights are dequantized; the secondary shards are cut from them and
+    gathered exactly, so backward sees the forward's weights — the same ones a qwZ backward re-gather
+    rebuilds from the same shards. Hence hpZ + qwZ equals qwZ alone bit for bit."""
+    ref, _ = _train_counting(_engine(zero_quantized_weights=True), STEPS)
+    engine = _engine(zero_quantized_weights=True, zero_hpz_partition_size=2)
+    ours, counts = _train_counting(engine, STEPS)
+    assert ours == ref, (ours, ref)
+    assert set(counts["backward"]) == {2}, counts
