@@ -56,7 +56,6 @@ def plain():
     return run_distributed(_plain, 2)
 
 
-@pytest.mark.smoke
 @pytest.mark.world_size(2)
 def test_qwz_trains_like_plain_stage3_with_a_quarter_of_the_gather_bytes(plain):
     ref, ref_bytes, ref_gathers = plain[dist.get_rank()]

@@ -54,7 +54,6 @@ def _engine(**zero):
                                                                 comms_logger={"enabled": True}))[0]
 
 
-@pytest.mark.smoke
 @pytest.mark.world_size(4)
 def test_hpz_backward_gathers_stay_in_the_secondary_group_and_losses_match_plain_stage3():
     ref, ref_counts = _train_counting(_engine(), STEPS)
@@ -102,3 +101,43 @@ def test_hpz_with_qwz_matches_qwz_alone_and_keeps_secondary_gathers_exact():
     ours, counts = _train_counting(engine, STEPS)
     assert ours == ref, (ours, ref)
     assert set(counts["backward"]) == {2}, counts
+
+
+QGZ_TOLERANCE = 5e-2  # int4 gradients (test_zeropp.py); the hierarchical form rounds the node sums once more
+
+
+def _all_to_all_bytes_by_group(engine, steps):
+    """Losses, and the all-to-all bytes per step keyed by the global ranks of the group they ran on."""
+    sent: dict[tuple, int] = {}
+    original = comm.all_to_all
+
+    def counting(output, input, *args, group=None, **kwargs):
+        ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(4))
+        sent[ranks] = sent.get(ranks, 0) + input.numel() * input.element_size()
+        return original(output, input, *args, group=group, **kwargs)
+
+    comm.all_to_all = counting
+    try:
+        losses, _ = _train_counting(engine, steps)
+    finally:
+        comm.all_to_all = original
+    return losses, {k: v / steps for k, v in sent.items()}
+
+
+@pytest.mark.world_size(4)
+def test_hierarchical_qgz_sends_half_the_flat_bytes_across_nodes():
+    """qgZ with hpZ's pairs as nodes (ranks 0-1, 2-3): within the node every chunk goes out as in the
+    flat all-to-all; across nodes (ranks 0-2, 1-3) only each node's partial sums of 2 chunks: 1/2."""
+    ref, _ = _train_counting(_engine(), STEPS)
+    flat_losses, flat = _all_to_all_bytes_by_group(_engine(zero_quantized_gradients=True), STEPS)
+    ours, sent = _all_to_all_bytes_by_group(_engine(zero_quantized_gradients=True, zero_hpz_partition_size=2),
+                                            STEPS)
+    rank = dist.get_rank()
+    node = (rank // 2 * 2, rank // 2 * 2 + 1)
+    across = (rank % 2, rank % 2 + 2)
+    assert set(flat) == {(0, 1, 2, 3)} and set(sent) == {node, across}, (flat, sent)
+    assert sent[node] == flat[(0, 1, 2, 3)]
+    assert sent[across] * 2 == flat[(0, 1, 2, 3)]
+    for losses in (flat_losses, ours):
+        diff = max(abs(a - b) for a, b in zip(losses, ref))
+        assert diff < QGZ_TOLERANCE, (losses, ref)

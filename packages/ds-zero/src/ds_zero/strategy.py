@@ -168,7 +168,7 @@ class Stage3Strategy(ZeroStrategy):
         from .quantize import WEIGHT_BLOCK
         from .reduce3 import Stage3GradientReducer
         from .stage3 import Stage3Partitions
-        from .zeropp import secondary_partition
+        from .zeropp import node_groups, secondary_partition
 
         self.ctx = ctx
         cfg = self.cfg
@@ -195,8 +195,9 @@ class Stage3Strategy(ZeroStrategy):
         # the model outlives a dropped engine: take the module hooks off with this strategy
         weakref.finalize(self, coordinator.remove)
         self.coordinator = coordinator
+        nodes = node_groups(hpz, ctx.groups.data) if cfg.zero_quantized_gradients else None
         self.reducer = Stage3GradientReducer(self.parts, ctx, cfg.overlap_comm, coordinator,
-                                             quantized=cfg.zero_quantized_gradients)
+                                             quantized=cfg.zero_quantized_gradients, nodes=nodes)
         self.zero = ZeroOptimizer(ctx, cfg, self.parts, self.reducer.grads)
         self.optimizer = self.zero.optimizer
         self.parts.optimizer = self.zero  # GatheredParameters refreshes the masters after a modification

@@ -10,8 +10,8 @@ for Giant Model Training"): which gathers and reductions they change, and the se
   shards live from the forward gather until the step's backward ends (``prefetch.py``).
 - ``zero_quantized_gradients`` (qgZ, section 3.3): each gradient's reduce-scatter becomes an
   all-to-all of int4-quantized chunks, each rank dequantizing and summing its own chunk in fp32
-  (``reduce3.py``). One level (all data-parallel ranks at once), not the paper's hierarchical
-  intra-node-then-inter-node form.
+  (``reduce3.py``). With hpZ on too, its groups are taken as the nodes and the all-to-all is the
+  paper's hierarchical one: within the node first, then across nodes with 1/k of the flat bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from ds_core import comm
 from ds_core.errors import ConfigError
 
-__all__ = ["SecondaryPartition", "secondary_partition"]
+__all__ = ["SecondaryPartition", "secondary_partition", "NodeGroups", "node_groups"]
 
 
 class SecondaryPartition:
@@ -61,3 +61,26 @@ def secondary_partition(size: int, data_group) -> SecondaryPartition | None:
             mine = group
     return SecondaryPartition(mine, size, rank % size)
 
+
+
+class NodeGroups:
+    """Hierarchical qgZ's groups: ``intra`` (this rank's node: ``size`` consecutive ranks) and ``inter``
+    (the ``count`` ranks with this rank's local index, one per node, in node order)."""
+
+    def __init__(self, intra, inter, size: int, count: int) -> None:
+        self.intra, self.inter, self.size, self.count = intra, inter, size, count
+
+
+def node_groups(hpz: SecondaryPartition | None, data_group) -> NodeGroups | None:
+    """The nodes of hierarchical qgZ: hpZ's groups and the groups across them (every rank of
+    ``data_group`` calls this, in the same order); None without hpZ (qgZ is then one all-to-all)."""
+    if hpz is None:
+        return None
+    world = comm.get_world_size(data_group)
+    size = hpz.size
+    inter = None
+    for j in range(size):
+        group = comm.new_group([comm.global_rank(data_group, r) for r in range(j, world, size)])
+        if j == hpz.rank:
+            inter = group
+    return NodeGroups(hpz.group, inter, size, world // size)
