@@ -152,3 +152,18 @@ def test_qwz_rank_leaving_the_recorded_order_fails_naming_the_modules():
     text = str(info.value)
     assert "'b2 (forward)'" in text and "'b1 (forward)' was recorded" in text, text
     assert engine.strategy.coordinator.prefetcher.stats["notices"] >= (1 if dist.get_rank() == 1 else 0)
+
+
+@pytest.mark.world_size(2)
+def test_qwz_and_qgz_together_in_bf16_train_like_plain_bf16_stage3():
+    """Both on, bf16 model weights (dequantized into bf16; gradients quantized from bf16): within qgZ's
+    tolerance of plain bf16 stage 3 at each of 6 steps."""
+    def losses(**zero):
+        engine = ds_core.initialize(model=make_model(), config=config(
+            zero_optimization=dict(ZERO3, **zero), bf16={"enabled": True}))[0]
+        return train(engine, 6)
+
+    ref = losses()
+    ours = losses(zero_quantized_weights=True, zero_quantized_gradients=True)
+    assert max(abs(a - b) for a, b in zip(ours, ref)) < QGZ_TOLERANCE, (ours, ref)
+    assert ours != ref
