@@ -1,6 +1,7 @@
 """1-bit Adam, 0/1 Adam and 1-bit LAMB vs their uncompressed baselines: step time and bytes on the wire.
 
     python benchmarks/bench_comm_efficient.py [--steps 20] [--rounds 3] [--dim 256] [--layers 4]
+                                              [--section all|onebit|zeropp] [--world 2|4]
 
 Same GPT, same data, 2 gloo ranks, same run. Each compressed optimizer warms up (1-bit Adam / LAMB:
 ``freeze_step`` 2 steps; 0/1 Adam: ``var_freeze_step`` 2, local steps every 4 after) and is then measured
@@ -9,6 +10,15 @@ medians are printed. Bytes per optimizer step are the comms logger's (all_reduce
 all_gather as recorded by ``ds_core.comm``) over the measured steps, and the ratio to the baseline's.
 On two processes on one host gloo moves bytes through memory, so the time ratio says what the
 compression costs in computation more than what it saves on a network.
+
+The ``zeropp`` section (``--section zeropp``) runs ZeRO++ on stage 3 (every parameter partitioned:
+``stage3_param_persistence_threshold`` 0; released after each use: ``stage3_max_reuse_distance`` 0, so
+backward gathers again) against plain stage 3 the same way: qwZ
+(``zero_quantized_weights``), qgZ (``zero_quantized_gradients``) and both, with the parameter
+all-gather bytes and the gradient-reduction bytes (all_reduce / reduce_scatter / all_to_all) apart.
+``--world 4`` adds hpZ (``zero_hpz_partition_size`` 2) and qgZ with hpZ (the hierarchical all-to-all)
+on 4 ranks; the gather column then counts the backward gathers within the pairs too, and the gradient
+column both levels of the hierarchical all-to-all.
 """
 
 from __future__ import annotations
@@ -69,6 +79,80 @@ def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
     return params, {k: (statistics.median(times[k]), statistics.median(wire[k])) for k in runs}
 
 
+ZEROPP = {
+    "qwZ": {"zero_quantized_weights": True},
+    "qgZ": {"zero_quantized_gradients": True},
+    "qwZ+qgZ": {"zero_quantized_weights": True, "zero_quantized_gradients": True},
+}
+GRAD_OPS = ("all_reduce", "reduce_scatter", "all_to_all")
+
+
+HPZ = {
+    "hpZ": {"zero_hpz_partition_size": 2},
+    "qgZ+hpZ": {"zero_quantized_gradients": True, "zero_hpz_partition_size": 2},
+}
+
+
+def _bench_zeropp(steps: int, dim: int, layers: int, micro: int, rounds: int):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, seq_len=128, dim=dim, layers=layers, heads=4)
+    rank = dist.get_rank()
+    batches = [synthetic_tokens(micro, cfg.seq_len, cfg.vocab_size, i, rank) for i in range(8)]
+    base = GPT(cfg)
+
+    def config(**zeropp):
+        # reuse distance 0: released after each use, so backward gathers again (as a model too large to
+        # keep its forward's parameters does); hpZ moves those gathers into the pairs
+        return dict(_config("AdamW", micro), zero_optimization={
+            "stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0, **zeropp})
+
+    runs = {"stage 3": engine_step(base, batches, config())}
+    methods = dict(ZEROPP, **(HPZ if dist.get_world_size() >= 4 else {}))
+    runs.update({name: engine_step(base, batches, config(**keys)) for name, keys in methods.items()})
+    for fn in runs.values():  # the first steps record the gather order
+        for i in range(3):
+            fn(i)
+    out: dict[str, list] = {k: [] for k in runs}
+    world = dist.get_world_size()
+    in_group: dict[str, int] = {}  # all-gather bytes on groups smaller than the world (hpZ's)
+    add = comm.comms_logger.add
+
+    def record(op, nbytes, seconds, size):
+        if op == "all_gather" and size < world:
+            in_group["bytes"] = in_group.get("bytes", 0) + nbytes
+        add(op, nbytes, seconds, size)
+
+    comm.comms_logger.add = record
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            comm.comms_logger.reset()
+            in_group.clear()
+            seconds = timed(fn, steps, warmup=0)
+            totals = comm.comms_logger.totals()
+            small = in_group.get("bytes", 0) / steps
+            gather = totals.get("all_gather", {}).get("bytes", 0) / steps - small
+            grads = sum(totals.get(op, {}).get("bytes", 0) for op in GRAD_OPS) / steps
+            out[name].append((seconds, gather, small, grads))
+    comm.comms_logger.add = add
+    params = sum(p.numel() for p in base.parameters())
+    return params, {k: tuple(statistics.median(v[i] for v in out[k]) for i in range(4)) for k in runs}
+
+
+def _print_zeropp(args) -> None:
+    results = run_distributed(_bench_zeropp, args.world,
+                              args=(args.steps, args.dim, args.layers, args.micro, args.rounds), timeout=3600)
+    params, r = results[0]
+    print(f"ZeRO++ vs plain stage 3: GPT {params / 1e6:.2f} M parameters, {args.world} gloo ranks, micro-batch "
+          f"{args.micro}, median of {args.rounds} rounds x {args.steps} steps")
+    print("gather B/step: parameter all-gathers over all ranks; in-pair: hpZ's gathers within 2-rank groups")
+    print(f"{'method':<10}{'ms/step':>10}{'time ratio':>12}{'gather B/step':>15}{'ratio':>8}{'in-pair B/step':>16}"
+          f"{'grad B/step':>14}{'ratio':>8}")
+    t0, g0, _, r0 = r["stage 3"]
+    for name, (t, g, small, gr) in r.items():
+        print(f"{name:<10}{t * 1e3:>10.1f}{t / t0:>12.3f}{g:>15,.0f}{g / g0:>8.3f}{small:>16,.0f}"
+              f"{gr:>14,.0f}{gr / r0:>8.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=20, help="a multiple of 4 keeps 0/1 Adam's windows whole")
@@ -76,7 +160,13 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--section", choices=("all", "onebit", "zeropp"), default="all")
+    parser.add_argument("--world", type=int, default=2, help="ranks of the zeropp section (4 adds hpZ)")
     args = parser.parse_args()
+    if args.section in ("all", "zeropp"):
+        _print_zeropp(args)
+    if args.section == "zeropp":
+        return
     results = run_distributed(_bench, 2, args=(args.steps, args.dim, args.layers, args.micro, args.rounds),
                               timeout=3600)
     params, r = results[0]

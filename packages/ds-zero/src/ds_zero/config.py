@@ -193,10 +193,17 @@ class ZeroConfig(Section):
     use_all_reduce_for_fetch_params: bool = Field(False, description="Stage 3 only.")
     log_trace_cache_warnings: bool = Field(False, description="Stage 3 only.")
     pipeline_loading_checkpoint: bool = Field(False, description="Stage 3 only.")
-    zero_hpz_partition_size: int = Field(1, description="ZeRO++ hierarchical partitioning; only 1 (off).")
-    zero_quantized_weights: bool = Field(False, description="ZeRO++ quantized weights; only false.")
+    zero_hpz_partition_size: int = Field(
+        1, description="ZeRO++ hpZ (stage 3): after the forward gather each rank keeps a secondary shard over a "
+                       "group of this many consecutive ranks, so backward re-gathers stay in that group; must "
+                       "divide the data-parallel world size; 1 (or 0): off.")
+    zero_quantized_weights: bool = Field(
+        False, description="ZeRO++ qwZ (stage 3): parameter all-gathers send block-quantized int8 (fp32 scale "
+                           "per 256 values), dequantized on arrival; shards and masters stay exact.")
     zero_quantized_nontrainable_weights: bool = Field(False, description="ZeRO++; only false.")
-    zero_quantized_gradients: bool = Field(False, description="ZeRO++ quantized gradients; only false.")
+    zero_quantized_gradients: bool = Field(
+        False, description="ZeRO++ qgZ (stage 3): gradient reduce-scatter as an all-to-all of int4 block-"
+                           "quantized chunks (fp32 scale per 128 values), summed in fp32 by their owner.")
     mics_shard_size: int = Field(-1, description="MiCS sharding; only -1 (off).")
     mics_hierarchical_params_gather: bool = Field(False, description="MiCS; only false.")
 
@@ -256,10 +263,17 @@ class ZeroConfig(Section):
             check_nvme_path("offload_optimizer", off.nvme_path)
         if par == "nvme":
             check_nvme_path("offload_param", self.offload_param.nvme_path)
-        unavailable = {"zero_hpz_partition_size": (self.zero_hpz_partition_size, 1),
-                       "zero_quantized_weights": (self.zero_quantized_weights, False),
-                       "zero_quantized_nontrainable_weights": (self.zero_quantized_nontrainable_weights, False),
-                       "zero_quantized_gradients": (self.zero_quantized_gradients, False),
+        zeropp = {"zero_quantized_weights": self.zero_quantized_weights,
+                  "zero_quantized_gradients": self.zero_quantized_gradients,
+                  "zero_hpz_partition_size": self.zero_hpz_partition_size not in (0, 1)}
+        for key, on in zeropp.items():
+            if on and self.stage != 3:
+                raise ValueError(f"{key} {getattr(self, key)!r} needs stage 3 (ZeRO++ works on partitioned "
+                                 f"parameters) but stage is {self.stage}; set stage to 3 or remove {key}")
+        if self.zero_hpz_partition_size < 0:
+            raise ValueError(f"zero_hpz_partition_size {self.zero_hpz_partition_size} is negative; set it to a "
+                             f"divisor of the data-parallel world size (e.g. the GPUs per node), or 1 for off")
+        unavailable = {"zero_quantized_nontrainable_weights": (self.zero_quantized_nontrainable_weights, False),
                        "mics_shard_size": (self.mics_shard_size, -1),
                        "legacy_stage1": (self.legacy_stage1, False),
                        "allgather_partitions": (self.allgather_partitions, True)}

@@ -36,6 +36,8 @@ from bisect import bisect_right
 from collections import deque
 from typing import NamedTuple
 
+import torch
+
 from ds_core import comm
 
 from .allgather import PendingGather, notice_round
@@ -105,6 +107,8 @@ class _Step:
         self.mode, self.trace, self.plan = mode, trace, plan
         self.recorded: list[tuple[int, tuple]] = []
         self.log: list[tuple[int, int, int]] = []  # (key, target, length) of each gather issued
+        self.forms: list[int] = []  # and its form: 0 exact, 1 qwZ-quantized, 2 hpZ secondary group
+        self.plan_forms: list[int] = []
         self.pos = -1          # the last trace entry matched
         self.off = None        # (fetch index, key, recorded key) where the step left the trace
         self.frontier = 0      # the next trace entry the prefetcher has not gathered ahead
@@ -133,6 +137,7 @@ class Prefetcher:
         self.settings = settings or Stage3Settings()
         self.traces: dict = {}
         self.plans: dict = {}
+        self.plan_forms: dict = {}
         self.step: _Step | None = None
         self.queue: deque = deque()  # gathers in flight, oldest first
         self.resident = 0            # elements gathered or in flight (not persistent)
@@ -140,7 +145,10 @@ class Prefetcher:
         # before a gather (steps without a logged order), notices, the most elements ever resident, and
         # parameters gathered because model code touched them outside their module (``gather.py``)
         self.stats = {"on_demand": 0, "prefetched": 0, "guarded": 0, "notices": 0, "peak_resident": 0,
-                      "on_access": 0}
+                      "on_access": 0, "primary": 0, "secondary": 0}
+        # ZeRO++ (``zeropp.py``): qwZ's block size (0: exact gathers) and hpZ's secondary partition
+        self.quant = 0
+        self.hpz = None
         if self.shards:
             s0 = self.shards[0]
             self.dtype, self.device = getattr(s0, "dtype", None) or s0.shard.dtype, s0.device
@@ -150,6 +158,7 @@ class Prefetcher:
         """A root forward starts a step (ending the previous one if no backward ended it)."""
         self.end()
         self.step = _Step(mode, self.traces.get(mode), self.plans.get(mode))
+        self.step.plan_forms = self.plan_forms.get(mode, [])
         self.resident = sum(s.numel for s in self.shards if s.gathered or _inflight(s))
 
     def check_path(self) -> None:
@@ -169,7 +178,8 @@ class Prefetcher:
 
     def end(self, check: bool = True) -> None:
         """End the step: check the path, finish gathers in flight, release what no module holds, and
-        keep the order (and the collectives, once a step replayed it) for the next step of this mode."""
+        keep the order (and the collectives, once a step replayed it) for the next step of this mode.
+        hpZ's secondary shards are dropped: the step's backward is over, the next step changes the weights."""
         st = self.step
         if st is None:
             return
@@ -181,17 +191,26 @@ class Prefetcher:
         except (ModulePathMismatchError, GatherTimeoutError):
             self.abandon()
             raise
+        finally:
+            self.drop_secondary()
         if st.trace is None or st.off is not None:
             self.traces[st.mode] = Trace(st.recorded)
             self.plans.pop(st.mode, None)
         elif st.pos + 1 == len(st.trace) and st.plan is None:
             self.plans[st.mode] = st.log
+            self.plan_forms[st.mode] = st.forms
         # a step that followed the trace but stopped early (a forward without backward) keeps both
+
+    def drop_secondary(self) -> None:
+        if self.hpz is not None:
+            for s in self.shards:
+                s.secondary = None
 
     def abandon(self) -> None:
         """After an error: forget the step and the gathers in flight without waiting for them (a peer may
         never join them). Their parameters count as released; the next step gathers them again."""
         self.step = None
+        self.drop_secondary()
         for pending in self.queue:
             for s in pending.items:
                 if getattr(s, "inflight", None) is pending:
@@ -286,31 +305,45 @@ class Prefetcher:
     # -- collectives ------------------------------------------------------------------------------------
     def _launch(self, items: list, key: int, target: int) -> PendingGather:
         st = self.step
-        length = header_len(self.dtype) + sum(s.part for s in items)
+        # [Note: ZeRO++ gather form] hpZ's secondary gather when every item kept a secondary shard, else
+        # the data-parallel gather (qwZ-quantized when on). The secondary shards exist on every rank alike
+        # (made by the same gathers, dropped at the same step ends), so every rank picks the same form.
+        hpz = self.hpz
+        secondary = hpz is not None and all(getattr(s, "secondary", None) is not None for s in items)
+        world = hpz.size if secondary else self.world
+        length = header_len(self.dtype) + sum(s.padded // world for s in items)
+        form = 2 if secondary else (1 if self.quant else 0)
         off_key, off_expected = (st.off[1], st.off[2]) if st is not None and st.off is not None else (0, 0)
         fp = Fingerprint(DATA, len(st.log) if st is not None else -1, key, target, length, off_key, off_expected)
         if self.world > 1:
-            self._guard(st, fp)
-        op = PendingGather(items, self.group, fp, self.queue, self.settings.hang_timeout)
+            self._guard(st, fp, form)
+        op = PendingGather(items, self.group, fp, self.queue, self.settings.hang_timeout, quant=self.quant,
+                           hpz=hpz, keep=hpz is not None and not secondary and torch.is_grad_enabled())
+        self.stats["secondary" if secondary else "primary"] += 1
         if st is not None:
             st.log.append((key, target, length))
+            st.forms.append(form)
         self.resident += sum(s.numel for s in items)
         self.stats["on_demand" if key == target else "prefetched"] += 1
         self.stats["peak_resident"] = max(self.stats["peak_resident"], self.resident)
         return op
 
-    def _guard(self, st: _Step | None, fp: Fingerprint) -> None:
+    def _guard(self, st: _Step | None, fp: Fingerprint, form: int = 0) -> None:
         """Make sure the other ranks issue a gather of the same size now (see the module docstring)."""
         plan = st.plan if st is not None else None
         if plan is not None and fp.seq < len(plan):
             expected = plan[fp.seq]
-            if expected == (fp.key, fp.target, fp.length):
+            expected_form = st.plan_forms[fp.seq] if fp.seq < len(st.plan_forms) else 0
+            if expected == (fp.key, fp.target, fp.length) and expected_form == form:
                 return  # as logged: the fingerprint travels with the data and is checked on arrival
             self.stats["notices"] += 1
             notice = fp._replace(kind=NOTICE)
-            rows = notice_round(notice, expected[2], self.dtype, self.device, self.group,
-                                self.settings.hang_timeout, self.queue)
-            check_rows(rows, notice, self.rank)  # equal everywhere: every rank left the log alike
+            # shaped like the expected gather, on its group (hpZ: only that secondary group hears it)
+            group = self.hpz.group if expected_form == 2 else self.group
+            rows = notice_round(notice, expected[2], self.dtype, self.device, group,
+                                self.settings.hang_timeout, self.queue, quant=self.quant if expected_form == 1 else 0)
+            # equal everywhere: every rank left the log alike
+            check_rows(rows, notice, self.hpz.rank if expected_form == 2 else self.rank)
             st.plan = None
             return
         self.stats["guarded"] += 1

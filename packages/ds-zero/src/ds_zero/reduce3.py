@@ -19,23 +19,36 @@ to (``strategy.py``), not by this reducer.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ds_core import comm
 from ds_core.engine.reducer import weak_grad_hook
 
+from .quantize import GRAD_BITS, GRAD_BLOCK, dequantize_rows, quantize_rows
 from .reduce import MAX_IN_FLIGHT, GradientPartitions, gloo_prefers_all_reduce
 from .stage3 import ShardedParameter, Stage3Partitions
 
 __all__ = ["Stage3GradientReducer"]
 
 
+class _Quantized(NamedTuple):
+    """A qgZ all-to-all in flight: what arrives, and what is sent (kept alive until it completes)."""
+
+    recv: torch.Tensor
+    send: torch.Tensor
+    nodes: int = 0  # hierarchical: the number of nodes (the inter-node step follows on completion)
+
 
 class Stage3GradientReducer(GradientPartitions):
     """Reduces each sharded parameter's gradient into its owners' fp32 gradient partitions."""
 
-    def __init__(self, parts: Stage3Partitions, ctx, overlap: bool, coordinator=None) -> None:
+    def __init__(self, parts: Stage3Partitions, ctx, overlap: bool, coordinator=None,
+                 quantized: bool = False, nodes=None) -> None:
         self.device = ctx.device
+        self.quantized = quantized  # ZeRO++ qgZ: see _launch_quantized
+        self.nodes = nodes if quantized else None  # zeropp.NodeGroups: hierarchical qgZ
         self.overlap = overlap
         self.settings = ctx.reduce
         self.comm_dtype = ctx.reduce.comm_dtype
@@ -75,6 +88,8 @@ class Stage3GradientReducer(GradientPartitions):
             wire.mul_(self.settings.before)
         if s.world == 1:
             out, work = wire, None
+        elif self.quantized:
+            out, work = self._launch_quantized(s, wire)
         elif self.gloo:
             out, work = wire, comm.all_reduce(wire, group=self.parts.group, async_op=True)
         else:
@@ -87,12 +102,55 @@ class Stage3GradientReducer(GradientPartitions):
         while len(self.in_flight) > limit:
             self._complete_oldest()
 
+    def _launch_quantized(self, s: ShardedParameter, wire: torch.Tensor):
+        """ZeRO++ qgZ (Wang et al. 2023, section 3.3): the reduce-scatter as one all-to-all of quantized
+        chunks. Chunk r of the padded gradient (rank r's part) is quantized on its own (int4, a fp32 scale
+        per block) and sent to rank r, which dequantizes what every rank sent it and sums in fp32
+        (:meth:`_complete_oldest`). Quantizing before the sum, not between ring hops, keeps the error to
+        one rounding per rank."""
+        if self.nodes is not None:
+            return self._launch_hierarchical(s, wire)
+        rows = quantize_rows(wire.view(s.world, s.part), GRAD_BLOCK, GRAD_BITS)
+        recv = torch.empty_like(rows)
+        work = comm.all_to_all(recv, rows.reshape(-1), group=self.parts.group, async_op=True)
+        return _Quantized(recv, rows), work
+
+    def _launch_hierarchical(self, s: ShardedParameter, wire: torch.Tensor):
+        """qgZ's hierarchical all-to-all (section 3.3 of the paper), first step: within the node.
+
+        [Note: hierarchical qgZ] data-parallel rank ``n·L + j`` is local rank j of node n (L ranks per
+        node, N nodes). Step 1, within the node: local rank j receives from each local peer the chunks
+        of ranks ``n·L + j`` for every node n, and sums them: N node-partial chunks. Step 2
+        (:meth:`_inter_node`), across nodes, among the ranks of local index j: node n's partial of
+        chunk ``n·L + j`` goes to node n, which sums the N partials: its own chunk, reduced over every
+        rank. Across nodes each rank sends N chunks instead of N·L: 1/L of the flat all-to-all's
+        inter-node bytes, for one more rounding (the partials are quantized again)."""
+        nodes = self.nodes
+        chunks = wire.view(nodes.count, nodes.size, s.part).transpose(0, 1).reshape(-1, s.part)  # [L·N, part]
+        rows = quantize_rows(chunks, GRAD_BLOCK, GRAD_BITS)
+        recv = torch.empty_like(rows)
+        work = comm.all_to_all(recv, rows.reshape(-1), group=nodes.intra, async_op=True)
+        return _Quantized(recv, rows, nodes.count), work
+
+    def _inter_node(self, s: ShardedParameter, recv: torch.Tensor) -> torch.Tensor:
+        """The second step of the hierarchical qgZ (see its note): returns this rank's reduced chunk."""
+        nodes = self.nodes
+        partials = dequantize_rows(recv, s.part, GRAD_BLOCK, GRAD_BITS).view(nodes.size, nodes.count, s.part)
+        rows = quantize_rows(partials.sum(dim=0), GRAD_BLOCK, GRAD_BITS)  # [N, row]: row n to node n
+        back = torch.empty_like(rows)
+        comm.all_to_all(back, rows.reshape(-1), group=nodes.inter)
+        return dequantize_rows(back, s.part, GRAD_BLOCK, GRAD_BITS).sum(dim=0)
+
     def _complete_oldest(self) -> None:
         gi, i, out, work = self.in_flight.pop(0)
         if work is not None:
             work.wait()
         g = self.parts.groups[gi]
         s = g.sharded[i]
+        if isinstance(out, _Quantized) and out.nodes:
+            out = self._inter_node(s, out.recv)
+        elif isinstance(out, _Quantized):
+            out = dequantize_rows(out.recv, s.part, GRAD_BLOCK, GRAD_BITS).sum(dim=0)
         if out.numel() != s.part:  # all-reduced whole: keep this rank's shard
             out = out[s.rank * s.part:(s.rank + 1) * s.part]
         self.grads[gi][g.offsets[i]:g.offsets[i] + s.part].add_(out, alpha=self.settings.after(self.parts.world))

@@ -165,11 +165,14 @@ class Stage3Strategy(ZeroStrategy):
     def prepare(self, ctx) -> None:
         from .gather import ParameterCoordinator
         from .prefetch import Stage3Settings
+        from .quantize import WEIGHT_BLOCK
         from .reduce3 import Stage3GradientReducer
         from .stage3 import Stage3Partitions
+        from .zeropp import node_groups, secondary_partition
 
         self.ctx = ctx
         cfg = self.cfg
+        hpz = secondary_partition(int(cfg.zero_hpz_partition_size), ctx.groups.data)  # checked before any gather
         param = cfg.offload_param
         offload = param.device in ("cpu", "nvme")
         pin = (offload and param.pin_memory and ctx.device.type != "cpu"
@@ -186,10 +189,15 @@ class Stage3Strategy(ZeroStrategy):
                                       shard_device=torch.device("cpu") if offload else None, pin=pin, swap=swap)
         coordinator = ParameterCoordinator(self.parts, ctx.module)
         coordinator.configure(Stage3Settings.from_config(cfg))
+        # ZeRO++ (zeropp.py): qwZ quantizes the prefetcher's gathers, hpZ gives them a secondary group
+        coordinator.prefetcher.quant = WEIGHT_BLOCK if cfg.zero_quantized_weights else 0
+        coordinator.prefetcher.hpz = hpz
         # the model outlives a dropped engine: take the module hooks off with this strategy
         weakref.finalize(self, coordinator.remove)
         self.coordinator = coordinator
-        self.reducer = Stage3GradientReducer(self.parts, ctx, cfg.overlap_comm, coordinator)
+        nodes = node_groups(hpz, ctx.groups.data) if cfg.zero_quantized_gradients else None
+        self.reducer = Stage3GradientReducer(self.parts, ctx, cfg.overlap_comm, coordinator,
+                                             quantized=cfg.zero_quantized_gradients, nodes=nodes)
         self.zero = ZeroOptimizer(ctx, cfg, self.parts, self.reducer.grads)
         self.optimizer = self.zero.optimizer
         self.parts.optimizer = self.zero  # GatheredParameters refreshes the masters after a modification
