@@ -90,7 +90,7 @@ class Engine(torch.nn.Module):
         self.topology = topology if topology is not None else comm.Topology(self.world_size)
         self.topology.check_world(self.world_size, "Engine")
         self.precision = config.precision
-        self.precision_spec = Precision.from_name(self.precision)
+        self.precision_spec = Precision.from_config(config)
         self.dtype = self.precision_spec.dtype
         self.device = self.accelerator.device(self.local_rank if self.accelerator.device_type != "cpu" else None)
         self.hooks = EngineHooks()
