@@ -241,6 +241,30 @@ class Engine(torch.nn.Module):
         finally:
             self._sync_enabled = previous
 
+    # -- torch.compile -------------------------------------------------------------------------------
+    def compile(self, backend: str = "inductor", compile_kwargs: dict | None = None, schedule=None) -> None:
+        """Compile the wrapped module's forward with ``torch.compile`` (DeepSpeed's ``engine.compile``), in
+        place: parameters, state-dict keys, gradient hooks and checkpoints are unchanged, and backward runs
+        the compiled graph's backward. ``compile_kwargs`` go to ``torch.compile`` (``mode``, ``dynamic``,
+        ``fullgraph``, ...). Stages 0, 1 and 2 are supported; ZeRO-3 is refused: its parameters are
+        gathered by module hooks around each layer's forward, which the graph cannot capture."""
+        if schedule is not None:
+            raise DSError(f"engine.compile(schedule={schedule!r}): DeepCompile schedules are not supported; "
+                          f"call engine.compile() without schedule")
+        if getattr(self.strategy, "layout", None) == "zero-3":
+            raise DSError("engine.compile() is not supported with ZeRO stage 3 (its parameters are gathered by "
+                          "hooks around each module's forward, which torch.compile cannot trace); use "
+                          "zero_optimization.stage 2, or run stage 3 uncompiled")
+        if self.is_compiled:
+            return
+        self.module.compile(backend=backend, **(compile_kwargs or {}))
+        self._compiled = True
+
+    @property
+    def is_compiled(self) -> bool:
+        """True after :meth:`compile`."""
+        return getattr(self, "_compiled", False)
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; the strategy's master weights then follow the loaded weights."""
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)

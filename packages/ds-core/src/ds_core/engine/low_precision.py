@@ -153,14 +153,23 @@ class LowPrecisionStepper:
             opt.step()
         finally:
             group["params"] = params
-        for i, s in zip(chunk, stand_ins):
-            master = self.masters[gi][i]
-            if master.dtype != torch.float32:
-                gen = None
-                if self.rounding == "stochastic":
-                    gen = torch.Generator(device=master.device)
-                    gen.manual_seed(_seed(self.precision.seed, self.stream, n, gi, i))
-                master.copy_(round_to(s.data, master.dtype, self.rounding, gen))
+        masters = [self.masters[gi][i] for i in chunk]
+        low = [k for k, m in enumerate(masters) if m.dtype != torch.float32]
+        if low:
+            # one rounding pass over the chunk (one generator, seeded by its first tensor: see the notes)
+            gen = None
+            if self.rounding == "stochastic":
+                gen = torch.Generator(device=masters[low[0]].device)
+                gen.manual_seed(_seed(self.precision.seed, self.stream, n, gi, chunk[low[0]]))
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for k in low:
+                by_dtype.setdefault(masters[k].dtype, []).append(k)
+            for dtype, ks in by_dtype.items():
+                flat = torch.cat([stand_ins[k].data.reshape(-1) for k in ks])
+                rounded = round_to(flat, dtype, self.rounding, gen)
+                for k, piece in zip(ks, rounded.split([masters[k].numel() for k in ks])):
+                    masters[k].copy_(piece.view_as(masters[k]))
+        for s in stand_ins:
             state = opt.state.get(s)
             if state and self.state_dtype != torch.float32:
                 for k, v in state.items():
