@@ -82,7 +82,7 @@ class ZeroOptimizer:
             else:
                 grad = torch.zeros(g.partition_numel, dtype=precision.grad_dtype, device=self.master_device,
                                    pin_memory=pin)
-            if not precision.low_precision:
+            if grad.dtype == master.dtype:  # else (fp32 masters, 16-bit gradients) the stepper reads ``grads``
                 master.grad = grad
             grads.append(grad)
             self.masters.append(master)
