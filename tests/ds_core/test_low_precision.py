@@ -146,8 +146,9 @@ def test_bf16_masters_train_like_fp32_masters_and_rounding_matters():
         engine.destroy()
     sr = abs(tail["stochastic"] - tail["fp32 masters"])
     rn = abs(tail["nearest"] - tail["fp32 masters"])
+    print(f"mean loss of the last 5 steps: {tail}")
     assert sr < 2e-3, tail
-    assert rn > sr, tail
+    assert rn > 3 * sr, tail
 
 
 @pytest.mark.world_size(2)

@@ -2,7 +2,9 @@
 
 References and tolerances: each stage with bf16 masters, gradients and optimizer state ends within 1e-2
 of the same stage with fp32 masters after 12 steps (per-step loss; bf16 state and rounding noise); a
-resumed stage-2 run (fresh model, load, two more steps) equals the uninterrupted one bit for bit.
+resumed stage-2 run (fresh model, load, two more steps) equals the uninterrupted one bit for bit; an
+fp32-master checkpoint loads into a bf16-master run and back (same weights, then losses within 1e-2 of
+the fp32-master run); fp16 masters train under ZeRO-2 with CPU offload (the loss falls over 8 steps).
 """
 
 import pytest
@@ -42,3 +44,32 @@ def test_zero_2_resume_with_bf16_state_is_exact(tmp_path):
     fresh.load_checkpoint(tmp_path)
     assert train(fresh, 2, first_step=3) == expected
     assert all(torch.equal(a, b) for a, b in zip(engine.module.parameters(), fresh.module.parameters()))
+
+
+@pytest.mark.world_size(2)
+def test_zero_2_checkpoints_cross_between_fp32_and_bf16_masters(tmp_path):
+    _, fp32m = engine_losses(make_model(), 2, stage=2, bf16={"enabled": True})
+    fp32m.save_checkpoint(tmp_path / "fp32m")
+    _, low = engine_losses(make_model(1), 0, stage=2, bf16=LOW)
+    low.load_checkpoint(tmp_path / "fp32m")
+    assert all(torch.equal(a, b) for a, b in zip(fp32m.module.parameters(), low.module.parameters()))
+    assert {m.dtype for m in low.strategy.masters} == {torch.bfloat16}
+    ref = train(fp32m, 2, first_step=2)
+    assert max_diff(train(low, 2, first_step=2), ref) < 1e-2
+    low.save_checkpoint(tmp_path / "low")
+    _, back = engine_losses(make_model(1), 0, stage=2, bf16={"enabled": True})
+    back.load_checkpoint(tmp_path / "low")
+    assert {m.dtype for m in back.strategy.masters} == {torch.float32}
+    assert all(torch.equal(a, b) for a, b in zip(low.module.parameters(), back.module.parameters()))
+    train(back, 1, first_step=4)
+
+
+@pytest.mark.world_size(2)
+def test_fp16_masters_under_zero_2_cpu_offload():
+    """DeepSpeed's one supported place for fp16_master_weights_and_grads: ZeRO-2 with CPU offload."""
+    zero = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    fp16 = {"enabled": True, "fp16_master_weights_and_grads": True, "initial_scale_power": 8}
+    losses, engine = engine_losses(make_model(), 8, stage=None, fp16=fp16, zero_optimization=zero)
+    assert {m.dtype for m in engine.strategy.masters} == {torch.float16}
+    assert {g.dtype for g in engine.strategy.zero.grads} == {torch.float16}
+    assert losses[-1] < losses[0]
