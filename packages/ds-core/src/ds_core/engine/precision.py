@@ -84,6 +84,10 @@ class Precision:
             raise ConfigError(f"data_types.grad_accum_dtype {accum!r} contradicts {base.name}_master_weights_and_"
                               f"grads, which keeps the gradients in the masters' dtype ({base.name}); drop one "
                               f"of the two keys")
+        if grad == torch.float16 and not base.loss_scaling:
+            raise ConfigError(f"data_types.grad_accum_dtype 'fp16' accumulates gradients in fp16 without loss "
+                              f"scaling (this run is {base.name}), where gradients below 6e-8 vanish; use "
+                              f"'bf16' (fp32's range), or enable fp16 with its loss scaling")
         seed = getattr(config, "seed", None) or 0
         rounding = getattr(getattr(config, "data_types", None), "master_weights_rounding", "stochastic")
         spec = cls(base.name, base.dtype, master, base.loss_scaling, grad, state, rounding, int(seed))
