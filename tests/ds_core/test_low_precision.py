@@ -91,6 +91,40 @@ def test_round_to_nearest_stalls_where_stochastic_rounding_follows_fp32():
     assert abs(run("stochastic").mean().item() - (1.0 - 100 * 1e-3)) < 2e-3
 
 
+@pytest.mark.parametrize("opt", ["AdamW", "SGD"])
+def test_large_tensors_stepped_in_slices_equal_one_pass(monkeypatch, opt):
+    """A tensor larger than CHUNK_NUMEL is stepped slice by slice; with an elementwise optimizer and
+    deterministic rounding (nearest) that is bit for bit one pass over the whole tensor."""
+    from ds_core.engine import low_precision
+
+    precision = Precision("bf16", torch.bfloat16, torch.bfloat16, False, torch.bfloat16, torch.bfloat16, "nearest")
+
+    def make(groups, device_type):
+        if opt == "SGD":
+            return torch.optim.SGD(groups, lr=1e-2, momentum=0.9)
+        return torch.optim.AdamW(groups, lr=1e-2)
+
+    def run(chunk):
+        monkeypatch.setattr(low_precision, "CHUNK_NUMEL", chunk)
+        torch.manual_seed(0)
+        big, small = torch.randn(1000).bfloat16(), torch.randn(7, 3).bfloat16()
+        grads = [torch.zeros_like(big), torch.zeros_like(small)]
+        stepper = low_precision.LowPrecisionStepper([{"params": [big, small]}], [grads], make, "cpu", precision)
+        for _ in range(3):
+            for g in grads:
+                g.copy_(torch.randn(g.shape))
+            stepper.step(0.5)
+        return [big, small], stepper.optimizer.state_dict()["state"]
+
+    (w1, s1), (w2, s2) = run(1 << 24), run(64)
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2))
+    for idx in s1:
+        for k, v in s1[idx].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(s2[idx][k])), (idx, k)
+            if torch.is_tensor(v) and v.dim():
+                assert v.dtype == torch.bfloat16 and v.shape == s2[idx][k].shape
+
+
 # -- config --------------------------------------------------------------------------------------------
 def _precision(**over):
     return Precision.from_config(parse_config({"train_batch_size": 1, **over}))

@@ -10,6 +10,7 @@ the fp32-master run); fp16 masters train under ZeRO-2 with CPU offload (the loss
 import pytest
 import torch
 
+from ds_core.engine import low_precision
 from ds_core.engine.low_precision import ROUNDING_STEP_KEY
 
 from ._train import engine_losses, make_model, max_diff, train
@@ -37,13 +38,20 @@ def test_bf16_state_under_zero_1_and_2_trains_like_fp32_masters():
 
 @pytest.mark.world_size(2)
 def test_zero_2_resume_with_bf16_state_is_exact(tmp_path):
-    _, engine = engine_losses(make_model(), 3, stage=2, bf16=LOW)
-    engine.save_checkpoint(tmp_path)
-    expected = train(engine, 2, first_step=3)
-    _, fresh = engine_losses(make_model(1), 0, stage=2, bf16=LOW)
-    fresh.load_checkpoint(tmp_path)
-    assert train(fresh, 2, first_step=3) == expected
-    assert all(torch.equal(a, b) for a, b in zip(engine.module.parameters(), fresh.module.parameters()))
+    """With partitions larger than a chunk, so they are stepped in slices (``CHUNK_NUMEL``)."""
+    chunk = low_precision.CHUNK_NUMEL
+    low_precision.CHUNK_NUMEL = 4096
+    try:
+        _, engine = engine_losses(make_model(), 3, stage=2, bf16=LOW)
+        assert engine.strategy.masters[0].numel() > 4096
+        engine.save_checkpoint(tmp_path)
+        expected = train(engine, 2, first_step=3)
+        _, fresh = engine_losses(make_model(1), 0, stage=2, bf16=LOW)
+        fresh.load_checkpoint(tmp_path)
+        assert train(fresh, 2, first_step=3) == expected
+        assert all(torch.equal(a, b) for a, b in zip(engine.module.parameters(), fresh.module.parameters()))
+    finally:
+        low_precision.CHUNK_NUMEL = chunk
 
 
 @pytest.mark.world_size(2)

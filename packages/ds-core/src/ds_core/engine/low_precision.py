@@ -8,7 +8,8 @@ run's :class:`~ds_core.engine.precision.Precision` and hand them to :class:`LowP
 
 [Note: stand-ins] Any torch optimizer (the config's or the client's) is built over fp32 *stand-ins*,
 one per master tensor, that hold no memory between steps (a zero-stride view of one element). At the
-step, a chunk of at most ``CHUNK_NUMEL`` elements at a time, each stand-in receives the master's value
+step, a chunk of at most ``CHUNK_NUMEL`` elements at a time (a larger tensor in slices of that size,
+when the optimizer is elementwise), each stand-in receives the master's value
 and the gradient × coefficient in fp32 and its state is widened to fp32; the optimizer steps that
 chunk alone; the new weight is rounded into the master's dtype and the state narrowed back into
 ``state_dtype``. Between steps only the low-precision tensors exist, and the fp32 working set is one
@@ -38,13 +39,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["LowPrecisionStepper", "stochastic_round", "round_to", "CHUNK_NUMEL", "ROUNDING_STEP_KEY"]
+__all__ = ["LowPrecisionStepper", "stochastic_round", "round_to", "CHUNK_NUMEL", "ROUNDING_STEP_KEY", "ELEMENTWISE"]
 
 #: elements stepped in fp32 at once: bounds the fp32 working set of a step (weights, gradients, state)
 CHUNK_NUMEL = 1 << 24
 #: the parameter-group key holding the number of rounding steps taken (saved with the optimizer)
 ROUNDING_STEP_KEY = "ds_rounding_step"
 _MASK = (1 << 63) - 1
+#: optimizers whose update of an element depends on that element only: large tensors are stepped in slices
+ELEMENTWISE = ("Adam", "AdamW", "SGD", "Adagrad", "Lion", "DSCPUAdam", "DSCPUAdagrad", "DSCPULion")
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -121,6 +124,12 @@ class LowPrecisionStepper:
                 size = 0
                 for s in params:
                     i = index[id(s)]
+                    if s.numel() > CHUNK_NUMEL and self._sliceable(gi, i):
+                        if chunk:
+                            self._step_chunk(gi, group, chunk, coef, n)
+                            chunk, size = [], 0
+                        self._step_sliced(gi, group, i, coef, n)
+                        continue
                     chunk.append(i)
                     size += s.numel()
                     if size >= CHUNK_NUMEL:
@@ -177,6 +186,68 @@ class LowPrecisionStepper:
                         state[k] = v.to(self.state_dtype)
             s.data = self._idle[id(s)]
             s.grad = None
+
+    def _sliceable(self, gi: int, i: int) -> bool:
+        """A tensor larger than a chunk is stepped in slices when the optimizer is elementwise (a slice's
+        update depends on that slice only: not LAMB's per-tensor trust ratio) and its tensors are
+        contiguous."""
+        return (type(self.optimizer).__name__ in ELEMENTWISE and self.masters[gi][i].is_contiguous()
+                and self.grads[gi][i].is_contiguous())
+
+    @torch.no_grad()
+    def _step_sliced(self, gi: int, group: dict, i: int, coef: float, n: int) -> None:
+        """Step one large tensor ``CHUNK_NUMEL`` elements at a time (a ZeRO partition, an embedding): its
+        state stays one entry of full size in ``state_dtype``; each slice is widened, stepped, written back.
+        [Note: slices] every slice starts from the same scalar state (``step``), so after the last one
+        the scalars are what one step over the whole tensor would have left."""
+        opt, s = self.optimizer, self.stand_ins[gi][i]
+        master, grad = self.masters[gi][i], self.grads[gi][i]
+        flat_m, flat_g = master.view(-1), grad.view(-1)
+        full = opt.state.get(s) or None
+        shaped = [k for k, v in full.items() if k != "step" and torch.is_tensor(v) and v.is_floating_point()
+                  and v.shape == master.shape] if full else []
+        scalars = {k: v for k, v in full.items() if k not in shaped} if full else {}
+        pieces: dict[str, list[torch.Tensor]] = {}
+        params = group["params"]
+        try:
+            group["params"] = [s]
+            opt.param_groups = [group]
+            for lo in range(0, flat_m.numel(), CHUNK_NUMEL):
+                hi = min(lo + CHUNK_NUMEL, flat_m.numel())
+                s.data = flat_m[lo:hi].float()  # a view when fp32: stepped in place
+                g = flat_g[lo:hi].float()
+                s.grad = g * coef if coef != 1.0 else (g.clone() if grad.dtype == torch.float32 else g)
+                if full:
+                    work = {k: v.view(-1)[lo:hi].float() for k, v in full.items() if k in shaped}
+                    work.update({k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()})
+                    opt.state[s] = work
+                else:
+                    opt.state.pop(s, None)
+                opt.step()
+                work = opt.state[s]
+                if master.dtype != torch.float32:
+                    gen = None
+                    if self.rounding == "stochastic":
+                        gen = torch.Generator(device=master.device)
+                        gen.manual_seed(_seed(self.precision.seed, self.stream, n, gi, i, lo + 1))
+                    flat_m[lo:hi].copy_(round_to(s.data, master.dtype, self.rounding, gen))
+                if full:
+                    for k in shaped:
+                        full[k].view(-1)[lo:hi].copy_(work[k])
+                else:
+                    for k, v in work.items():
+                        if k != "step" and torch.is_tensor(v) and v.is_floating_point() and v.shape == s.shape:
+                            pieces.setdefault(k, []).append(v.to(self.state_dtype))
+                last = {k: v for k, v in work.items() if k not in shaped and k not in pieces}
+        finally:
+            group["params"] = params
+        if full:
+            full.update(last)
+            opt.state[s] = full
+        else:
+            opt.state[s] = {**last, **{k: torch.cat(v).view_as(master) for k, v in pieces.items()}}
+        s.data = self._idle[id(s)]
+        s.grad = None
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held between steps."""
