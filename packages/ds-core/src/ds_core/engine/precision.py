@@ -31,9 +31,10 @@ class Precision:
     """The precision choice a strategy implements: the model's dtype, the dtype of the weights the
     optimizer steps, and whether the loss is scaled.
 
-    ``master_dtype`` is ``None`` when the optimizer steps the model's own parameters (fp32);
-    otherwise separate master weights of that dtype are kept (fp32 for bf16/fp16 today; a
-    low-precision master choice would set it to the model's 16-bit dtype).
+    ``master_dtype`` is ``None`` when the optimizer steps the model's own parameters (fp32); fp32 for
+    bf16/fp16 models (separate fp32 masters); the model's 16-bit dtype with
+    ``*_master_weights_and_grads`` (the model's weights are the masters). ``grad_dtype`` and
+    ``state_dtype`` are the dtypes of the gradient buffers and of the optimizer state between steps.
     """
 
     name: str
@@ -150,7 +151,8 @@ def _check_supported(spec: Precision, config) -> None:
 
 
 class FlatGradients:
-    """One buffer (fp32 unless ``data_types.grad_accum_dtype`` says otherwise) holding the gradient of every trainable parameter, in a fixed order.
+    """One buffer holding the gradient of every trainable parameter, in a fixed order (fp32, or the
+    precision's ``grad_dtype``).
 
     Parameters are laid out in reverse registration order, which is roughly the order backward
     produces their gradients, so buckets of consecutive slices become ready one after another.
