@@ -1,6 +1,7 @@
 """The ZeRO partition stepper: master weights and optimizer state of this rank's partitions only.
 
-Each rank keeps fp32 master weights and optimizer state for its own partition only — 1/N of them
+Each rank keeps master weights (fp32; or 16-bit with ``*_master_weights_and_grads``, stepped by
+``ds_core.engine.low_precision``) and optimizer state for its own partition only — 1/N of them
 (P_os, Rajbhandari et al. 2020, section 5.1) — one flat master tensor per parameter group, so the
 group's hyper-parameters apply to every element of it. The ZeRO strategies (``strategy.py``) own one;
 the engine's shared step helper has already decided the coefficient (unscale × clip, from the global
@@ -63,23 +64,42 @@ class ZeroOptimizer:
             self.optimizer = self._build_swapped(ctx, cfg, pin)
             return
         self.masters: list[torch.nn.Parameter] = []
-        # aliased: the master is the model's own slice (fp32 on the device), nothing to copy back
-        self.aliased = not ctx.precision.has_masters and not self.offload
+        precision = ctx.precision
+        # aliased: the master is the model's own slice (fp32 on the device, or the 16-bit weights with
+        # *_master_weights_and_grads), nothing to copy back
+        self.aliased = not precision.has_masters and not self.offload
+        grads = []
         for gi, g in enumerate(parts.groups):
             if self.aliased:
                 master = torch.nn.Parameter(g.own())
             else:
-                master = torch.nn.Parameter(torch.empty(g.partition_numel, dtype=torch.float32,
+                master = torch.nn.Parameter(torch.empty(g.partition_numel, dtype=precision.stepped_dtype,
                                                         device=self.master_device, pin_memory=pin))
                 with torch.no_grad():
                     master.copy_(_own(g))
             if not self.offload:  # the reducer's own partition: no copy at the step
-                master.grad = grad_partitions[gi]
+                grad = grad_partitions[gi]
             else:
-                master.grad = torch.zeros(g.partition_numel, dtype=torch.float32, device=self.master_device,
-                                          pin_memory=pin)
+                grad = torch.zeros(g.partition_numel, dtype=precision.grad_dtype, device=self.master_device,
+                                   pin_memory=pin)
+            if grad.dtype == master.dtype:  # else (fp32 masters, 16-bit gradients) the stepper reads ``grads``
+                master.grad = grad
+            grads.append(grad)
             self.masters.append(master)
-        self.optimizer = ctx.make_optimizer(self._groups(self.masters), self.master_device.type)
+        self.grads = grads
+        self.low_precision = None
+        if precision.low_precision:
+            # 16-bit masters / gradients / optimizer state (ds_core.engine.low_precision): each rank rounds
+            # its own partition, so each rank has its own rounding stream
+            from ds_core.engine.low_precision import LowPrecisionStepper
+
+            self.low_precision = LowPrecisionStepper(
+                self._groups(self.masters), [[g] for g in grads],
+                lambda groups, device_type: ctx.make_optimizer(groups, device_type),
+                self.master_device.type, precision, stream=ctx.rank + 1)
+            self.optimizer = self.low_precision.optimizer
+        else:
+            self.optimizer = ctx.make_optimizer(self._groups(self.masters), self.master_device.type)
 
     def _groups(self, params_by_group) -> list[dict]:
         return [{**g.hyper, "params": p if isinstance(p, list) else [p]}
@@ -119,7 +139,7 @@ class ZeroOptimizer:
         """Step the partitions with gradients × ``coef``, write the new weights back, all-gather."""
         grads = grad_partitions
         if self.swapped is None and self.offload:
-            grads = [m.grad for m in self.masters]
+            grads = self.grads
             for src, dest in zip(grad_partitions, grads):
                 dest.copy_(src, non_blocking=True)
             if self.comm_device.type != "cpu":
@@ -129,6 +149,11 @@ class ZeroOptimizer:
             begin()
         if self.swapped is not None:
             self._swapped_step(grads, coef)
+        elif self.low_precision is not None:
+            self.low_precision.step(coef)
+            if not self.aliased:
+                with torch.no_grad():
+                    wait_all([self._write_back(gi, 0, m) for gi, m in enumerate(self.masters)])
         elif fuses(self.optimizer, "grad_scale", "copy_to"):  # one pass: scale, step, 16-bit copy
             copies = None if self.aliased else self._copy_targets()
             self.optimizer.step(grad_scale=coef, copy_to=copies)

@@ -50,7 +50,8 @@ class PartitionAlignedGradients(FlatGradients):
     """A :class:`FlatGradients` (same attributes) laid out like the partitions: group after group,
     each padded, so every rank's gradient slice is a contiguous view — no copy at the step."""
 
-    def __init__(self, parts: Partitions, device: torch.device) -> None:  # noqa: D107 (no super: own layout)
+    def __init__(self, parts: Partitions, device: torch.device,  # noqa: D107 (no super: own layout)
+                 dtype: torch.dtype = torch.float32) -> None:
         self.params, self.offsets, self.bases = [], [], []
         base = 0
         for g in parts.groups:
@@ -62,7 +63,7 @@ class PartitionAlignedGradients(FlatGradients):
         # one segment per group: the reducer all-reduces each over its group's axis
         self.segments = [(g.axis, g.shard, b, b + g.padded) for b, g in zip(self.bases, parts.groups)
                          if g.padded] or [(DEFAULT_AXIS, None, 0, base)]
-        self.buffer = torch.zeros(base, dtype=torch.float32, device=device)
+        self.buffer = torch.zeros(base, dtype=dtype, device=device)
         self.views = [self.buffer[o:o + p.numel()].view_as(p) for o, p in zip(self.offsets, self.params)]
         self.index = {id(p): i for i, p in enumerate(self.params)}
         self.partitions = [self.buffer[b + g.lo:b + g.hi] for b, g in zip(self.bases, parts.groups)]
@@ -74,10 +75,10 @@ class AllReduceGradients:
     def __init__(self, parts: Partitions, ctx, bucket_numel: int) -> None:
         self.parts = parts
         self.bucket_numel = bucket_numel
-        self.grads = PartitionAlignedGradients(parts, ctx.device)
+        self.grads = PartitionAlignedGradients(parts, ctx.device, ctx.precision.grad_dtype)
         self.inner = DataParallelReducer(
             self.grads, parts.group, bucket_bytes=bucket_numel * 4, reduce=ctx.reduce,
-            fp32_model=not ctx.precision.has_masters,
+            fp32_model=ctx.precision.grads_are_views,
             axis_groups={a: g for a, g in parts.axis_groups.items() if a != DEFAULT_AXIS})
 
     def begin(self, sync: bool) -> None:
@@ -127,7 +128,7 @@ class GradientPartitions:
                 dest.copy_(src, non_blocking=True)
 
     def buffer_bytes(self) -> int:
-        return sum(t.numel() * 4 for t in self.grads)
+        return sum(t.numel() * t.element_size() for t in self.grads)
 
 
 class PartitionedGradientReducer(GradientPartitions):
@@ -143,7 +144,9 @@ class PartitionedGradientReducer(GradientPartitions):
         self.parts = parts
         self.handles: list = []
         self.peak_staging_numel = 0
-        self.grads = [torch.zeros(g.partition_numel, dtype=torch.float32, device=self.device)
+        # the accumulated partitions in the precision's gradient dtype (data_types.grad_accum_dtype);
+        # buckets are staged and reduced in fp32 either way
+        self.grads = [torch.zeros(g.partition_numel, dtype=ctx.precision.grad_dtype, device=self.device)
                       for g in parts.groups]
         self.buckets: list[tuple[int, int, int, int]] = []  # (group, flat lo, flat hi, #params)
         self.bucket_of: list[list[int]] = []

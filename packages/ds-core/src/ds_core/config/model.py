@@ -38,6 +38,7 @@ from .sections import (
     CheckpointConfig,
     CommsLoggerConfig,
     CSVMonitorConfig,
+    DataTypesConfig,
     FP16Config,
     OptimizerConfig,
     SchedulerConfig,
@@ -105,6 +106,7 @@ class DSConfig(Section):
     scheduler: SchedulerConfig | None = None
     fp16: FP16Config = Field(default_factory=FP16Config)
     bf16: BF16Config = Field(default_factory=BF16Config)
+    data_types: DataTypesConfig = Field(default_factory=DataTypesConfig)
     comms_logger: CommsLoggerConfig = Field(default_factory=CommsLoggerConfig)
     activation_checkpointing: ActivationCheckpointingConfig = Field(default_factory=ActivationCheckpointingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

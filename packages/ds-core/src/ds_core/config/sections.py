@@ -19,6 +19,7 @@ __all__ = [
     "SchedulerConfig",
     "FP16Config",
     "BF16Config",
+    "DataTypesConfig",
     "CommsLoggerConfig",
     "ActivationCheckpointingConfig",
     "CheckpointConfig",
@@ -76,7 +77,8 @@ class FP16Config(Section):
     consecutive_hysteresis: bool = Field(False, description="Refill hysteresis after each good step.")
     min_loss_scale: float = Field(1.0, ge=0, description="The dynamic scale never drops below this (> 0 when "
                                                         "fp16 scales dynamically).")
-    fp16_master_weights_and_grads: bool = Field(False, description="No effect (fp32 masters are kept); true warns.")
+    fp16_master_weights_and_grads: bool = Field(False, description="Keep the masters (the fp16 weights "
+                                                "themselves) and their gradients in fp16 (docs/precision.md).")
 
     @model_validator(mode="after")
     def _dynamic_floor(self) -> FP16Config:
@@ -92,6 +94,30 @@ class BF16Config(Section):
     enabled: bool | Auto = Field(False, description="Train a bf16 model with fp32 master weights.")
     immediate_grad_update: bool = Field(False, description="ds adds each gradient into its fp32 buffer during "
                                                            "backward (true); false has no effect and warns.")
+    bf16_master_weights_and_grads: bool = Field(False, description="Keep the masters (the bf16 weights themselves) "
+                                                "and their gradients in bf16, updated with stochastic rounding "
+                                                "(docs/precision.md).")
+    bf16_optimizer_states: bool = Field(False, description="Keep the optimizer state (Adam's moments) in bf16.")
+
+
+class DataTypesConfig(Section):
+    """``data_types``: the dtypes of training state (only ``grad_accum_dtype`` has an effect)."""
+
+    grad_accum_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None, description="dtype of the gradient accumulation buffers (null: fp32, or the masters' dtype with "
+                          "*_master_weights_and_grads).")
+    master_weights_rounding: Literal["stochastic", "nearest"] = Field(
+        "stochastic", description="ds only: how 16-bit masters take an update; nearest is for comparison.")
+
+    @field_validator("grad_accum_dtype", mode="before")
+    @classmethod
+    def _dtype_name(cls, value: Any) -> Any:
+        names = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32", "bf16": "bf16",
+                 "bfloat16": "bf16", "torch.bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+                 "torch.float16": "fp16"}
+        if isinstance(value, str) and value.strip().lower() in names:
+            return names[value.strip().lower()]
+        return value
 
 
 class CommsLoggerConfig(Section):

@@ -90,7 +90,7 @@ class Engine(torch.nn.Module):
         self.topology = topology if topology is not None else comm.Topology(self.world_size)
         self.topology.check_world(self.world_size, "Engine")
         self.precision = config.precision
-        self.precision_spec = Precision.from_name(self.precision)
+        self.precision_spec = Precision.from_config(config)
         self.dtype = self.precision_spec.dtype
         self.device = self.accelerator.device(self.local_rank if self.accelerator.device_type != "cpu" else None)
         self.hooks = EngineHooks()
@@ -240,6 +240,30 @@ class Engine(torch.nn.Module):
             yield
         finally:
             self._sync_enabled = previous
+
+    # -- torch.compile -------------------------------------------------------------------------------
+    def compile(self, backend: str = "inductor", compile_kwargs: dict | None = None, schedule=None) -> None:
+        """Compile the wrapped module's forward with ``torch.compile`` (DeepSpeed's ``engine.compile``), in
+        place: parameters, state-dict keys, gradient hooks and checkpoints are unchanged, and backward runs
+        the compiled graph's backward. ``compile_kwargs`` go to ``torch.compile`` (``mode``, ``dynamic``,
+        ``fullgraph``, ...). Stages 0, 1 and 2 are supported; ZeRO-3 is refused: its parameters are
+        gathered by module hooks around each layer's forward, which the graph cannot capture."""
+        if schedule is not None:
+            raise DSError(f"engine.compile(schedule={schedule!r}): DeepCompile schedules are not supported; "
+                          f"call engine.compile() without schedule")
+        if getattr(self.strategy, "layout", None) == "zero-3":
+            raise DSError("engine.compile() is not supported with ZeRO stage 3 (its parameters are gathered by "
+                          "hooks around each module's forward, which torch.compile cannot trace); use "
+                          "zero_optimization.stage 2, or run stage 3 uncompiled")
+        if self.is_compiled:
+            return
+        self.module.compile(backend=backend, **(compile_kwargs or {}))
+        self._compiled = True
+
+    @property
+    def is_compiled(self) -> bool:
+        """True after :meth:`compile`."""
+        return getattr(self, "_compiled", False)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; the strategy's master weights then follow the loaded weights."""

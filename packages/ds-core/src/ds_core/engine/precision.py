@@ -6,6 +6,10 @@
   optimizer steps, gradients are accumulated in fp32 across micro-steps, and after each step the
   masters are copied back into the model (Micikevicius et al. 2018, "Mixed Precision Training").
 - fp16 adds dynamic loss scaling with DeepSpeed's knobs and skips a step when any rank overflowed.
+- Low-precision training state (``bf16.bf16_master_weights_and_grads``, ``bf16.bf16_optimizer_states``,
+  ``fp16.fp16_master_weights_and_grads``, ``data_types.grad_accum_dtype``) changes only the dtypes of
+  this choice: the masters are then the 16-bit model weights themselves, the accumulation buffer takes
+  ``grad_dtype`` and the optimizer state ``state_dtype``; ``low_precision.py`` steps them.
 """
 
 from __future__ import annotations
@@ -27,35 +31,136 @@ class Precision:
     """The precision choice a strategy implements: the model's dtype, the dtype of the weights the
     optimizer steps, and whether the loss is scaled.
 
-    ``master_dtype`` is ``None`` when the optimizer steps the model's own parameters (fp32);
-    otherwise separate master weights of that dtype are kept (fp32 for bf16/fp16 today; a
-    low-precision master choice would set it to the model's 16-bit dtype).
+    ``master_dtype`` is ``None`` when the optimizer steps the model's own parameters (fp32); fp32 for
+    bf16/fp16 models (separate fp32 masters); the model's 16-bit dtype with
+    ``*_master_weights_and_grads`` (the model's weights are the masters). ``grad_dtype`` and
+    ``state_dtype`` are the dtypes of the gradient buffers and of the optimizer state between steps.
     """
 
     name: str
     dtype: torch.dtype
     master_dtype: torch.dtype | None
     loss_scaling: bool
+    #: dtype of the gradient accumulation buffers (``data_types.grad_accum_dtype``; the masters' dtype
+    #: with ``*_master_weights_and_grads``)
+    grad_dtype: torch.dtype = torch.float32
+    #: dtype the optimizer state is kept in between steps (``bf16.bf16_optimizer_states``: bf16)
+    state_dtype: torch.dtype = torch.float32
+    #: how 16-bit masters take their update: "stochastic" (default) or "nearest" (round to nearest even)
+    rounding: str = "stochastic"
+    #: seed of the stochastic-rounding streams (the config's ``seed``, else 0)
+    seed: int = 0
 
     @classmethod
     def from_name(cls, name: str) -> Precision:
         dtype = DTYPES[name]
         return cls(name, dtype, None if dtype == torch.float32 else torch.float32, name == "fp16")
 
+    @classmethod
+    def from_config(cls, config) -> Precision:
+        """The precision a parsed config asks for (``config.precision`` plus the low-precision keys);
+        contradictory keys raise a :class:`ConfigError` naming them and the fix."""
+        base = cls.from_name(config.precision)
+        bf16, fp16 = config.bf16, config.fp16
+        master, state = base.master_dtype, torch.float32
+        if getattr(bf16, "bf16_master_weights_and_grads", False):
+            if base.name != "bf16":
+                raise ConfigError(f"bf16.bf16_master_weights_and_grads keeps the masters in the bf16 model's "
+                                  f"dtype, but this run is {base.name}; set bf16.enabled true or drop the key")
+            master = torch.bfloat16
+        if getattr(bf16, "bf16_optimizer_states", False):
+            if base.name != "bf16":
+                raise ConfigError(f"bf16.bf16_optimizer_states keeps optimizer state in bf16, which needs a bf16 "
+                                  f"run (this one is {base.name}); set bf16.enabled true or drop the key")
+            state = torch.bfloat16
+        if getattr(fp16, "fp16_master_weights_and_grads", False):
+            if base.name != "fp16":
+                raise ConfigError(f"fp16.fp16_master_weights_and_grads keeps the masters in the fp16 model's "
+                                  f"dtype, but this run is {base.name}; set fp16.enabled true or drop the key")
+            master = torch.float16
+        low_master = master is not None and master != torch.float32
+        accum = getattr(getattr(config, "data_types", None), "grad_accum_dtype", None)
+        grad = DTYPES[accum] if accum else (master if low_master else torch.float32)
+        if low_master and grad != master:
+            raise ConfigError(f"data_types.grad_accum_dtype {accum!r} contradicts {base.name}_master_weights_and_"
+                              f"grads, which keeps the gradients in the masters' dtype ({base.name}); drop one "
+                              f"of the two keys")
+        if grad == torch.float16 and not base.loss_scaling:
+            raise ConfigError(f"data_types.grad_accum_dtype 'fp16' accumulates gradients in fp16 without loss "
+                              f"scaling (this run is {base.name}), where gradients below 6e-8 vanish; use "
+                              f"'bf16' (fp32's range), or enable fp16 with its loss scaling")
+        seed = getattr(config, "seed", None) or 0
+        rounding = getattr(getattr(config, "data_types", None), "master_weights_rounding", "stochastic")
+        spec = cls(base.name, base.dtype, master, base.loss_scaling, grad, state, rounding, int(seed))
+        if spec.low_precision:
+            _check_supported(spec, config)
+        return spec
+
     @property
     def has_masters(self) -> bool:
-        return self.master_dtype is not None
+        """True when separate master weights are kept (fp32 masters of a 16-bit model); False when the
+        optimizer steps the model's own parameters (fp32, or 16-bit masters)."""
+        return self.master_dtype is not None and self.master_dtype != self.dtype
+
+    @property
+    def stepped_dtype(self) -> torch.dtype:
+        """The dtype of the weights the optimizer updates."""
+        return self.master_dtype if self.master_dtype is not None else self.dtype
+
+    @property
+    def low_precision(self) -> bool:
+        """True when any training state is kept below fp32: the optimizer is then driven through
+        :class:`~ds_core.engine.low_precision.LowPrecisionStepper`."""
+        return any(
+            d != torch.float32 for d in (self.stepped_dtype, self.grad_dtype, self.state_dtype))
+
+    @property
+    def grads_are_views(self) -> bool:
+        """True when the model's ``.grad`` can be views of the accumulation buffer (same dtype)."""
+        return self.grad_dtype == self.dtype and not self.has_masters
+
+
+def _low_keys(spec: Precision, config) -> str:
+    keys = [k for k, on in (
+        ("bf16.bf16_master_weights_and_grads", getattr(config.bf16, "bf16_master_weights_and_grads", False)),
+        ("bf16.bf16_optimizer_states", getattr(config.bf16, "bf16_optimizer_states", False)),
+        ("fp16.fp16_master_weights_and_grads", getattr(config.fp16, "fp16_master_weights_and_grads", False)),
+        ("data_types.grad_accum_dtype", spec.grad_dtype != torch.float32)) if on]
+    return ", ".join(keys)
+
+
+def _check_supported(spec: Precision, config) -> None:
+    """Low-precision state is implemented by stage 0 and ZeRO stages 1 and 2 (with or without CPU
+    offload); anything else is refused naming the keys and the fix."""
+    keys = _low_keys(spec, config)
+    zero = config.section("zero_optimization") if hasattr(config, "section") else None
+    stage = getattr(zero, "stage", 0) or 0
+    if stage == 3:
+        raise ConfigError(f"{keys} (low-precision training state) is supported at ZeRO stages 0, 1 and 2, and "
+                          f"this config sets zero_optimization.stage 3; use stage 2 (gradients and optimizer "
+                          f"state partitioned) or drop {keys}")
+    device = getattr(getattr(zero, "offload_optimizer", None), "device", None)
+    if device == "nvme":
+        raise ConfigError(f"{keys} (low-precision training state) cannot be swapped to NVMe "
+                          f"(zero_optimization.offload_optimizer.device nvme); use device cpu or none, or drop "
+                          f"{keys}")
+    opt = getattr(getattr(config, "optimizer", None), "type", "") or ""
+    if opt.lower() in ("onebitadam", "zerooneadam", "onebitlamb"):
+        raise ConfigError(f"{keys} (low-precision training state) does not combine with optimizer.type {opt!r}, "
+                          f"whose error-feedback buffers need fp32 masters; drop {keys} or use Adam")
 
 
 class FlatGradients:
-    """One fp32 buffer holding the gradient of every trainable parameter, in a fixed order.
+    """One buffer holding the gradient of every trainable parameter, in a fixed order (fp32, or the
+    precision's ``grad_dtype``).
 
     Parameters are laid out in reverse registration order, which is roughly the order backward
     produces their gradients, so buckets of consecutive slices become ready one after another.
     Tagged parameters (see ``ds_core.params``) follow in segments of their own reduce axis.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], device: torch.device) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
         # Parameters tagged with another reduce axis (experts) form their own contiguous segment.
         self.params = sorted(reversed(params), key=lambda p: reduce_axis(p) != DEFAULT_AXIS)
         self.offsets: list[int] = []
@@ -69,7 +174,7 @@ class FlatGradients:
             total += p.numel()
             self.segments[-1] = (*key, self.segments[-1][2], total)
         self.numel = total
-        self.buffer = torch.zeros(total, dtype=torch.float32, device=device)
+        self.buffer = torch.zeros(total, dtype=dtype, device=device)
         self.views = [self.buffer[o:o + p.numel()].view_as(p) for o, p in zip(self.offsets, self.params)]
         self.index = {id(p): i for i, p in enumerate(self.params)}
 

@@ -2,12 +2,15 @@
 
 The default :class:`~ds_core.engine.strategy.DataParallelStrategy`:
 
-- gradients live in one flat fp32 buffer (``precision.FlatGradients``), averaged by the bucketed,
+- gradients live in one flat buffer (``precision.FlatGradients``; fp32 unless the precision keeps them
+  in 16 bits), averaged by the bucketed,
   backward-overlapped all-reduce of ``reducer.py`` on micro-steps that synchronize;
 - fp32: the optimizer steps the model's own parameters, whose ``.grad`` are views of that buffer;
   bf16/fp16: it steps one flat fp32 copy (the master weights, Micikevicius et al. 2018) whose
   gradients are the buffer's views, and the new values are copied back in the model's dtype — by the
-  optimizer itself when it fuses the copy into its pass (``ds_core.optim.fused``);
+  optimizer itself when it fuses the copy into its pass (``ds_core.optim.fused``); with 16-bit masters
+  (``bf16_master_weights_and_grads``) the optimizer steps the 16-bit model weights themselves through
+  ``low_precision.LowPrecisionStepper``, rounding stochastically;
 - its checkpoint state is the optimizer state and the masters (``optimizer.safetensors``,
   ``master.safetensors``); parameters tagged as differing across data ranks (experts) make both
   per-rank files too, since every rank then holds state nobody else has.
@@ -21,6 +24,7 @@ from safetensors import safe_open
 from ..optim.fused import copy_target, fuses
 from .checkpoint import CheckpointError, join_optimizer_state, split_optimizer_state
 from .checkpoint_layout import sharded_names
+from .low_precision import LowPrecisionStepper
 from .precision import FlatGradients
 from .reducer import DataParallelReducer
 from .step import NormTerm
@@ -40,15 +44,15 @@ class ReplicatedStrategy:
     # -- prepare -----------------------------------------------------------------------------------
     def prepare(self, ctx) -> None:
         self.ctx = ctx
-        self.precision = ctx.precision
+        self.precision = precision = ctx.precision
         self.model_params = ctx.params
-        self.grads = FlatGradients(self.model_params, ctx.device)
+        self.grads = FlatGradients(self.model_params, ctx.device, dtype=precision.grad_dtype)
         groups = ctx.groups
         self.reducer = DataParallelReducer(self.grads, groups.data, reduce=ctx.reduce,
-                                           fp32_model=not self.precision.has_masters, axis_groups=dict(groups.axes))
+                                           fp32_model=precision.grads_are_views, axis_groups=dict(groups.axes))
         self.shard_groups = dict(groups.axes)
-        if self.precision.has_masters:
-            self.flat_master = torch.empty(self.grads.numel, dtype=self.precision.master_dtype,
+        if precision.has_masters:
+            self.flat_master = torch.empty(self.grads.numel, dtype=precision.master_dtype,
                                            device=self.grads.buffer.device)
             self.masters: dict[int, torch.nn.Parameter] = {}
             with torch.no_grad():
@@ -56,13 +60,23 @@ class ReplicatedStrategy:
                     master = self.flat_master[off:off + p.numel()].view_as(p)
                     master.copy_(p.detach())
                     master = torch.nn.Parameter(master)
-                    master.grad = self.grads.view_of(p)
+                    if not precision.low_precision:
+                        master.grad = self.grads.view_of(p)
                     self.masters[id(p)] = master
             groups_for_opt = [{**g, "params": [self.masters[id(p)] for p in g["params"]]} for g in ctx.param_groups]
-            self.optimizer = ctx.make_optimizer(groups_for_opt, ctx.device.type)
         else:
             self.masters = {id(p): p for p in self.model_params}
-            self.optimizer = ctx.make_optimizer([dict(g) for g in ctx.param_groups], ctx.device.type)
+            groups_for_opt = [dict(g) for g in ctx.param_groups]
+        self.low_precision = None
+        if precision.low_precision:
+            # 16-bit masters / gradients / optimizer state: see low_precision.py. One rounding stream
+            # on every rank: the replicas must stay identical.
+            grads = [[self.grads.view_of(p) for p in g["params"]] for g in ctx.param_groups]
+            self.low_precision = LowPrecisionStepper(groups_for_opt, grads, ctx.make_optimizer, ctx.device.type,
+                                                     precision, stream=0)
+            self.optimizer = self.low_precision.optimizer
+        else:
+            self.optimizer = ctx.make_optimizer(groups_for_opt, ctx.device.type)
         self.sharded = sharded_names(ctx.module, ctx.topology.outer_axes())
         self._fused_copies: set[int] = set()
         self._by_master = {id(self.masters[id(p)]): p for p in self.grads.params}
@@ -94,14 +108,17 @@ class ReplicatedStrategy:
         buf = self.grads.buffer
         segments = self.grads.segments
         if len(segments) <= 1 and (not segments or segments[0][1] is None):
-            return [NormTerm(torch.linalg.vector_norm(buf).double() ** 2)]
-        return [NormTerm(torch.linalg.vector_norm(buf[start:end]).double() ** 2,
+            return [NormTerm(torch.linalg.vector_norm(buf, dtype=torch.float32).double() ** 2)]
+        return [NormTerm(torch.linalg.vector_norm(buf[start:end], dtype=torch.float32).double() ** 2,
                          () if shard is None else (self.shard_groups.get(shard),))
                 for _, shard, start, end in segments]
 
     def step(self, coef: float) -> bool:
         buf = self.grads.buffer
-        if fuses(self.optimizer, "grad_scale", "copy_to"):
+        self._fused_copies = set()
+        if self.low_precision is not None:
+            self.low_precision.step(coef)
+        elif fuses(self.optimizer, "grad_scale", "copy_to"):
             self.optimizer.step(grad_scale=coef, copy_to=self._copy_targets())
         else:
             if coef != 1.0:
