@@ -25,13 +25,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
 
 from .. import plugins
-from ..data_efficiency.config import (
+from ..errors import ConfigError
+from ..profiling.flops import FlopsProfilerConfig
+from .data_efficiency import (
     CurriculumLearningConfig,
     DataEfficiencyConfig,
     ProgressiveLayerDropConfig,
 )
-from ..errors import ConfigError
-from ..profiling.flops import FlopsProfilerConfig
 from .loader import read_config
 from .sections import (
     OPTIMIZERS,

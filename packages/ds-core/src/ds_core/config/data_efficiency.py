@@ -1,4 +1,4 @@
-"""The data-efficiency config sections, with DeepSpeed's keys and defaults.
+"""The data-efficiency config sections, with DeepSpeed's keys and defaults (their effect: ds_core.data_efficiency).
 
 - ``curriculum_learning`` (top level, DeepSpeed's legacy form): sequence-length curriculum.
 - ``progressive_layer_drop``: keep probability θ(t) for stochastic layer skipping.
@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config.sections import Section
+from ..data_efficiency.schedules import DifficultySchedule
 from ..errors import ConfigError
-from .schedules import DifficultySchedule
+from .sections import Section
 
 __all__ = [
     "CurriculumLearningConfig",
