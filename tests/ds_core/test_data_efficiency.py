@@ -138,7 +138,6 @@ class SeqlenGPT(GPT):
 TINY = GPTConfig(vocab_size=64, seq_len=32, dim=32, layers=2, heads=2)
 
 
-@pytest.mark.smoke
 @pytest.mark.world_size(2)
 def test_two_rank_training_sees_the_scheduled_lengths():
     torch.manual_seed(0)

@@ -122,7 +122,6 @@ def _train(config, steps, rank, model_seed=0):
     return engine, losses, calls
 
 
-@pytest.mark.smoke
 @pytest.mark.world_size(2)
 def test_pld_two_ranks_same_choice_and_theta_one_equals_plain_training():
     rank = dist.get_rank()
