@@ -228,3 +228,27 @@ def test_random_ltd_two_ranks_keep_the_scheduled_count_and_the_same_tokens():
     both = [torch.empty_like(w) for _ in range(2)]
     dist.all_gather(both, w)
     assert torch.equal(both[0], both[1])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_pld_on_hugging_face_blocks_keeps_every_layer_at_theta_one_and_skips_below(family):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=4, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2,
+            vocab_size=64, bos_token_id=0, eos_token_id=0))
+    model.train()
+    plain = copy.deepcopy(model)
+    drop = layer_drop(model, seed=1)
+    x = torch.randint(0, 64, (2, 16))
+    drop.begin_forward(1.0)
+    assert torch.equal(model(x).logits, plain(x).logits)  # nothing dropped: the plain model exactly
+    for _ in range(6):
+        drop.begin_forward(0.2)
+        model(x, labels=x).loss.backward()
+    assert drop.calls[0] > drop.calls[-1] and sum(drop.calls) < 4 + 6 * 4

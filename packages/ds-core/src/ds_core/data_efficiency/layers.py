@@ -76,6 +76,11 @@ def _split(out: Any) -> tuple[torch.Tensor, tuple | None]:
     return out, None
 
 
+def _output_shape(out: Any) -> int:
+    """0 for a block returning a tensor, else the length of the tuple it returns (Hugging Face blocks)."""
+    return len(out) if isinstance(out, tuple) else 0
+
+
 def _join(h: torch.Tensor, rest: tuple | None) -> Any:
     return h if rest is None else (h, *rest)
 
@@ -115,10 +120,15 @@ class LayerDrop:
             g = torch.Generator().manual_seed(_seed(self.seed, self.forwards, index))
             x = _hidden(args, kwargs)
             if float(torch.rand((), generator=g)) >= p:  # skipped: the identity
-                return x if not getattr(block, "_ds_returns_tuple", False) else (x,)
+                shape = getattr(block, "_ds_output_shape", None)
+                if shape is None:  # a block not yet seen: learn whether it returns a tuple (and how long)
+                    with torch.no_grad():
+                        shape = _output_shape(forward(*args, **kwargs))
+                    block._ds_output_shape = shape
+                return x if shape == 0 else (x, *([None] * (shape - 1)))
             self.calls[index] += 1
             h, rest = _split(forward(*args, **kwargs))
-            block._ds_returns_tuple = rest is not None
+            block._ds_output_shape = _output_shape((h, *rest) if rest is not None else h)
             return _join(x + (h - x) / p, rest)
 
         return pld_forward
