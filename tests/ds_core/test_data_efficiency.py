@@ -187,3 +187,16 @@ def test_max_difficulty_longer_than_the_data_fails_on_every_rank():
     with pytest.raises(ConfigError, match=r"curriculum_learning.max_difficulty 32 exceeds the data's sequence "
                                           r"length 16"):
         engine(*synthetic_tokens(2, length, 64, 0, dist.get_rank()))
+
+
+@pytest.mark.world_size(2)
+def test_a_pipeline_with_a_curriculum_is_refused_on_every_rank():
+    ds_pipe = pytest.importorskip("ds_pipe")
+    topo = ds_core.comm.Topology(dist.get_world_size(), pipe=2)
+    model = ds_pipe.PipelineModule([ds_pipe.LayerSpec(torch.nn.Linear, 4, 4)] * 2, topology=topo,
+                                   loss_fn=torch.nn.functional.mse_loss, partition_method="uniform")
+    with pytest.raises(ConfigError, match="which a pipeline's schedule does not call"):
+        ds_core.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 0,
+            "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+            "curriculum_learning": _legacy(total_curriculum_step=4, difficulty_step=8)})

@@ -25,7 +25,7 @@ import torch
 from .. import comm
 from ..accelerator import get_accelerator
 from ..data_efficiency.runtime import build_data_efficiency
-from ..errors import DSError
+from ..errors import ConfigError, DSError
 from ..monitor.monitor import Monitor, Throughput, format_log_line
 from ..monitor.timers import make_timers
 from ..profiling.report import RunReport
@@ -116,6 +116,10 @@ class Engine(torch.nn.Module):
         self.scope = self.topology.scope(self.global_rank)
         # curriculum / layer drop / random-LTD: acts on the training forward's inputs and the model's blocks
         self.data_efficiency = build_data_efficiency(config, module, self.dp_group)
+        if self.data_efficiency is not None and module_layout is not None:  # a schedule driver runs the module
+            raise ConfigError("curriculum_learning / progressive_layer_drop / data_efficiency act in engine(...), "
+                              "which a pipeline's schedule does not call; shorten sequences in your data "
+                              "pipeline instead, or train without the pipeline section")
         broadcast_parameters(module, self.dp_group, axis_groups=dict(self.groups.axes))
 
         self.global_steps = 0
