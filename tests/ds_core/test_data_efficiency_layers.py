@@ -52,6 +52,9 @@ def test_pld_skipped_layers_really_skip_and_deeper_layers_skip_more():
     calls = _count_calls(model)
     drop = layer_drop(model, seed=3)
     x, _ = synthetic_tokens(1, 4, 64, 0)
+    drop.begin_forward(1.0)  # as the engine's step 0 (theta(0) = 1): every block runs and shows its output
+    model(x)
+    calls[:] = drop.calls[:] = [0] * TINY.layers
     runs = 100
     for _ in range(runs):
         drop.begin_forward(0.2)

@@ -116,12 +116,15 @@ class LayerDrop:
             p = self.keep_probability(index)
             if not block.training or p >= 1.0:
                 self.calls[index] += 1
-                return forward(*args, **kwargs)
+                out = forward(*args, **kwargs)
+                block._ds_output_shape = _output_shape(out)
+                return out
             g = torch.Generator().manual_seed(_seed(self.seed, self.forwards, index))
             x = _hidden(args, kwargs)
             if float(torch.rand((), generator=g)) >= p:  # skipped: the identity
                 shape = getattr(block, "_ds_output_shape", None)
-                if shape is None:  # a block not yet seen: learn whether it returns a tuple (and how long)
+                if shape is None:  # a block never run yet (the engine's step 0 has θ = 1, so it has run):
+                    # learn once whether it returns a tuple, and how long, to return the same shape
                     with torch.no_grad():
                         shape = _output_shape(forward(*args, **kwargs))
                     block._ds_output_shape = shape
