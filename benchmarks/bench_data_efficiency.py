@@ -1,6 +1,6 @@
 """Tokens to a target loss with and without data efficiency: the tiny GPT on fixed data, one process.
 
-    python benchmarks/bench_data_efficiency.py [--steps 300] [--seq 64] [--dim 64] [--layers 4]
+    python benchmarks/bench_data_efficiency.py [--steps 300] [--seq 64] [--dim 64] [--layers 4] [--seed 0]
 
 Runs, same model seed and same batches, in one run:
 
@@ -31,7 +31,7 @@ from ds_core.testing.models import GPT, GPTConfig, synthetic_tokens
 
 
 def _run(name: str, extra: dict, args, cfg: GPTConfig, batches, held_out, target: float | None):
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = GPT(cfg)
     config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
               "steps_per_print": 0, "seed": 1, "gradient_clipping": 1.0,
@@ -79,11 +79,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--pool", type=int, default=64, help="distinct training batches, cycled")
+    parser.add_argument("--seed", type=int, default=0, help="model initialization and data seed")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     cfg = GPTConfig(vocab_size=128, seq_len=args.seq, dim=args.dim, layers=args.layers, heads=4)
-    batches = [synthetic_tokens(args.batch, args.seq, cfg.vocab_size, i) for i in range(args.pool)]
-    held_out = [synthetic_tokens(args.batch, args.seq, cfg.vocab_size, 10_000 + i) for i in range(4)]
+    batches = [synthetic_tokens(args.batch, args.seq, cfg.vocab_size, i, args.seed) for i in range(args.pool)]
+    held_out = [synthetic_tokens(args.batch, args.seq, cfg.vocab_size, 10_000 + i, args.seed) for i in range(4)]
     half = max(1, args.steps // 2)
     lo = max(8, args.seq // 8 // 8 * 8)
     runs = {
@@ -107,7 +108,7 @@ def main() -> None:
     b_tokens = b_step * args.batch * args.seq
     b_layers = b_tokens * args.layers
     print(f"tiny GPT dim {args.dim}, {args.layers} layers, seq {args.seq}, batch {args.batch}, "
-          f"{args.pool} fixed batches; target = baseline held-out loss at step {args.steps}: {target:.4f}")
+          f"{args.pool} fixed batches, seed {args.seed}; target = baseline held-out loss at step {args.steps}: {target:.4f}")
     print(f"{'run':<12} {'step':>6} {'tokens':>10} {'token-layers':>13} {'tokens/base':>12} "
           f"{'token-layers/base':>18} {'seconds':>8}")
     print(f"{'baseline':<12} {b_step:>6} {b_tokens:>10,} {b_layers:>13,} {1.0:>12.3f} {1.0:>18.3f} "
