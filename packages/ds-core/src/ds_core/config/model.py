@@ -27,6 +27,11 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_valid
 from .. import plugins
 from ..errors import ConfigError
 from ..profiling.flops import FlopsProfilerConfig
+from .data_efficiency import (
+    CurriculumLearningConfig,
+    DataEfficiencyConfig,
+    ProgressiveLayerDropConfig,
+)
 from .loader import read_config
 from .sections import (
     OPTIMIZERS,
@@ -115,6 +120,9 @@ class DSConfig(Section):
     csv_monitor: CSVMonitorConfig = Field(default_factory=CSVMonitorConfig)
     aio: AioConfig = Field(default_factory=AioConfig)
     flops_profiler: FlopsProfilerConfig = Field(default_factory=FlopsProfilerConfig)
+    curriculum_learning: CurriculumLearningConfig = Field(default_factory=CurriculumLearningConfig)
+    progressive_layer_drop: ProgressiveLayerDropConfig = Field(default_factory=ProgressiveLayerDropConfig)
+    data_efficiency: DataEfficiencyConfig = Field(default_factory=DataEfficiencyConfig)
 
     _features: dict[str, Any] = PrivateAttr(default_factory=dict)
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)

@@ -24,7 +24,8 @@ import torch
 
 from .. import comm
 from ..accelerator import get_accelerator
-from ..errors import DSError
+from ..data_efficiency.runtime import build_data_efficiency
+from ..errors import ConfigError, DSError
 from ..monitor.monitor import Monitor, Throughput, format_log_line
 from ..monitor.timers import make_timers
 from ..profiling.report import RunReport
@@ -113,6 +114,12 @@ class Engine(torch.nn.Module):
         self.dp_world_size = comm.get_world_size(self.dp_group)
         self.data_rank = comm.get_rank(self.dp_group)
         self.scope = self.topology.scope(self.global_rank)
+        # curriculum / layer drop / random-LTD: acts on the training forward's inputs and the model's blocks
+        self.data_efficiency = build_data_efficiency(config, module, self.dp_group)
+        if self.data_efficiency is not None and module_layout is not None:  # a schedule driver runs the module
+            raise ConfigError("curriculum_learning / progressive_layer_drop / data_efficiency act in engine(...), "
+                              "which a pipeline's schedule does not call; shorten sequences in your data "
+                              "pipeline instead, or train without the pipeline section")
         broadcast_parameters(module, self.dp_group, axis_groups=dict(self.groups.axes))
 
         self.global_steps = 0
@@ -283,7 +290,20 @@ class Engine(torch.nn.Module):
             return {k: self.cast_inputs(v) for k, v in x.items()}
         return x
 
+    def curriculum_seqlen(self) -> int | None:
+        """The curriculum's current sequence length (``None`` without a curriculum)."""
+        return getattr(self.data_efficiency, "current_difficulty", None)
+
+    def curriculum_enabled_legacy(self) -> bool:
+        return self.config.curriculum_learning.enabled
+
+    def get_pld_theta(self) -> float | None:
+        """Progressive layer drop's current keep probability θ (``None`` when it is off)."""
+        return getattr(self.data_efficiency, "theta", None)
+
     def forward(self, *inputs, **kwargs):
+        if self.data_efficiency is not None and self.module.training:
+            inputs, kwargs = self.data_efficiency.before_forward(self.global_steps, inputs, kwargs)
         first = inputs[0] if inputs else kwargs.get("input_ids")  # HF models are called with keywords
         if isinstance(first, torch.Tensor) and first.dim() >= 2 and not first.is_floating_point():
             self._tokens += first.numel()
