@@ -43,6 +43,8 @@ class Decoder:
         if capture and rope is not None and rope.type in ("dynamic", "longrope"):
             capture = None  # these scalings read the longest position on the host every step
         self.model, self.capture = model, capture
+        if model.device.type == "cpu":
+            model.store_weights_transposed()  # faster few-row GEMMs (see the note there)
         self.compile_options = compile_options or {}
         self.cache_dtype = cache_dtype
         self.cache: StaticKVCache | None = None
