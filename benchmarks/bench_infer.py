@@ -95,8 +95,9 @@ def report(title: str, rows: dict[str, list], baseline: str, unit: str = "ms/tok
         wall = statistics.median(w for w, _ in values)
         cpu = statistics.median(c for _, c in values)
         spread = f"{min(w for w, _ in values):.2f}-{max(w for w, _ in values):.2f}"
+        cpu_spread = f"{min(c for _, c in values):.2f}-{max(c for _, c in values):.2f}"
         print(f"  {name:34s} wall {wall:8.2f} {unit} (runs {spread}) ratio {wall / base_w:5.2f} | "
-              f"CPU {cpu:8.2f} ratio {cpu / base_c:5.2f}")
+              f"CPU {cpu:8.2f} (runs {cpu_spread}) ratio {cpu / base_c:5.2f}")
 
 
 def _read_bandwidth() -> float:
