@@ -141,7 +141,8 @@ def decode_section(args) -> None:
         report(f"decode, batch {batch}, {args.new} new tokens after a 32-token prompt", rows,
                "HF generate (dynamic cache)")
         if batch == 1:  # a batch-1 step reads every weight once: how close is it to the memory's limit?
-            nbytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+            embedding = hf.get_input_embeddings().weight  # only the prompt's rows of it are read
+            nbytes = sum(p.numel() * p.element_size() for p in hf.parameters() if p is not embedding)
             bandwidth = _read_bandwidth()
             best = min(min(c for _, c in v) for k, v in rows.items() if k.startswith("ds_infer"))
             print(f"  weights {nbytes / 1e6:.1f} MB read per token; fastest ds_infer round {best:.2f} CPU-ms/token = "
