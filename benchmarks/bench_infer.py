@@ -9,6 +9,8 @@ One random Llama-architecture model (GQA; ``--preset`` tiny/small/medium, see PR
   (eager static-cache decoder, and ``compile=True``: the captured step) against ``model.generate``
   with transformers' dynamic cache and with its static cache + ``torch.compile``. ms/token is
   ``(t(1 + N new tokens) - t(1 new token)) / N``: prefill excluded, every token generated (no eos).
+  At batch 1 it also prints the weight bytes read per token against this thread's measured memory
+  read bandwidth (a 256 MiB sum): the floor for a model whose weights do not fit the caches.
 - **prefill** tokens/s for a 512-token prompt: our forward vs transformers' forward.
 - **quant**: int8 (per channel) and int4 (group 64) weight-only decode ms/token vs fp32, ours, on
   ``--quant-preset`` (default medium: weights too large for the CPU caches, as in real use).
@@ -93,8 +95,22 @@ def report(title: str, rows: dict[str, list], baseline: str, unit: str = "ms/tok
         wall = statistics.median(w for w, _ in values)
         cpu = statistics.median(c for _, c in values)
         spread = f"{min(w for w, _ in values):.2f}-{max(w for w, _ in values):.2f}"
+        cpu_spread = f"{min(c for _, c in values):.2f}-{max(c for _, c in values):.2f}"
         print(f"  {name:34s} wall {wall:8.2f} {unit} (runs {spread}) ratio {wall / base_w:5.2f} | "
-              f"CPU {cpu:8.2f} ratio {cpu / base_c:5.2f}")
+              f"CPU {cpu:8.2f} (runs {cpu_spread}) ratio {cpu / base_c:5.2f}")
+
+
+def _read_bandwidth() -> float:
+    """This thread's memory read bandwidth in bytes/s: summing a 256 MiB fp32 tensor (8x the
+    largest last-level cache seen here, so it comes from DRAM), best of 5 in CPU time."""
+    big = torch.ones(64 << 20)
+    big.sum()
+    best = float("inf")
+    for _ in range(5):
+        start = time.process_time()
+        big.sum()
+        best = min(best, time.process_time() - start)
+    return big.numel() * 4 / best
 
 
 def decode_section(args) -> None:
@@ -124,6 +140,15 @@ def decode_section(args) -> None:
                 rows[name].append(ms_per_token(fn, prompt, args.new))
         report(f"decode, batch {batch}, {args.new} new tokens after a 32-token prompt", rows,
                "HF generate (dynamic cache)")
+        if batch == 1:  # a batch-1 step reads every weight once: how close is it to the memory's limit?
+            embedding = hf.get_input_embeddings().weight  # only the prompt's rows of it are read
+            nbytes = sum(p.numel() * p.element_size() for p in hf.parameters() if p is not embedding)
+            bandwidth = _read_bandwidth()
+            best = min(min(c for _, c in v) for k, v in rows.items() if k.startswith("ds_infer"))
+            print(f"  weights {nbytes / 1e6:.1f} MB read per token; fastest ds_infer round {best:.2f} CPU-ms/token = "
+                  f"{nbytes / best / 1e6:.1f} GB/s; one thread reads memory at {bandwidth / 1e9:.1f} GB/s "
+                  f"(a 256 MiB sum), so at that rate a token costs >= {nbytes / bandwidth * 1e3:.2f} ms "
+                  "(less while the weights fit the caches)")
 
 
 def prefill_section(args) -> None:

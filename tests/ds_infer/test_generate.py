@@ -168,13 +168,18 @@ def test_generate_function_and_bad_input():
 
 def test_static_decode_step_is_captured_as_one_graph():
     """compile=True runs the step's static form; fullgraph=True proves it has no graph break (the
-    "eager" backend skips inductor's code generation, which `compile=True` adds on top)."""
+    "eager" backend skips inductor's code generation, which `compile=True` adds on top). The step
+    attends over the first 64, 128, ... cache slots (StaticKVCache.static_span), not the whole
+    buffer: a decode crossing slot 64 adds one graph, with the same tokens as the eager decoder
+    (which attends over exactly the filled slots)."""
     import torch._dynamo.utils
 
     hf = make("llama", num_hidden_layers=1)
     ids, mask = _padded(2, 6)
-    ref = ds_infer.init_inference(hf, replace_with_kernel_inject=True).generate(
-        ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    eager = ds_infer.init_inference(hf, replace_with_kernel_inject=True)
+    ref = eager.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    long_ids, long_mask = _padded(2, 58)
+    long_ref = eager.generate(long_ids, attention_mask=long_mask, max_new_tokens=12, eos_token_id=None)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     engine = ds_infer.init_inference(hf, replace_with_kernel_inject=True,
@@ -182,3 +187,10 @@ def test_static_decode_step_is_captured_as_one_graph():
     assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None), ref)
     engine.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)  # same cache: no recompile
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    out = engine.generate(long_ids, attention_mask=long_mask, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(out, long_ref)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # spans 64 and 128, same cache
+    cache = engine.decoder().cache
+    assert cache.max_len == 256
+    assert [cache.static_span(s) for s in (0, 63, 64, 127, 128, 255)] == [64, 64, 128, 128, 256, 256]
+

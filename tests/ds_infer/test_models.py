@@ -165,3 +165,22 @@ def test_unsupported_model_type_is_named():
 
     with pytest.raises(ConfigError, match="model_type 'bert'.*supported: llama"):
         arch_from_hf({"model_type": "bert"})
+
+
+def test_transposed_weight_storage_keeps_values_and_logits():
+    """store_weights_transposed (what the CPU decoder does) changes only the strides of the dense
+    linear weights: the state dict is bit-identical, a second call changes nothing, and the logits
+    still match transformers within the module's tolerance (1-row products sum in another order)."""
+    hf = make("llama")
+    ours = from_module(hf)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    assert ours.store_weights_transposed() > 0
+    w = ours.model.layers[0].self_attn.qkv_proj.weight
+    assert w.stride() == (1, w.shape[0]) and not w.is_contiguous()
+    assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
+    assert ours.store_weights_transposed() == 0
+    ids = prompts(1, 5)
+    with torch.no_grad():
+        ref = hf(ids).logits[:, -1]
+    got = ours.score(ids)[:, -1]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)

@@ -8,10 +8,14 @@
   ``capture="compile"`` (``torch.compile``; CPU or GPU) or ``capture="cuda_graph"`` it runs the
   *static* step instead: the write slot is a device tensor and attention covers the whole buffer
   under a mask, so every step has the same shapes and no host synchronisation (gpt-fast's recipe).
+  Compiled, the step attends over the first power-of-two number of slots past the write position
+  (64, 128, ... up to the buffer; one graph each, see ``StaticKVCache.static_span``); a CUDA graph
+  covers the whole buffer.
 
 [Note: cache reuse] The cache is allocated for ``max_len`` rounded up to a multiple of 256 and kept
 between calls with the same batch size, so repeated ``generate`` calls neither reallocate nor
-recompile; a compiled step is specialised to one (batch, max_len) and rebuilt when they change.
+recompile; a compiled step is specialised to one (batch, max_len, span) and rebuilt when they
+change.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Decoder:
         if capture and rope is not None and rope.type in ("dynamic", "longrope"):
             capture = None  # these scalings read the longest position on the host every step
         self.model, self.capture = model, capture
+        if model.device.type == "cpu":
+            model.store_weights_transposed()  # faster few-row GEMMs (see the note there)
         self.compile_options = compile_options or {}
         self.cache_dtype = cache_dtype
         self.cache: StaticKVCache | None = None
@@ -98,7 +104,7 @@ class Decoder:
             if self._step_fn is None:
                 self._step_fn = torch.compile(self._static_step, dynamic=False, **self.compile_options)
             offset = torch.tensor(cache.offset, device=tokens.device)
-            logits = self._step_fn(tokens, positions, offset)
+            logits = self._step_fn(tokens, positions, offset, cache.static_span(cache.offset))
             cache.offset += 1
         else:
             logits = self._graph_step(tokens, positions)
@@ -106,8 +112,8 @@ class Decoder:
         self.positions = positions + 1
         return logits
 
-    def _static_step(self, tokens: Tensor, positions: Tensor, offset: Tensor) -> Tensor:
-        self.cache.begin_static(offset)
+    def _static_step(self, tokens: Tensor, positions: Tensor, offset: Tensor, span: int | None = None) -> Tensor:
+        self.cache.begin_static(offset, span)
         hidden = self.model(tokens[:, None], positions[:, None], self.cache)
         return self.model.compute_logits(hidden)
 

@@ -86,6 +86,31 @@ class CausalLM(nn.Module):
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
+    def store_weights_transposed(self) -> int:
+        """Keep every dense ``nn.Linear`` weight of this CPU model as the transpose of a contiguous
+        ``[in, out]`` tensor; returns how many were changed (0 when already done: idempotent).
+
+        [Note: transposed weight storage] ``F.linear(x, w)`` multiplies by ``w.t()``. With ``w``
+        stored ``[out, in]`` row-major (PyTorch's layout), the CPU BLAS reads the weight as a
+        transposed operand; stored ``[in, out]`` it reads it as a plain one, which for the few rows
+        of a decode step (1 to 16) runs 1.2-1.7x faster on the measured machine — those GEMMs are
+        most of a decode step. The weight keeps its shape ``[out, in]`` and its values (only the
+        strides change), so every reader (the loader, export, tensor-parallel code) still sees the
+        same tensor; export writes ``.contiguous()`` copies. Products of 8 or more rows are
+        bit-identical either way; a 1-row product (matrix-vector) sums in another order, within
+        fp32 rounding (~1e-6 relative). Quantized and sharded linears are other classes, untouched,
+        and weights streamed by ZeRO-Inference are rebound to their buffers at each forward.
+        """
+        changed = 0
+        for m in self.modules():
+            w = getattr(m, "weight", None) if type(m) is nn.Linear else None
+            if (w is None or w.device.type != "cpu" or not w.is_floating_point() or w.dim() != 2
+                    or w.numel() == 0 or min(w.shape) == 1 or not w.is_contiguous()):
+                continue
+            w.data = w.data.t().contiguous().t()
+            changed += 1
+        return changed
+
     def set_fused(self, enabled: bool) -> None:
         """Norms through the op registry's kernels where one exists for the device."""
         for m in self.modules():

@@ -138,6 +138,7 @@ class StaticKVCache:
         self.offset = 0
         self._t = 0
         self._static_pos: Tensor | None = None
+        self._span = max_len
         self._masks: dict[int | None, Tensor | None] = {}
 
     def nbytes(self) -> int:
@@ -159,10 +160,27 @@ class StaticKVCache:
         self._t, self._static_pos = num_tokens, None
         self._masks.clear()
 
-    def begin_static(self, offset: Tensor) -> None:
-        """One token per row at slot ``offset`` (a 0-dim long tensor on the cache's device)."""
+    def begin_static(self, offset: Tensor, span: int | None = None) -> None:
+        """One token per row at slot ``offset`` (a 0-dim long tensor on the cache's device),
+        attending over the first ``span`` slots (default: all of them; the caller keeps
+        ``offset < span``). A fixed ``span`` keeps the shapes static; see :meth:`static_span`."""
         self._t, self._static_pos = 1, offset
+        self._span = self.max_len if span is None else span
         self._masks.clear()
+
+    def static_span(self, offset: int, minimum: int = 64) -> int:
+        """The slots a static step writing slot ``offset`` attends over: the smallest power of two
+        (at least ``minimum``) above ``offset``, capped at ``max_len``.
+
+        [Note: attention span buckets] The static step's shapes must not change every step, but
+        attending over the whole buffer reads every slot's keys and values however few are filled
+        — at batch 8 on a small model that is as many bytes as the weights. Powers of two bound
+        the waste to 2x the filled length and the number of distinct shapes (captured graphs) to
+        ``log2(max_len / minimum) + 1``."""
+        span = minimum
+        while span <= offset:
+            span *= 2
+        return min(span, self.max_len)
 
     def end(self) -> None:
         self.offset += self._t
@@ -172,11 +190,12 @@ class StaticKVCache:
             return self._masks[window]
         device = self.valid.device
         if self._static_pos is not None:  # static decode: the whole buffer, future slots masked
-            slots = torch.arange(self.max_len, device=device)
+            span = self._span
+            slots = torch.arange(span, device=device)
             keep = slots <= self._static_pos
             if window is not None:
                 keep = keep & (slots > self._static_pos - window)
-            mask = (keep[None, :] & self.valid)[:, None, None, :]
+            mask = (keep[None, :] & self.valid[:, :span])[:, None, None, :]
         else:
             start, t = self.offset, self._t
             length = start + t
@@ -199,7 +218,7 @@ class StaticKVCache:
         if self._static_pos is not None:
             kc.index_copy_(2, self._static_pos.view(1), k)
             vc.index_copy_(2, self._static_pos.view(1), v)
-            keys, values = kc, vc
+            keys, values = kc[:, :, : self._span], vc[:, :, : self._span]
         else:
             start, end = self.offset, self.offset + self._t
             kc[:, :, start:end] = k
