@@ -1,4 +1,4 @@
-"""Low-precision training state under ZeRO 1 and 2 (docs/precision.md), 2 gloo ranks.
+"""Low-precision training state under ZeRO 1 and 2 (docs/precision.md), 2 gloo ranks (and 4).
 
 References and tolerances: each stage with bf16 masters, gradients and optimizer state ends within 1e-2
 of the same stage with fp32 masters after 12 steps (per-step loss; bf16 state and rounding noise); a
@@ -81,3 +81,19 @@ def test_fp16_masters_under_zero_2_cpu_offload():
     assert {m.dtype for m in engine.strategy.masters} == {torch.float16}
     assert {g.dtype for g in engine.strategy.zero.grads} == {torch.float16}
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.world_size(4)
+def test_bf16_state_under_zero_2_on_four_ranks():
+    """On 4 ranks (a quarter of the state per rank): within the same 1e-2 of fp32 masters after 12 steps,
+    and the masters, gradients and moments each rank holds are bf16 and a quarter of the parameters."""
+    ref, _ = engine_losses(make_model(), 12, stage=2, bf16={"enabled": True})
+    losses, engine = engine_losses(make_model(), 12, stage=2, bf16=LOW)
+    assert max_diff(losses, ref) < 1e-2
+    strategy = engine.strategy
+    numel = sum(p.numel() for p in engine.module.parameters())
+    held = sum(m.numel() for m in strategy.masters)
+    assert {m.dtype for m in strategy.masters} == {torch.bfloat16}
+    assert {g.dtype for g in strategy.reducer.grad_partitions()} == {torch.bfloat16}
+    assert numel / 4 <= held <= numel / 4 + 4 * 64  # a quarter, up to alignment padding
+    engine.destroy()
