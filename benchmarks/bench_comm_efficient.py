@@ -54,12 +54,16 @@ def _measure(step_fn, steps):
     return seconds, wire
 
 
-def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
+def _setup(dim: int, layers: int, micro: int):
+    """The seeded GPT both sections time, its config and this rank's 8 batches."""
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=512, seq_len=128, dim=dim, layers=layers, heads=4)
-    rank = dist.get_rank()
-    batches = [synthetic_tokens(micro, cfg.seq_len, cfg.vocab_size, i, rank) for i in range(8)]
-    base = GPT(cfg)
+    batches = [synthetic_tokens(micro, cfg.seq_len, cfg.vocab_size, i, dist.get_rank()) for i in range(8)]
+    return cfg, batches, GPT(cfg)
+
+
+def _bench(steps: int, dim: int, layers: int, micro: int, rounds: int):
+    cfg, batches, base = _setup(dim, layers, micro)
     runs = {}
     for name, (baseline, params) in METHODS.items():
         if baseline not in runs:
@@ -94,11 +98,7 @@ HPZ = {
 
 
 def _bench_zeropp(steps: int, dim: int, layers: int, micro: int, rounds: int):
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=512, seq_len=128, dim=dim, layers=layers, heads=4)
-    rank = dist.get_rank()
-    batches = [synthetic_tokens(micro, cfg.seq_len, cfg.vocab_size, i, rank) for i in range(8)]
-    base = GPT(cfg)
+    cfg, batches, base = _setup(dim, layers, micro)
 
     def config(**zeropp):
         # reuse distance 0: released after each use, so backward gathers again (as a model too large to

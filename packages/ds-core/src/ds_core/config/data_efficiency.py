@@ -59,12 +59,7 @@ class CurriculumLearningConfig(Section):
         if self.curriculum_type != "seqlen":
             raise ConfigError(f"{where}.curriculum_type {self.curriculum_type!r} is not supported: ds's curriculum "
                               f"is by sequence length only; use 'seqlen'")
-        if self.schedule_type != "fixed_discrete":
-            for key in ("min_difficulty", "max_difficulty", "schedule_type"):
-                if getattr(self, key) is None:
-                    raise ConfigError(f"{where} is enabled but has no {key}; set it (see docs/data-efficiency.md)")
-        return DifficultySchedule(where, self.min_difficulty, self.max_difficulty, self.schedule_type,
-                                  self.schedule_config)
+        return _difficulty_schedule(where, self, f"{where} is enabled but has")
 
 
 class ProgressiveLayerDropConfig(Section):
@@ -187,12 +182,7 @@ class DataEfficiencyConfig(Section):
         if metric.difficulty_type != "value":
             raise ConfigError(f"{here}.difficulty_type {metric.difficulty_type!r} is not supported: percentiles "
                               f"need DeepSpeed's offline index; use 'value' (the difficulty is a sequence length)")
-        if metric.schedule_type != "fixed_discrete":
-            for key in ("min_difficulty", "max_difficulty", "schedule_type"):
-                if getattr(metric, key) is None:
-                    raise ConfigError(f"{here} has no {key}; set it (see docs/data-efficiency.md)")
-        return DifficultySchedule(here, metric.min_difficulty, metric.max_difficulty, metric.schedule_type,
-                                  metric.schedule_config)
+        return _difficulty_schedule(here, metric, f"{here} has")
 
     def random_ltd(self) -> RandomLTDConfig | None:
         """The random-LTD section when it is in effect."""
@@ -225,3 +215,14 @@ class DataEfficiencyConfig(Section):
             raise ConfigError(f"{where}.random_ltd_layer_id {ltd.random_ltd_layer_id} must be distinct layer "
                               f"indices >= 0")
         return ltd.schedule(where)
+
+
+def _difficulty_schedule(where: str, section, missing: str) -> DifficultySchedule:
+    """The schedule of a curriculum section (legacy or one metric of the newer form), after checking the
+    keys every schedule but ``fixed_discrete`` needs."""
+    if section.schedule_type != "fixed_discrete":
+        for key in ("min_difficulty", "max_difficulty", "schedule_type"):
+            if getattr(section, key) is None:
+                raise ConfigError(f"{missing} no {key}; set it (see docs/data-efficiency.md)")
+    return DifficultySchedule(where, section.min_difficulty, section.max_difficulty, section.schedule_type,
+                              section.schedule_config)
