@@ -21,6 +21,9 @@ With tensor or sequence parallelism each *scope* (the ranks holding one model sh
 files, prefixed with its coordinates (``tp1_model.safetensors``, ``tp1_zero_rank0.safetensors``,
 described in ``tp1_meta.json``): every scope is consolidated, tensors all scopes hold are written once,
 and tensor-parallel shards (ds-parallel's self-describing keys) are stitched back into full tensors.
+A pipeline checkpoint (``meta.json`` kind ``pipeline``: one file per layer and model shard,
+``tp{t}_layer_XX-model_states.safetensors``) is consolidated from its layer files, its tensors named
+``{layer index}.{name in the layer}`` (the PipelineModule's names, and an ``nn.Sequential``'s of its layers).
 """
 
 from __future__ import annotations
