@@ -4,9 +4,9 @@
 - ``ds zero-to-fp32`` writes the unsharded state dict (names ``{layer index}.{name in the layer}``, the
   PipelineModule's and an ``nn.Sequential`` of the same layers' names), equal exactly to the trained
   shards stitched by hand, which an unpipelined, unsharded ``nn.Sequential`` loads strictly;
-- ``ds_parallel.load_tp_checkpoint`` loads it into the unsharded model, and into 2 stages × tensor 1 on
-  2 ranks: exact weights, and the next step's loss equal (1e-5) to the same checkpoint reloaded at the
-  saved sizes;
+- ``ds_parallel.load_tp_checkpoint`` loads it into the unsharded model, into 2 stages × tensor 1 on
+  2 ranks, and into tensor 2 without the pipeline on 2 ranks: exact weights, and the next step's loss
+  equal (1e-5) to the same checkpoint reloaded at the saved sizes;
 - ``engine.load_checkpoint`` at tensor 1 refuses it, naming both sizes and the two ways to load it.
 """
 
@@ -79,7 +79,18 @@ def _load_at_tp1(root: str):
         refused = str(exc)
     engine = build()
     load_tp_checkpoint(engine.module, root)
-    return refused, _layers_state(engine.module), float(engine.train_batch(_batches(500)))
+    pipe_result = (refused, _layers_state(engine.module), float(engine.train_batch(_batches(500))))
+
+    # the same ranks as tensor 2 without the pipeline: an nn.Sequential of the layers, sharded by initialize
+    torch.manual_seed(7)
+    flat, *_ = ds_core.initialize(model=_sequential(), optimizer=lambda g: torch.optim.AdamW(g, lr=LR), config={
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 0,
+        "tensor_parallel": {"autotp_size": 2}})
+    load_tp_checkpoint(flat.module, root)
+    state = {k: v.detach().clone() for k, v in flat.module.state_dict().items()}
+    with torch.no_grad():
+        flat_loss = sum(_loss(flat.module(x), y).item() for x, y in _batches(500)) / 2
+    return pipe_result, (state, flat_loss)
 
 
 _SHARD = re.compile(r"^(.+)#(?:tp:\d+/\d+|rep):dim(\d+):([\dx]+):([\d+,]+)$")
@@ -154,9 +165,18 @@ def test_load_tp_checkpoint_unsharded_unpipelined(saved):
     assert abs(_sequential_loss(model) - next_loss) < 1e-5
 
 
-def test_pipe2_tp2_checkpoint_loads_at_pipe2_tp1(saved):
+def test_pipe2_tp2_checkpoint_loads_at_pipe2_tp1_and_tp2(saved):
     root, trained, next_loss = saved
-    results = run_distributed(_load_at_tp1, 2, args=(str(root),), timeout=600)
+    both = run_distributed(_load_at_tp1, 2, args=(str(root),), timeout=600)
+    flat = [r[1] for r in both]  # tensor 2 without the pipeline: exact weights, the same loss
+    assert all(any("#tp:" in k for k in state) for state, _ in flat)
+    stitched = _by_hand([state for state, _ in flat])
+    assert stitched.keys() == trained.keys()
+    for name, value in trained.items():
+        assert torch.equal(stitched[name], value), name
+    for _, loss in flat:
+        assert abs(loss - next_loss) < 1e-5
+    results = [r[0] for r in both]  # pipe 2 x tensor 1
     for refused, state, _ in results:
         assert refused is not None and "autotp_size" in refused and "2" in refused and "1" in refused, refused
         assert "load_tp_checkpoint" in refused and "zero-to-fp32" in refused, refused
