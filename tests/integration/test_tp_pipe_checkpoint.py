@@ -1,5 +1,6 @@
 """Pipeline × tensor-parallel checkpoints under other sizes: 2 stages × tensor 2 train on 4 ranks and save
-(per-layer files per tensor rank); then
+(per-layer files per tensor rank) the model of ``test_tp_pipe.py`` whose transformer block is tied across
+both stages and tensor-sharded; then
 
 - ``ds zero-to-fp32`` writes the unsharded state dict (names ``{layer index}.{name in the layer}``, the
   PipelineModule's and an ``nn.Sequential`` of the same layers' names), equal exactly to the trained
@@ -31,15 +32,18 @@ def _batches(offset: int):
 
 
 def _layers_state(module) -> dict[str, torch.Tensor]:
-    """This stage's layers' tensors as saved, named ``{global index}.{key}`` (shard keys kept)."""
-    return {f"{idx}.{k}": v.detach().clone() for idx, layer in module.local_layers.items()
-            for k, v in layer.state_dict().items()}
+    """This stage's layers' tensors, named ``{global index}.{key}`` (shard keys kept); the tied block
+    under each index it has on this stage."""
+    layers = dict(module.local_layers)
+    for key, tied in module.tied_modules.items():
+        layers.update({i: tied for i in module.tied_indices[key] if module.stage_of(i) == module.stage_id})
+    return {f"{idx}.{k}": v.detach().clone() for idx, layer in layers.items() for k, v in layer.state_dict().items()}
 
 
 def _train_and_save(root: str):
     """4 ranks: pipe 2 × tensor 2 trains and saves; a fresh engine at the same sizes reloads it and
     takes one more step (the reference loss)."""
-    engine = _engine(False)
+    engine = _engine(True)
     from tests.integration.test_tp_pipe import _data
 
     it = _data()
@@ -47,7 +51,7 @@ def _train_and_save(root: str):
         engine.train_batch(it)
     engine.save_checkpoint(root, tag="saved")
     trained = _layers_state(engine.module)
-    fresh = _engine(False, seed=99)
+    fresh = _engine(True, seed=99)
     fresh.load_checkpoint(root, tag="saved", load_optimizer_states=False)
     reloaded = _layers_state(fresh.module)
     next_loss = float(fresh.train_batch(_batches(500)))
@@ -65,8 +69,8 @@ def _load_at_tp1(root: str):
 
     def build():
         topology = ds_core.comm.Topology(dist.get_world_size(), pipe=2, tensor=1)
-        model = PipelineModule(_specs(False), topology=topology, loss_fn=_loss, seed_layers=True, base_seed=7,
-                               partition_method="parameters")
+        model = PipelineModule(_specs(True), topology=topology, loss_fn=_loss, seed_layers=True, base_seed=7,
+                               partition_method="uniform")
         engine, *_ = ds_core.initialize(model=model, optimizer=lambda g: torch.optim.AdamW(g, lr=LR), config={
             "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 0})
         return engine
@@ -120,7 +124,14 @@ def _by_hand(states) -> dict[str, torch.Tensor]:
 
 
 def _sequential() -> nn.Sequential:
-    return nn.Sequential(*[spec.build() for spec in _specs(False)])
+    """The layers unpipelined: the tied block is one module at both its indices."""
+    layers, ties = [], {}
+    for spec in _specs(True):
+        key = getattr(spec, "key", None)
+        layers.append(ties[key] if key in ties else spec.build())
+        if key is not None:
+            ties.setdefault(key, layers[-1])
+    return nn.Sequential(*layers)
 
 
 @pytest.fixture(scope="module")

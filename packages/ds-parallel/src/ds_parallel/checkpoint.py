@@ -186,6 +186,16 @@ def _aliases(file: Path) -> dict[str, str]:
     return dict(json.loads(meta.read_text()).get("aliases", {}).get("model", {}))
 
 
+def _tied_names(model: nn.Module) -> dict[str, list[int]]:
+    """A PipelineModule's tied modules (``tied_modules.{key}``): key -> the global layer indices whose
+    files may hold it, this stage's first (a stage saves its copy under its first index using it)."""
+    indices, parts = getattr(model, "tied_indices", None), getattr(model, "parts", None)
+    if not isinstance(indices, dict) or parts is None:
+        return {}
+    lo, hi = parts[model.stage_id], parts[model.stage_id + 1]
+    return {key: sorted(idx, key=lambda i: (not lo <= i < hi, i)) for key, idx in indices.items()}
+
+
 def load_tp_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True) -> nn.Module:
     """Load the model weights of an engine checkpoint saved at any tensor-parallel size (``save_dir``
     with ``latest``, one tag's directory, or a consolidated ``.safetensors`` file) into ``model``,
@@ -195,7 +205,8 @@ def load_tp_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True) -> 
     A pipeline checkpoint (one file per layer and tensor rank) gives its tensors the names
     ``{layer index}.{name in the layer}``: those of a ``PipelineModule`` (any stage partition, any
     tensor-parallel size; each stage loads its own layers) and of an ``nn.Sequential`` of the same layers.
-    A pipeline's tied modules (``tied_modules.*``) are not mapped: load them by index into a Sequential.
+    A pipeline's tied module (``tied_modules.{key}``) is read from this stage's first index using it, or
+    from the first index saved.
     """
     files = _checkpoint_files(Path(checkpoint))
     plain: dict[str, tuple[object, str]] = {}
@@ -215,10 +226,14 @@ def load_tp_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True) -> 
             return read_runs(h.get_slice(key), dim, runs)
         return read
 
+    tied = _tied_names(model)
     missing: list[str] = []
     with torch.no_grad():
         for mname, module in model.named_modules():
             prefix = f"{mname}." if mname else ""
+            if prefix.startswith("tied_modules.") and prefix.split(".")[1] in tied:
+                prefix = next((f"{i}.{prefix.split('.', 2)[2]}" for i in tied[prefix.split(".")[1]]
+                               if any(k.startswith(f"{i}.") for k in (*plain, *shards))), prefix)
             for pname, p in list(module._parameters.items()) + [
                     (b, t) for b, t in module._buffers.items() if b not in module._non_persistent_buffers_set]:
                 if p is None:
