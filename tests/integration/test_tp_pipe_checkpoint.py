@@ -58,7 +58,7 @@ def _train_and_save(root: str):
     return trained, reloaded, next_loss
 
 
-def _load_at_tp1(root: str):
+def _load_at_tp1(root: str, resaved: str):
     """2 ranks: pipe 2 × tensor 1. ``engine.load_checkpoint`` refuses; ``load_tp_checkpoint`` loads."""
     import torch.distributed as dist
 
@@ -84,6 +84,8 @@ def _load_at_tp1(root: str):
     engine = build()
     load_tp_checkpoint(engine.module, root)
     pipe_result = (refused, _layers_state(engine.module), float(engine.train_batch(_batches(500))))
+    engine.save_checkpoint(resaved, tag="t1")  # a pipeline checkpoint without tensor parallelism
+    pipe_result += (_layers_state(engine.module),)
 
     # the same ranks as tensor 2 without the pipeline: an nn.Sequential of the layers, sharded by initialize
     torch.manual_seed(7)
@@ -176,9 +178,11 @@ def test_load_tp_checkpoint_unsharded_unpipelined(saved):
     assert abs(_sequential_loss(model) - next_loss) < 1e-5
 
 
-def test_pipe2_tp2_checkpoint_loads_at_pipe2_tp1_and_tp2(saved):
+def test_pipe2_tp2_checkpoint_loads_at_pipe2_tp1_and_tp2(saved, tmp_path):
+    from ds_zero import zero_to_fp32
+
     root, trained, next_loss = saved
-    both = run_distributed(_load_at_tp1, 2, args=(str(root),), timeout=600)
+    both = run_distributed(_load_at_tp1, 2, args=(str(root), str(tmp_path / "tp1")), timeout=600)
     flat = [r[1] for r in both]  # tensor 2 without the pipeline: exact weights, the same loss
     assert all(any("#tp:" in k for k in state) for state, _ in flat)
     stitched = _by_hand([state for state, _ in flat])
@@ -188,10 +192,15 @@ def test_pipe2_tp2_checkpoint_loads_at_pipe2_tp1_and_tp2(saved):
     for _, loss in flat:
         assert abs(loss - next_loss) < 1e-5
     results = [r[0] for r in both]  # pipe 2 x tensor 1
-    for refused, state, _ in results:
+    for refused, state, *_ in results:
         assert refused is not None and "autotp_size" in refused and "2" in refused and "1" in refused, refused
         assert "load_tp_checkpoint" in refused and "zero-to-fp32" in refused, refused
         for name, value in state.items():
             assert torch.equal(value, trained[name]), name
     assert {k for r in results for k in r[1]} == trained.keys()
     assert abs(results[-1][2] - next_loss) < 1e-5
+    # the pipe 2 × tensor 1 run saved after its step: a plain pipeline checkpoint consolidates too
+    after = _by_hand([r[3] for r in results])
+    zero_to_fp32(tmp_path / "tp1", tmp_path / "tp1.safetensors")
+    state = load_file(str(tmp_path / "tp1.safetensors"))
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in after)
