@@ -151,15 +151,25 @@ def install_shard_keys(module: nn.Module) -> None:
 _MODEL_FILE = re.compile(r"^(?:pp\d+_)?(?:sp\d+_)?(?:tp\d+_)?model(?:_rank\d+)?\.safetensors$")
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
+# a pipeline checkpoint's model files: one per layer (global index) and model shard
+# ("tp1_layer_03-model_states.safetensors"); their tensors are named "{layer index}.{name in the layer}",
+# the PipelineModule's names (and an nn.Sequential's of the same layers)
+_LAYER_FILE = re.compile(r"^(?:sp\d+_)?(?:tp\d+_)?layer_(?P<idx>\d+)-model_states\.safetensors$")
+
+
+def _checkpoint_files(path: Path) -> list[tuple[Path, str]]:
+    """``(file, prefix)`` of every model file: its tensors' names are ``prefix + key``."""
     if path.is_file():
-        return [path]
+        return [(path, "")]
     if (path / "latest").is_file() and not (path / "meta.json").is_file():
         path = path / (path / "latest").read_text().strip()
-    files = sorted(f for f in path.glob("*.safetensors") if _MODEL_FILE.match(f.name))
+    files = [(f, "") for f in sorted(path.glob("*.safetensors")) if _MODEL_FILE.match(f.name)]
+    files += [(f, f"{int(m['idx'])}.") for f in sorted(path.glob("*.safetensors"))
+              if (m := _LAYER_FILE.match(f.name))]
     if not files:
-        raise ConfigError(f"{path} holds no model tensors (model.safetensors, or tp{{t}}_model.safetensors per "
-                          f"tensor rank); pass an engine checkpoint directory or a .safetensors file")
+        raise ConfigError(f"{path} holds no model tensors (model.safetensors, tp{{t}}_model.safetensors per "
+                          f"tensor rank, or a pipeline's tp{{t}}_layer_XX-model_states.safetensors); pass an engine "
+                          f"checkpoint directory or a .safetensors file")
     return files
 
 
@@ -176,18 +186,34 @@ def _aliases(file: Path) -> dict[str, str]:
     return dict(json.loads(meta.read_text()).get("aliases", {}).get("model", {}))
 
 
+def _tied_names(model: nn.Module) -> dict[str, list[int]]:
+    """A PipelineModule's tied modules (``tied_modules.{key}``): key -> the global layer indices whose
+    files may hold it, this stage's first (a stage saves its copy under its first index using it)."""
+    indices, parts = getattr(model, "tied_indices", None), getattr(model, "parts", None)
+    if not isinstance(indices, dict) or parts is None:
+        return {}
+    lo, hi = parts[model.stage_id], parts[model.stage_id + 1]
+    return {key: sorted(idx, key=lambda i: (not lo <= i < hi, i)) for key, idx in indices.items()}
+
+
 def load_tp_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True) -> nn.Module:
     """Load the model weights of an engine checkpoint saved at any tensor-parallel size (``save_dir``
     with ``latest``, one tag's directory, or a consolidated ``.safetensors`` file) into ``model``,
     sharded at any size or not at all. Each tensor is read from the files that hold its rows, only
     those rows. Optimizer state does not follow (a new tensor-parallel size shards it differently).
+
+    A pipeline checkpoint (one file per layer and tensor rank) gives its tensors the names
+    ``{layer index}.{name in the layer}``: those of a ``PipelineModule`` (any stage partition, any
+    tensor-parallel size; each stage loads its own layers) and of an ``nn.Sequential`` of the same layers.
+    A pipeline's tied module (``tied_modules.{key}``) is read from this stage's first index using it, or
+    from the first index saved.
     """
     files = _checkpoint_files(Path(checkpoint))
     plain: dict[str, tuple[object, str]] = {}
     shards: dict[str, list[tuple[ShardKey, object, str]]] = {}
-    for f in files:
+    for f, prefix in files:
         h = safe_open(str(f), framework="pt")
-        entries = [(key, key) for key in h.keys()] + list(_aliases(f).items())
+        entries = [(prefix + key, key) for key in h.keys()] + [(prefix + a, t) for a, t in _aliases(f).items()]
         for key, stored in entries:
             parsed = parse_shard_key(key)
             if parsed is None:
@@ -200,10 +226,14 @@ def load_tp_checkpoint(model: nn.Module, checkpoint, *, strict: bool = True) -> 
             return read_runs(h.get_slice(key), dim, runs)
         return read
 
+    tied = _tied_names(model)
     missing: list[str] = []
     with torch.no_grad():
         for mname, module in model.named_modules():
             prefix = f"{mname}." if mname else ""
+            if prefix.startswith("tied_modules.") and prefix.split(".")[1] in tied:
+                prefix = next((f"{i}.{prefix.split('.', 2)[2]}" for i in tied[prefix.split(".")[1]]
+                               if any(k.startswith(f"{i}.") for k in (*plain, *shards))), prefix)
             for pname, p in list(module._parameters.items()) + [
                     (b, t) for b, t in module._buffers.items() if b not in module._non_persistent_buffers_set]:
                 if p is None:

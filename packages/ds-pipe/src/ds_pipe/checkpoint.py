@@ -118,6 +118,15 @@ def check(engine, reader, load_optimizer_states: bool) -> None:
     if meta["layer_names"] != module.layer_names:
         raise CheckpointError(f"{reader.path} holds layers {meta['layer_names']} but this PipelineModule has "
                               f"{module.layer_names}; load a checkpoint of the same layer list")
+    # the tensor-parallel size the layer files were written at (one file set per tensor rank)
+    layer_tp = re.compile(r"^(?:sp\d+_)?tp(\d+)_layer_\d+-model_states\.safetensors$")
+    saved_tp = len({m[1] for f in reader.path.iterdir() if (m := layer_tp.match(f.name))}) or 1
+    if saved_tp != engine.topology.size("tensor"):
+        raise CheckpointError(
+            f"{reader.path} was saved with tensor_parallel.autotp_size {saved_tp}; this run has "
+            f"{engine.topology.size('tensor')}: the engine reloads a pipeline checkpoint only at its tensor-parallel "
+            f"size. Load the weights with ds_parallel.load_tp_checkpoint(engine.module, save_dir), or consolidate "
+            f"them with `ds zero-to-fp32 save_dir out.safetensors`")
     same = meta["parts"] == module.parts and meta["dp_world_size"] == engine.dp_world_size
     if load_optimizer_states and not same:
         raise CheckpointError(

@@ -21,6 +21,9 @@ With tensor or sequence parallelism each *scope* (the ranks holding one model sh
 files, prefixed with its coordinates (``tp1_model.safetensors``, ``tp1_zero_rank0.safetensors``,
 described in ``tp1_meta.json``): every scope is consolidated, tensors all scopes hold are written once,
 and tensor-parallel shards (ds-parallel's self-describing keys) are stitched back into full tensors.
+A pipeline checkpoint (``meta.json`` kind ``pipeline``: one file per layer and model shard,
+``tp{t}_layer_XX-model_states.safetensors``) is consolidated from its layer files, its tensors named
+``{layer index}.{name in the layer}`` (the PipelineModule's names, and an ``nn.Sequential``'s of its layers).
 """
 
 from __future__ import annotations
@@ -132,11 +135,37 @@ def _consolidated(checkpoint_dir, tag: str | None = None):
         return handles[file]
 
     seen: set[str] = set()  # tensors every scope holds (replicated over the tensor axis) are written once
+    if meta.get("kind") == "pipeline":
+        for name, *rest in _pipeline_tensors(path, handle):
+            if name not in seen:
+                seen.add(name)
+                yield name, *rest
+        return
     for scope, scope_meta in _scopes(path, meta):
         for name, *rest in _scope_tensors(path, scope, scope_meta, handle):
             if name not in seen:
                 seen.add(name)
                 yield name, *rest
+
+
+# a pipeline checkpoint's layer files: one per layer (global index) and model shard (tensor/sequence rank)
+_LAYER_FILE = re.compile(r"^(?:sp\d+_)?(?:tp\d+_)?layer_(?P<idx>\d+)-model_states\.safetensors$")
+
+
+def _pipeline_tensors(path: Path, handle):
+    """The layers of a pipeline checkpoint, named ``{layer index}.{name in the layer}`` (the
+    PipelineModule's names, and those of an ``nn.Sequential`` of the same layers); each model shard's
+    file of a layer contributes its shards. A tied module is written under every index a stage saved
+    it at. The weights are the layer files' (the model's dtype)."""
+    files = sorted((int(m["idx"]), f.name) for f in path.iterdir() if (m := _LAYER_FILE.match(f.name)))
+    if not files:
+        raise CheckpointError(f"{path} is a pipeline checkpoint without layer files "
+                              f"(layer_XX-model_states.safetensors); the checkpoint is damaged")
+    for idx, fname in files:
+        f = handle(path / fname)
+        for key in f.keys():
+            sl = f.get_slice(key)
+            yield f"{idx}.{key}", _slice_dtype(sl), tuple(sl.get_shape()), lambda f=f, key=key: f.get_tensor(key)
 
 
 def _scope_tensors(path: Path, scope: str, meta: dict, handle):
