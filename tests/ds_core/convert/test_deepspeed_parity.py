@@ -109,16 +109,18 @@ def _parity(stage: int, tmp_path) -> None:
         torch.testing.assert_close(weights[key], ds_weights[key], rtol=TOL, atol=TOL, msg=key)
 
 
-@pytest.mark.world_size(2, timeout=300)
+# 900 s: a hang guard only; real DeepSpeed runs (JIT op checks, 20 steps, two resumes) took over 300 s on
+# two cores shared with two other full suites
+@pytest.mark.world_size(2, timeout=900)
 def test_stage2_run_converted_after_10_steps_resumes_like_deepspeed(tmp_path):
     _parity(2, tmp_path)
 
 
-@pytest.mark.world_size(2, timeout=300)
+@pytest.mark.world_size(2, timeout=900)
 def test_stage3_run_converted_after_10_steps_resumes_like_deepspeed(tmp_path):
     _parity(3, tmp_path)
 
 
-@pytest.mark.world_size(2, timeout=300)
+@pytest.mark.world_size(2, timeout=900)
 def test_stage0_run_converted_after_10_steps_resumes_like_deepspeed(tmp_path):
     _parity(0, tmp_path)
