@@ -32,8 +32,8 @@ def batch(micro: int, step: int, rank: int | None = None):
     return synthetic_tokens(micro, CFG.seq_len, CFG.vocab_size, step, dist.get_rank() if rank is None else rank)
 
 
-def ddp_losses(model, steps: int, micro: int = 4, accumulation: int = 1) -> list[float]:
-    ddp = DDP(model)
+def ddp_losses(model, steps: int, micro: int = 4, accumulation: int = 1, find_unused: bool = False) -> list[float]:
+    ddp = DDP(model, find_unused_parameters=find_unused)
     opt = torch.optim.AdamW(ddp.parameters(), lr=LR, weight_decay=WD)
     losses = []
     for step in range(steps):

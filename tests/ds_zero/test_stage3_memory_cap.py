@@ -8,7 +8,7 @@ budget of ``24Ψ/N + 3Ψ`` bytes for Ψ parameters:
   figures: 4Ψ/N parameter shards, 4Ψ/N gradient partition, and in host memory 4Ψ/N fp32 masters, their
   4Ψ/N gradient copy and 8Ψ/N Adam moments — on a CPU-only machine "device" and host are one pool);
 - ``3Ψ`` leaves room for what exists only for a while: the gathered and prefetched parameters (at
-  most ``stage3_max_live_parameters`` elements), a gradient on the wire, activations (measured:
+  most ``stage3_max_live_parameters`` elements), the gradient buckets (``reduce_bucket_size``), activations (measured:
   stage 3 needs less than 2Ψ of it here).
 
 Plain PyTorch training of the same model (full fp32 parameters, gradients and AdamW state, 16Ψ) must
@@ -42,9 +42,12 @@ STEPS, MICRO, LR = 3, 2, 1e-4
 MiB = 2**20
 # With DeepSpeed's defaults for the stage-3 knobs (prefetch 5e7 elements, live and reuse distance 1e9)
 # every parameter that backward uses again stays gathered, up to this whole model, and the cap is
-# exceeded; a memory-bound run lowers them, as here (about one GPT block of 3.1M elements live).
+# exceeded; a memory-bound run lowers them, as here (about one GPT block of 3.1M elements live). So
+# too the gradient buckets: with the default reduce_bucket_size (5e8) one bucket holds the whole
+# model's gradients before reducing them; here each holds at most 1M elements (4 MiB).
 ZERO = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 2_000_000,
         "stage3_max_live_parameters": 4_000_000, "stage3_max_reuse_distance": 2_000_000,
+        "reduce_bucket_size": 1_000_000,
         "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}
 
 

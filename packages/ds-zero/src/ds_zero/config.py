@@ -140,7 +140,8 @@ class ZeroConfig(Section):
                                                    "it; false all-reduces whole buckets (always done on "
                                                    "gloo, where it is faster).")
     reduce_bucket_size: int | float | str = Field(
-        DEFAULT_BUCKET_ELEMENTS, description="Elements per gradient bucket (stage 1 all-reduce, stage 2 reduce).")
+        DEFAULT_BUCKET_ELEMENTS, description="Elements per gradient bucket (stage 1 all-reduce, stage 2 reduce, stage 3 "
+                                            "reduce-scatter).")
     contiguous_gradients: bool = Field(True, description="Accepted: gradients are always copied into "
                                                          "contiguous buckets and partitions here.")
     round_robin_gradients: bool = Field(False, description="Accepted for compatibility (a DeepSpeed "

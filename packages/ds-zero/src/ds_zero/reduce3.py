@@ -2,11 +2,20 @@
 
 At stage 3 (Rajbhandari et al. 2020, section 5.3) a gradient has the layout of its parameter: N
 equal shards of the padded flat tensor. Each parameter's post-accumulate-grad hook pads its
-gradient, reduce-scatters it (``reduce_scatter_tensor``; on gloo an all-reduce and a slice, which
-is faster there — see ``reduce.py``), frees ``.grad`` and tells the coordinator the parameter may be
-released. The averaged shard is added to this rank's fp32 gradient partition (laid out like
-:meth:`Stage3Group.own`), so gradient accumulation over micro-steps keeps only the partition. With
-``overlap_comm`` the collectives are asynchronous, at most two in flight.
+gradient into the open bucket, frees ``.grad`` and tells the coordinator the parameter may be
+released. A bucket holds up to ``reduce_bucket_size`` elements (at least one parameter) and is
+reduce-scattered as one collective (``reduce_scatter_tensor``; on gloo an all-reduce and a slice,
+which is faster there — see ``reduce.py``): one collective for several parameters, where one per
+parameter cost a round trip each through gloo's threads. The averaged shard is added to this rank's
+fp32 gradient partition (laid out like :meth:`Stage3Group.own`), so gradient accumulation over
+micro-steps keeps only the partition. With ``overlap_comm`` the collectives are asynchronous, at
+most two in flight. ``reduce_bucket_size: 0`` and ZeRO++'s qgZ reduce each parameter on its own.
+
+[Note: stage-3 bucket layout] for the all-reduce (gloo) a bucket is the parameters' padded flat
+gradients end to end, and rank r's shard of a parameter at offset o is ``[o + r·P, o + (r+1)·P)``.
+For ``reduce_scatter_tensor`` the bucket is a ``[N, C]`` matrix whose row r holds every parameter's
+chunk r side by side (column offset c, width P), so the scatter hands rank r its row: its shards of
+every parameter in the bucket, each at ``[c, c + P)``.
 
 Collectives are issued in backward order, the same on every rank; parameters that got no gradient
 in a micro-step (unused branches) are reduced as zeros in a fixed order by :meth:`finish`.
@@ -41,11 +50,31 @@ class _Quantized(NamedTuple):
     nodes: int = 0  # hierarchical: the number of nodes (the inter-node step follows on completion)
 
 
+class _Bucket:
+    """The open bucket (see [Note: stage-3 bucket layout]): a buffer the hooks fill, and where each
+    parameter lies in it — an element offset (all-reduce) or a column offset (reduce-scatter)."""
+
+    def __init__(self, numel: int, world: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.buf = torch.empty(numel, dtype=dtype, device=device)
+        self.world = world
+        self.used = 0  # elements filled (a multiple of world)
+        self.members: list[tuple[int, int, int]] = []  # (group index, parameter index, offset)
+
+
+class _Flight(NamedTuple):
+    """A bucket's collective in flight."""
+
+    members: list[tuple[int, int, int]]
+    out: torch.Tensor  # the reduced bucket (all-reduce) or this rank's row of it (reduce-scatter)
+    send: torch.Tensor  # what was sent, kept alive until the collective completes
+    work: object
+
+
 class Stage3GradientReducer(GradientPartitions):
     """Reduces each sharded parameter's gradient into its owners' fp32 gradient partitions."""
 
     def __init__(self, parts: Stage3Partitions, ctx, overlap: bool, coordinator=None,
-                 quantized: bool = False, nodes=None) -> None:
+                 quantized: bool = False, nodes=None, bucket_numel: int = 0) -> None:
         self.device = ctx.device
         self.quantized = quantized  # ZeRO++ qgZ: see _launch_quantized
         self.nodes = nodes if quantized else None  # zeropp.NodeGroups: hierarchical qgZ
@@ -56,6 +85,9 @@ class Stage3GradientReducer(GradientPartitions):
         self.coordinator = coordinator
         self.handles: list = []
         self.gloo = gloo_prefers_all_reduce(parts.group)
+        # qgZ quantizes each parameter's chunks on their own: no buckets there
+        self.bucket_numel = 0 if quantized or parts.world == 1 else int(bucket_numel)
+        self.total = sum(s.padded for g in parts.groups for s in g.sharded)
         self.grads = [torch.zeros(g.partition_numel, dtype=torch.float32, device=self.device)
                       for g in parts.groups]
         self.order: list[tuple[int, int]] = []
@@ -69,6 +101,8 @@ class Stage3GradientReducer(GradientPartitions):
         """Start a micro-step; stage 3 reduces every micro-step (``no_sync`` saves no communication)."""
         self.done: set[tuple[int, int]] = set()
         self.in_flight: list = []
+        self.bucket: _Bucket | None = None
+        self.launched = 0  # padded elements put in buckets this micro-step
 
     def _hook(self, gi: int, i: int, p: torch.Tensor) -> None:
         grad = p.grad
@@ -78,6 +112,67 @@ class Stage3GradientReducer(GradientPartitions):
     def _launch(self, gi: int, i: int, grad: torch.Tensor | None) -> None:
         s: ShardedParameter = self.parts.groups[gi].sharded[i]
         self.done.add((gi, i))
+        if self.bucket_numel:
+            self._add_to_bucket(gi, i, s, grad)
+        else:
+            self._launch_one(gi, i, s, grad)
+        if self.coordinator is not None:
+            self.coordinator.backward_done(s)
+        self._throttle()
+
+    def _throttle(self) -> None:
+        limit = MAX_IN_FLIGHT if self.overlap else 0
+        while len(self.in_flight) > limit:
+            self._complete_oldest()
+
+    def _add_to_bucket(self, gi: int, i: int, s: ShardedParameter, grad: torch.Tensor | None) -> None:
+        b = self.bucket
+        if b is not None and b.used + s.padded > b.buf.numel():
+            self._flush()
+            b = None
+        if b is None:  # sized to what can still come this micro-step, so a small model gets no 5e8 buffer
+            cap = min(self.bucket_numel // s.world * s.world, self.total - self.launched)
+            b = self.bucket = _Bucket(max(cap, s.padded), s.world, self.comm_dtype or torch.float32, self.device)
+        if self.gloo:  # padded flat gradients end to end
+            offset = b.used
+            dst = b.buf[offset:offset + s.padded]
+            if grad is not None:
+                dst[:s.numel].copy_(grad.reshape(-1))
+                dst[s.numel:].zero_()  # the padding
+            else:  # no gradient in this backward (an unused branch): zeros
+                dst.zero_()
+        else:  # row r = chunk r of every parameter
+            offset = b.used // s.world
+            dst = b.buf.view(s.world, -1)[:, offset:offset + s.part]
+            if grad is not None:
+                dst.copy_(torch.nn.functional.pad(grad.reshape(-1), (0, s.padded - s.numel)).view(s.world, s.part))
+            else:
+                dst.zero_()
+        if self.settings.prescale:
+            dst.mul_(self.settings.before)
+        b.members.append((gi, i, offset))
+        b.used += s.padded
+        self.launched += s.padded
+        if b.used == b.buf.numel():  # full: nothing more fits
+            self._flush()
+
+    def _flush(self) -> None:
+        """Launch the open bucket's collective (the same buckets in the same order on every rank)."""
+        b, self.bucket = self.bucket, None
+        if b is None or not b.members:
+            return
+        if self.gloo:
+            out = send = b.buf[:b.used]
+            work = comm.all_reduce(out, group=self.parts.group, async_op=True)
+        else:
+            send = b.buf.view(b.world, -1)[:, :b.used // b.world]
+            send = send.contiguous().reshape(-1)  # a copy only when the bucket is not full
+            out = torch.empty(b.used // b.world, dtype=b.buf.dtype, device=self.device)
+            work = comm.reduce_scatter(out, send, group=self.parts.group, async_op=True)
+        self.in_flight.append(_Flight(b.members, out, send, work))
+
+    def _launch_one(self, gi: int, i: int, s: ShardedParameter, grad: torch.Tensor | None) -> None:
+        """One parameter's collective (``reduce_bucket_size: 0``, qgZ, or a single rank)."""
         wire = torch.empty(s.padded, dtype=self.comm_dtype or torch.float32, device=self.device)
         if grad is not None:
             wire[:s.numel].copy_(grad.reshape(-1))
@@ -96,11 +191,6 @@ class Stage3GradientReducer(GradientPartitions):
             out = torch.empty(s.part, dtype=wire.dtype, device=self.device)
             work = comm.reduce_scatter(out, wire, group=self.parts.group, async_op=True)
         self.in_flight.append((gi, i, out, work))
-        if self.coordinator is not None:
-            self.coordinator.backward_done(s)
-        limit = MAX_IN_FLIGHT if self.overlap else 0
-        while len(self.in_flight) > limit:
-            self._complete_oldest()
 
     def _launch_quantized(self, s: ShardedParameter, wire: torch.Tensor):
         """ZeRO++ qgZ (Wang et al. 2023, section 3.3): the reduce-scatter as one all-to-all of quantized
@@ -142,7 +232,11 @@ class Stage3GradientReducer(GradientPartitions):
         return dequantize_rows(back, s.part, GRAD_BLOCK, GRAD_BITS).sum(dim=0)
 
     def _complete_oldest(self) -> None:
-        gi, i, out, work = self.in_flight.pop(0)
+        entry = self.in_flight.pop(0)
+        if isinstance(entry, _Flight):
+            self._complete_bucket(entry)
+            return
+        gi, i, out, work = entry
         if work is not None:
             work.wait()
         g = self.parts.groups[gi]
@@ -155,11 +249,22 @@ class Stage3GradientReducer(GradientPartitions):
             out = out[s.rank * s.part:(s.rank + 1) * s.part]
         self.grads[gi][g.offsets[i]:g.offsets[i] + s.part].add_(out, alpha=self.settings.after(self.parts.world))
 
+    def _complete_bucket(self, flight: _Flight) -> None:
+        if flight.work is not None:
+            flight.work.wait()
+        alpha = self.settings.after(self.parts.world)
+        for gi, i, offset in flight.members:
+            g = self.parts.groups[gi]
+            s = g.sharded[i]
+            start = offset + s.rank * s.part if self.gloo else offset
+            self.grads[gi][g.offsets[i]:g.offsets[i] + s.part].add_(flight.out[start:start + s.part], alpha=alpha)
+
     def finish(self) -> None:
         """After backward: reduce parameters that got no gradient (as zeros), then wait for all."""
         for gi, i in self.order:
             if (gi, i) not in self.done:
                 self._launch(gi, i, None)
+        self._flush()
         while self.in_flight:
             self._complete_oldest()
 

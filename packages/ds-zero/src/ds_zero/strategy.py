@@ -197,7 +197,8 @@ class Stage3Strategy(ZeroStrategy):
         self.coordinator = coordinator
         nodes = node_groups(hpz, ctx.groups.data) if cfg.zero_quantized_gradients else None
         self.reducer = Stage3GradientReducer(self.parts, ctx, cfg.overlap_comm, coordinator,
-                                             quantized=cfg.zero_quantized_gradients, nodes=nodes)
+                                             quantized=cfg.zero_quantized_gradients, nodes=nodes,
+                                             bucket_numel=cfg.reduce_bucket_size)
         self.zero = ZeroOptimizer(ctx, cfg, self.parts, self.reducer.grads)
         self.optimizer = self.zero.optimizer
         self.parts.optimizer = self.zero  # GatheredParameters refreshes the masters after a modification
