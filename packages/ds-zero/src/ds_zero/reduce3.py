@@ -135,26 +135,32 @@ class Stage3GradientReducer(GradientPartitions):
             b = self.bucket = _Bucket(max(cap, s.padded), s.world, self.comm_dtype or torch.float32, self.device)
         if self.gloo:  # padded flat gradients end to end
             offset = b.used
-            dst = b.buf[offset:offset + s.padded]
-            if grad is not None:
-                dst[:s.numel].copy_(grad.reshape(-1))
-                dst[s.numel:].zero_()  # the padding
-            else:  # no gradient in this backward (an unused branch): zeros
-                dst.zero_()
+            dst = b.buf[offset:offset + s.padded].view(s.world, s.part)
         else:  # row r = chunk r of every parameter
             offset = b.used // s.world
             dst = b.buf.view(s.world, -1)[:, offset:offset + s.part]
-            if grad is not None:
-                dst.copy_(torch.nn.functional.pad(grad.reshape(-1), (0, s.padded - s.numel)).view(s.world, s.part))
-            else:
-                dst.zero_()
-        if self.settings.prescale:
-            dst.mul_(self.settings.before)
+        self._fill(dst, s, grad)
         b.members.append((gi, i, offset))
         b.used += s.padded
         self.launched += s.padded
         if b.used == b.buf.numel():  # full: nothing more fits
             self._flush()
+
+    def _fill(self, dst: torch.Tensor, s: ShardedParameter, grad: torch.Tensor | None) -> None:
+        """Write a parameter's padded gradient into ``dst``, a ``[world, part]`` view (rows are the ranks'
+        chunks; contiguous or a column block of a bucket), without a padded temporary; prescaled."""
+        if grad is None or not s.part:  # no gradient in this backward (an unused branch): zeros
+            dst.zero_()
+            return
+        flat = grad.reshape(-1)
+        rows, rest = divmod(s.numel, s.part)
+        dst[:rows].copy_(flat[:rows * s.part].view(rows, s.part))
+        if rest:
+            dst[rows, :rest].copy_(flat[rows * s.part:])
+            dst[rows, rest:].zero_()  # the padding
+        dst[rows + (1 if rest else 0):].zero_()
+        if self.settings.prescale:
+            dst.mul_(self.settings.before)
 
     def _flush(self) -> None:
         """Launch the open bucket's collective (the same buckets in the same order on every rank)."""
@@ -174,13 +180,7 @@ class Stage3GradientReducer(GradientPartitions):
     def _launch_one(self, gi: int, i: int, s: ShardedParameter, grad: torch.Tensor | None) -> None:
         """One parameter's collective (``reduce_bucket_size: 0``, qgZ, or a single rank)."""
         wire = torch.empty(s.padded, dtype=self.comm_dtype or torch.float32, device=self.device)
-        if grad is not None:
-            wire[:s.numel].copy_(grad.reshape(-1))
-            wire[s.numel:].zero_()  # the padding
-        else:  # no gradient in this backward (an unused branch): zeros
-            wire.zero_()
-        if self.settings.prescale:
-            wire.mul_(self.settings.before)
+        self._fill(wire.view(s.world, s.part), s, grad)
         if s.world == 1:
             out, work = wire, None
         elif self.quantized:
