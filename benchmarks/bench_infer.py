@@ -1,7 +1,8 @@
 """ds-infer decode and prefill speed against Hugging Face transformers, measured in the same run.
 
     python benchmarks/bench_infer.py [--preset small] [--new 64] [--rounds 3] [--threads 1]
-                                     [--no-compile] [--no-tp] [--sections decode,prefill,quant,tp,cuda]
+                                     [--no-compile] [--no-tp]
+                                     [--sections decode,linears,prefill,quant,tp,cuda]
 
 One random Llama-architecture model (GQA; ``--preset`` tiny/small/medium, see PRESETS) in fp32 on CPU:
 
@@ -11,6 +12,11 @@ One random Llama-architecture model (GQA; ``--preset`` tiny/small/medium, see PR
   ``(t(1 + N new tokens) - t(1 new token)) / N``: prefill excluded, every token generated (no eos).
   At batch 1 it also prints the weight bytes read per token against this thread's measured memory
   read bandwidth (a 256 MiB sum): the floor for a model whose weights do not fit the caches.
+- **linears**: every dense product of one decode step of the preset (q/k/v, o, gate/up, down per
+  layer and the head; 1, 2, 4, 8 and 16 rows), summed: ds-ops' ``decode_linear`` (what the CPU
+  decoder runs with ``replace_with_kernel_inject=True``) against ``F.linear`` with the weights in
+  PyTorch's layout (what transformers runs) and stored transposed (the decoder's layout without
+  ds-ops), CPU-ms per step, best of the rounds.
 - **prefill** tokens/s for a 512-token prompt: our forward vs transformers' forward.
 - **quant**: int8 (per channel) and int4 (group 64) weight-only decode ms/token vs fp32, ours, on
   ``--quant-preset`` (default medium: weights too large for the CPU caches, as in real use).
@@ -149,6 +155,47 @@ def decode_section(args) -> None:
                   f"{nbytes / best / 1e6:.1f} GB/s; one thread reads memory at {bandwidth / 1e9:.1f} GB/s "
                   f"(a 256 MiB sum), so at that rate a token costs >= {nbytes / bandwidth * 1e3:.2f} ms "
                   "(less while the weights fit the caches)")
+
+
+def linears_section(args) -> None:
+    from ds_core.ops import get_op
+
+    op = get_op("decode_linear")
+    if op is None:
+        print("\nlinears: skipped, ds-ops is not installed (no decode_linear op)")
+        return
+    hf = build_hf(args.preset)
+    qkv: dict[str, list] = {}  # the native model fuses q/k/v and gate/up into single products: time those shapes
+    for name, m in hf.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+            qkv.setdefault(name.rsplit(".", 1)[0], []).append(m.weight.detach())
+    fused = [torch.cat(ws) for ws in qkv.values()]
+    weights = [w for name, m in hf.named_modules() if isinstance(m, torch.nn.Linear)
+               and name.endswith(("o_proj", "down_proj", "lm_head")) for w in [m.weight.detach()]] + fused
+    transposed = [w.t().contiguous().t() for w in weights]
+    nbytes = sum(w.numel() * 4 for w in weights)
+    print(f"\nlinears: the {len(weights)} dense products of one decode step of Llama {args.preset} "
+          f"({nbytes / 1e6:.1f} MB of weights), CPU-ms per step, best of {max(args.rounds, 5)} rounds")
+
+    def timed(fn, ws, xs) -> float:
+        best = float("inf")
+        for _ in range(max(args.rounds, 5)):
+            start = time.process_time()
+            for w in ws:
+                fn(xs[w.shape[1]], w)
+            best = min(best, time.process_time() - start)
+        return best * 1e3
+
+    with torch.inference_mode():
+        for rows in (1, 2, 4, 8, 16):
+            xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+            linear = lambda x, w: torch.nn.functional.linear(x, w)  # noqa: E731
+            ours_fn = lambda x, w: op(x, w, None)  # noqa: E731
+            for fn, ws in ((ours_fn, weights), (linear, weights), (linear, transposed)):
+                fn(xs[ws[0].shape[1]], ws[0])  # warm up (the first decode_linear call builds the kernel)
+            plain, trans, ours = timed(linear, weights, xs), timed(linear, transposed, xs), timed(ours_fn, weights, xs)
+            print(f"  {rows:2d} rows: decode_linear {ours:6.2f} | F.linear {plain:6.2f} (ratio {ours / plain:4.2f}) | "
+                  f"F.linear, transposed storage {trans:6.2f} (ratio {ours / trans:4.2f})")
 
 
 def prefill_section(args) -> None:
@@ -300,13 +347,13 @@ def main() -> None:
     parser.add_argument("--quant-preset", default="medium", choices=sorted(PRESETS))
     parser.add_argument("--cuda-preset", default="1b", choices=sorted(PRESETS))
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--sections", default="decode,prefill,quant,tp,cuda")
+    parser.add_argument("--sections", default="decode,linears,prefill,quant,tp,cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sections = args.sections.split(",")
-    for name in ("decode", "prefill", "quant", "tp", "cuda"):
+    for name in ("decode", "linears", "prefill", "quant", "tp", "cuda"):
         if name in sections:
             globals()[f"{name}_section"](args)
 

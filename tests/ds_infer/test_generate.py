@@ -194,3 +194,20 @@ def test_static_decode_step_is_captured_as_one_graph():
     assert cache.max_len == 256
     assert [cache.static_span(s) for s in (0, 63, 64, 127, 128, 255)] == [64, 64, 128, 128, 256, 256]
 
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_compiled_cpu_step_with_its_cpp_wrapper_gives_the_eager_tokens(family):
+    """compile=True on CPU compiles the step with inductor and its C++ wrapper (decode.py, [Note: C++
+    wrapper on CPU]); the tokens equal the eager decoder's, through the rows kernel and the MoE path,
+    across a span change (slots 64 and 128)."""
+    hf = make(family, num_hidden_layers=1)
+    ids, mask = _padded(2, 58)
+    ref = ds_infer.init_inference(hf, replace_with_kernel_inject=True).generate(
+        ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+    engine = ds_infer.init_inference(hf, replace_with_kernel_inject=True, compile=True)
+    out = engine.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+    assert engine.decoder().compile_options == {"options": {"cpp_wrapper": True}}
+    assert torch.equal(out, ref)
+    user = ds_infer.init_inference(hf, replace_with_kernel_inject=True, compile={"mode": "default"})
+    assert user.decoder().compile_options == {"mode": "default"}  # the user's choice stands

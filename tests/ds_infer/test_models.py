@@ -184,3 +184,47 @@ def test_transposed_weight_storage_keeps_values_and_logits():
         ref = hf(ids).logits[:, -1]
     got = ours.score(ids)[:, -1]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_rows_kernel_linears_keep_values_and_logits():
+    """use_rows_kernel (what the CPU decoder does when replace_with_kernel_inject=True and ds-ops is
+    installed) turns each dense nn.Linear into a RowsLinear: same parameters and state dict, a second
+    call changes nothing; logits of a decode-sized input match transformers within the module's
+    tolerance (the kernel sums in another order), prefill-sized inputs and anything needing gradients
+    run F.linear."""
+    from ds_core.ops import get_op
+    from ds_infer.models.layers import RowsLinear
+
+    if get_op("decode_linear") is None:
+        pytest.skip("ds-ops is not installed: the decoder stores the weights transposed instead")
+    hf = make("llama")
+    ours = from_module(hf)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    changed = ours.use_rows_kernel()
+    assert changed > 0 and ours.use_rows_kernel() == changed  # idempotent: the same layers, already swapped
+    layer = ours.model.layers[0].self_attn.qkv_proj
+    assert type(layer) is RowsLinear and layer.weight.is_contiguous()
+    assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
+    for rows in (1, 5, 40):  # 40 > 16 rows: F.linear
+        ids = prompts(1, rows)
+        with torch.no_grad():
+            ref = hf(ids).logits
+        torch.testing.assert_close(ours.score(ids), ref, atol=1e-4, rtol=0)
+    x = torch.randn(2, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()  # a product that needs gradients: F.linear, differentiable
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, -1))
+
+
+def test_cpu_decoder_picks_the_rows_kernel_only_when_fused():
+    import ds_infer
+    from ds_core.ops import get_op
+    from ds_infer.decode import Decoder
+    from ds_infer.models.layers import RowsLinear
+
+    fused = ds_infer.init_inference(make("llama"), replace_with_kernel_inject=True).decoder().model
+    plain = from_module(make("llama"))  # native, norms not fused: the decoder keeps to PyTorch
+    Decoder(plain)
+    assert (RowsLinear in {type(m) for m in fused.modules()}) == (get_op("decode_linear") is not None)
+    assert RowsLinear not in {type(m) for m in plain.modules()}
+    w = plain.model.layers[0].mlp.down_proj.weight
+    assert w.stride() == (1, w.shape[0])  # the BLAS layout instead (store_weights_transposed)

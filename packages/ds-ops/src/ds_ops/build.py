@@ -57,6 +57,7 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
     "cpu_optim": ("cpu_optim.cpp",),
     "aio": ("aio.cpp",),
     "woq": ("woq.cpp",),
+    "gemv": ("gemv.cpp",),
 }
 
 MANIFEST = "ds_ops_build.json"  # {"library": "<file>.so", "sha256": "..."}, written after a build

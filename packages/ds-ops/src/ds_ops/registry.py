@@ -36,7 +36,9 @@ __all__ = [
     "OpInfo",
     "OpsProvider",
     "custom_op",
+    "define_op",
     "register_kernel",
+    "record_kernel",
     "register_optimizer",
     "catalogue",
     "register",
@@ -50,7 +52,7 @@ OP_MODULES: list[str] = [
     "ds_ops.cpu_optim",
     "ds_ops.aio",
     "ds_ops.fused_adam", "ds_ops.quant", "ds_ops.norm", "ds_ops.paged_attention",
-    "ds_ops.woq",
+    "ds_ops.woq", "ds_ops.gemv",
 ]
 
 
@@ -99,6 +101,36 @@ def custom_op(name: str, *, mutates_args: Iterable[str] | str = (), schema: str 
         return op
 
     return wrap
+
+
+_libraries: list[Any] = []  # the torch.library.Library objects of define_op (they must stay alive)
+
+
+def define_op(name: str, schema: str, default: Callable[..., Any]) -> Any:
+    """Define ``ds_ops::<name><schema>`` with ``default`` as its pure-PyTorch kernel on every device,
+    for ops whose real kernels register from C++ (``TORCH_LIBRARY_IMPL(ds_ops, CPU, m)`` in a JIT
+    extension). The dispatcher then calls the C++ kernel directly: a :func:`custom_op` routes every
+    call through Python (its device dispatch, alias checks and autograd layers, 10-40 us), which
+    matters for an op called dozens of times per decode step. Record the C++ kernel with
+    :func:`record_kernel`; register a fake with ``torch.library.register_fake``. Returns the op.
+    """
+    import torch
+
+    lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+    lib.define(f"{name}{schema}")
+    lib.impl(name, default, "CompositeExplicitAutograd")
+    with _lock:
+        _libraries.append(lib)
+        _ops.setdefault(_short(name), OpInfo(_short(name), default.__module__))
+    return getattr(torch.ops.ds_ops, name)
+
+
+def record_kernel(op_name: str, device_type: str, *, kernel: str, status: StatusFn | str) -> None:
+    """List a kernel registered outside Python (see :func:`define_op`) in ``ds report``."""
+    probe: StatusFn = status if callable(status) else (lambda s=status: s)
+    with _lock:
+        info = _ops.setdefault(_short(op_name), OpInfo(_short(op_name), "?"))
+        info.kernels[device_type] = (kernel, probe)
 
 
 def register_kernel(op_name: str, device_type: str, fn: Callable[..., Any], *, kernel: str | None = None,

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .config import ArchConfig
 from .kv import KVBackend, KVSpec, NoCache
-from .layers import Parallel
+from .layers import Parallel, RowsLinear
 
 __all__ = ["CausalLM"]
 
@@ -110,6 +110,33 @@ class CausalLM(nn.Module):
             w.data = w.data.t().contiguous().t()
             changed += 1
         return changed
+
+    def use_rows_kernel(self) -> int:
+        """Run the few-row products of this CPU model's dense fp32 linears through the op registry's
+        ``ds_ops::decode_linear`` (each ``nn.Linear`` becomes a :class:`~.layers.RowsLinear`, same
+        parameters); returns how many linears run it, 0 when the op is not installed. Idempotent.
+
+        [Note: few-row products] A decode step's GEMMs have 1 to 16 rows and are most of its time. A
+        BLAS GEMM packs panels of the weight before multiplying, which for 8 rows costs about as much
+        as the product; ds-ops' kernel reads each weight row once where it lies, every activation row
+        meeting it in L1 (measured in docs/inference.md). Without the op, the decoder falls back to
+        :meth:`store_weights_transposed`, the faster layout for the BLAS.
+        """
+        from ds_core.ops import get_op
+
+        op = get_op("decode_linear")
+        if op is None:
+            return 0
+        count = 0
+        for m in self.modules():
+            w = getattr(m, "weight", None) if type(m) in (nn.Linear, RowsLinear) else None
+            if (w is None or w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2
+                    or not w.is_contiguous()):
+                continue
+            m.__class__ = RowsLinear
+            m._rows_op = op
+            count += 1
+        return count
 
     def set_fused(self, enabled: bool) -> None:
         """Norms through the op registry's kernels where one exists for the device."""

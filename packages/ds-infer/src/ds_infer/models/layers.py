@@ -19,7 +19,10 @@ from .config import ArchConfig, MoEConfig
 from .kv import KVBackend
 from .rope import apply_rotary
 
-__all__ = ["RMSNorm", "LayerNorm", "Attention", "GatedMLP", "GeluMLP", "SparseMoE", "activation", "Parallel"]
+__all__ = ["RMSNorm", "LayerNorm", "Attention", "GatedMLP", "GeluMLP", "SparseMoE", "activation", "Parallel",
+           "RowsLinear", "ROWS_KERNEL_MAX"]
+
+ROWS_KERNEL_MAX = 16  # the most rows of activations ds-ops' decode_linear kernel takes
 
 
 class Parallel:
@@ -128,6 +131,24 @@ def activation(name: str):
     if name == "relu":
         return F.relu
     raise ValueError(f"activation {name!r} is not supported; supported: silu, gelu, gelu_new, relu")
+
+
+class RowsLinear(nn.Linear):
+    """An ``nn.Linear`` whose products with at most :data:`ROWS_KERNEL_MAX` rows (decode steps) run
+    the op registry's ``ds_ops::decode_linear`` (``_rows_op``, set by
+    :meth:`~ds_infer.models.base.CausalLM.use_rows_kernel`); longer inputs (prefill) and anything
+    that needs gradients run ``F.linear``. Same parameters, same state dict, same results within
+    fp32 rounding.
+    """
+
+    _rows_op = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        op = self._rows_op
+        if (op is None or x.requires_grad or self.weight.requires_grad
+                or x.numel() > ROWS_KERNEL_MAX * x.shape[-1]):
+            return F.linear(x, self.weight, self.bias)
+        return op(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
