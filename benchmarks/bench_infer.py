@@ -170,30 +170,32 @@ def linears_section(args) -> None:
         if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
             qkv.setdefault(name.rsplit(".", 1)[0], []).append(m.weight.detach())
     fused = [torch.cat(ws) for ws in qkv.values()]
-    weights = [w for name, m in hf.named_modules() if isinstance(m, torch.nn.Linear)
-               and name.endswith(("o_proj", "down_proj", "lm_head")) for w in [m.weight.detach()]] + fused
+    weights = fused + [m.weight.detach() for name, m in hf.named_modules()
+                       if isinstance(m, torch.nn.Linear) and name.endswith(("o_proj", "down_proj", "lm_head"))]
     transposed = [w.t().contiguous().t() for w in weights]
     nbytes = sum(w.numel() * 4 for w in weights)
     print(f"\nlinears: the {len(weights)} dense products of one decode step of Llama {args.preset} "
           f"({nbytes / 1e6:.1f} MB of weights), CPU-ms per step, best of {max(args.rounds, 5)} rounds")
 
-    def timed(fn, ws, xs) -> float:
-        best = float("inf")
-        for _ in range(max(args.rounds, 5)):
-            start = time.process_time()
-            for w in ws:
-                fn(xs[w.shape[1]], w)
-            best = min(best, time.process_time() - start)
-        return best * 1e3
+    def once(fn, ws, xs) -> float:
+        start = time.process_time()
+        for w in ws:
+            fn(xs[w.shape[1]], w)
+        return (time.process_time() - start) * 1e3
 
     with torch.inference_mode():
         for rows in (1, 2, 4, 8, 16):
             xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
-            linear = lambda x, w: torch.nn.functional.linear(x, w)  # noqa: E731
-            ours_fn = lambda x, w: op(x, w, None)  # noqa: E731
-            for fn, ws in ((ours_fn, weights), (linear, weights), (linear, transposed)):
+            variants = {"ours": (lambda x, w: op(x, w, None), weights),
+                        "plain": (torch.nn.functional.linear, weights),
+                        "transposed": (torch.nn.functional.linear, transposed)}
+            for fn, ws in variants.values():
                 fn(xs[ws[0].shape[1]], ws[0])  # warm up (the first decode_linear call builds the kernel)
-            plain, trans, ours = timed(linear, weights, xs), timed(linear, transposed, xs), timed(ours_fn, weights, xs)
+            best = dict.fromkeys(variants, float("inf"))
+            for _ in range(max(args.rounds, 5)):  # interleaved round by round, like the other sections
+                for name, (fn, ws) in variants.items():
+                    best[name] = min(best[name], once(fn, ws, xs))
+            ours, plain, trans = best["ours"], best["plain"], best["transposed"]
             print(f"  {rows:2d} rows: decode_linear {ours:6.2f} | F.linear {plain:6.2f} (ratio {ours / plain:4.2f}) | "
                   f"F.linear, transposed storage {trans:6.2f} (ratio {ours / trans:4.2f})")
 

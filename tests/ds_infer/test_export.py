@@ -16,6 +16,7 @@ def test_ds_gpt_is_written_as_a_gpt2_checkpoint(tmp_path):
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=256, seq_len=64, dim=64, layers=2, heads=4)).eval()
     engine = ds_infer.init_inference(gpt, replace_with_kernel_inject=True)
+    engine.generate(prompts(1, 4), max_new_tokens=2)  # decoding first: the CPU linears become RowsLinear
     ds_infer.save_pretrained(engine, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = prompts(2, 16)

@@ -9,7 +9,7 @@ import torch
 
 from ds_ops import registry
 
-OPS = {"adam_step", "adagrad_step", "lion_step", "aio_pread", "aio_pwrite"}
+OPS = {"adam_step", "adagrad_step", "lion_step", "aio_pread", "aio_pwrite", "woq_linear", "decode_linear"}
 
 
 def test_register_is_cheap_and_lists_every_op(tmp_path, monkeypatch, fresh_build):
