@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ds_core.errors import ConfigError
 
 from .models.base import CausalLM
-from .models.layers import RowsLinear, SparseMoE
+from .models.layers import DENSE_LINEARS, SparseMoE
 
 __all__ = ["save_pretrained", "hf_config", "save_byte_tokenizer"]
 
@@ -44,7 +44,7 @@ def hf_config(model: CausalLM) -> dict[str, Any]:
 
 
 def _dense(module: nn.Module, what: str) -> Tensor:
-    if type(module) not in (nn.Linear, RowsLinear):  # RowsLinear: the CPU decoder's dense linear
+    if type(module) not in DENSE_LINEARS:
         raise ConfigError(f"save_pretrained: {what} is a {type(module).__name__}; only dense (unquantized) models "
                           "can be written as a Hugging Face directory")
     return module.weight.detach()

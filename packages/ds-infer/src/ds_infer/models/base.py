@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .config import ArchConfig
 from .kv import KVBackend, KVSpec, NoCache
-from .layers import Parallel, RowsLinear
+from .layers import DENSE_LINEARS, Parallel, RowsLinear
 
 __all__ = ["CausalLM"]
 
@@ -130,7 +130,7 @@ class CausalLM(nn.Module):
         op(torch.zeros(1, 1), torch.zeros(1, 1), None)  # a first CPU call builds the kernel: here, not mid-decode
         count = 0
         for m in self.modules():
-            w = getattr(m, "weight", None) if type(m) in (nn.Linear, RowsLinear) else None
+            w = getattr(m, "weight", None) if type(m) in DENSE_LINEARS else None
             if (w is None or w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2
                     or not w.is_contiguous()):
                 continue

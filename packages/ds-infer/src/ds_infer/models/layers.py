@@ -20,7 +20,7 @@ from .kv import KVBackend
 from .rope import apply_rotary
 
 __all__ = ["RMSNorm", "LayerNorm", "Attention", "GatedMLP", "GeluMLP", "SparseMoE", "activation", "Parallel",
-           "RowsLinear", "ROWS_KERNEL_MAX"]
+           "RowsLinear", "ROWS_KERNEL_MAX", "DENSE_LINEARS"]
 
 ROWS_KERNEL_MAX = 16  # the most rows of activations ds-ops' decode_linear kernel takes
 
@@ -149,6 +149,10 @@ class RowsLinear(nn.Linear):
                 or x.numel() > ROWS_KERNEL_MAX * x.shape[-1]):
             return F.linear(x, self.weight, self.bias)
         return op(x, self.weight, self.bias)
+
+
+#: the classes of a dense (unquantized, unsharded-by-class) linear layer of a native model
+DENSE_LINEARS = (nn.Linear, RowsLinear)
 
 
 class RMSNorm(nn.Module):

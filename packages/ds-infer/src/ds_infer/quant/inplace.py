@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from ..models.layers import RowsLinear
+from ..models.layers import DENSE_LINEARS
 from .factory import KEEP_DENSE, factory_for
 
 __all__ = ["quantize_in_place"]
@@ -25,7 +25,7 @@ def quantize_in_place(model: nn.Module, quant: Any) -> int:
     if head is not None:
         keep.add(id(head.weight))
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m) in (nn.Linear, RowsLinear) and not name.endswith(KEEP_DENSE) and id(m.weight) not in keep]
+               if type(m) in DENSE_LINEARS and not name.endswith(KEEP_DENSE) and id(m.weight) not in keep]
     for name, module in targets:
         bias = module.bias.detach() if module.bias is not None else None
         model.set_submodule(name, factory.dense(name, module.weight.detach(), bias))

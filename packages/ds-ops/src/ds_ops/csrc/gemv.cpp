@@ -33,11 +33,6 @@
 
 namespace {
 
-template <class T>
-inline T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
 #if defined(__AVX2__) && defined(__FMA__)
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -138,13 +133,8 @@ void rows_avx2(const float* x, int64_t M, int64_t K, const float* w, int64_t N, 
   }
 }
 
-// x [M, K], w [N, K], bias [N] (address 0: none), y [M, N]; all fp32, contiguous.
-void dense_rows(uintptr_t x_address, uintptr_t w_address, uintptr_t bias_address, int64_t M, int64_t K, int64_t N,
-                uintptr_t out) {
-  const float* x = ptr<const float>(x_address);
-  const float* w = ptr<const float>(w_address);
-  const float* b = bias_address ? ptr<const float>(bias_address) : nullptr;
-  float* y = ptr<float>(out);
+// x [M, K], w [N, K], b [N] or nullptr, y [M, N]; all fp32, contiguous.
+void dense_rows(const float* x, const float* w, const float* b, int64_t M, int64_t K, int64_t N, float* y) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
 #if defined(__AVX2__) && defined(__FMA__)
     rows_avx2(x, M, K, w, N, y, n0, n1);
@@ -175,9 +165,8 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
   at::Tensor y = at::empty(sizes, x.options());
-  dense_rows(reinterpret_cast<uintptr_t>(xs.data_ptr<float>()), reinterpret_cast<uintptr_t>(weight.data_ptr<float>()),
-             bias.has_value() ? reinterpret_cast<uintptr_t>(bias->data_ptr<float>()) : 0, M, K, N,
-             reinterpret_cast<uintptr_t>(y.data_ptr<float>()));
+  dense_rows(xs.data_ptr<float>(), weight.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr,
+             M, K, N, y.data_ptr<float>());
   return y;
 }
 
@@ -185,9 +174,7 @@ at::Tensor decode_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 
 TORCH_LIBRARY_IMPL(ds_ops, CPU, m) { m.impl("decode_linear", &decode_linear_cpu); }
 
-namespace py = pybind11;
-
+// Nothing is called through Python: loading the module registers the kernel above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ds_ops dense fp32 product for a few rows of activations (decode steps)";
-  m.def("dense_rows", &dense_rows, py::call_guard<py::gil_scoped_release>());
+  m.doc() = "ds_ops::decode_linear's CPU kernel, registered with the dispatcher on load";
 }
