@@ -7,7 +7,8 @@
 One random Llama-architecture model (GQA; ``--preset`` tiny/small/medium, see PRESETS) in fp32 on CPU:
 
 - **decode** ms/token at batch 1 and 8: ``init_inference(model, replace_with_kernel_inject=True)``
-  (eager static-cache decoder, and ``compile=True``: the captured step) against ``model.generate``
+  (eager static-cache decoder; ``compile=True``: the step compiled ahead of time by AOTInductor;
+  ``compile={"fullgraph": True}``: the step under ``torch.compile``) against ``model.generate``
   with transformers' dynamic cache and with its static cache + ``torch.compile``. ms/token is
   ``(t(1 + N new tokens) - t(1 new token)) / N``: prefill excluded, every token generated (no eos).
   At batch 1 it also prints the weight bytes read per token against this thread's measured memory
@@ -127,6 +128,8 @@ def decode_section(args) -> None:
           f"{torch.get_num_threads()} thread(s)")
     ours = ds_infer.init_inference(hf, replace_with_kernel_inject=True)
     compiled = ds_infer.init_inference(hf, replace_with_kernel_inject=True, compile=True) if args.compile else None
+    dynamo = ds_infer.init_inference(hf, replace_with_kernel_inject=True, compile={"fullgraph": True}) \
+        if args.compile else None
     hf_static = None
     if args.compile:
         hf_static = build_hf(args.preset)
@@ -136,6 +139,7 @@ def decode_section(args) -> None:
         variants = {"HF generate (dynamic cache)": hf_generate(hf), "ds_infer (eager)": ours_generate(ours)}
         if compiled is not None:
             variants["ds_infer (compile=True)"] = ours_generate(compiled)
+            variants["ds_infer (torch.compile)"] = ours_generate(dynamo)
             variants["HF static cache + torch.compile"] = hf_generate(hf_static, static=True)
         for fn in variants.values():  # warm up (and compile) outside the timed rounds
             fn(prompt, 3)

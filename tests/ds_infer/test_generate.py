@@ -196,18 +196,84 @@ def test_static_decode_step_is_captured_as_one_graph():
 
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
-def test_compiled_cpu_step_with_its_cpp_wrapper_gives_the_eager_tokens(family):
-    """compile=True on CPU compiles the step with inductor and its C++ wrapper (decode.py, [Note: C++
-    wrapper on CPU]); the tokens equal the eager decoder's, through the rows kernel and the MoE path,
-    across a span change (slots 64 and 128)."""
+@pytest.mark.parametrize("family", ["llama", "mixtral", "gpt2"])
+def test_compile_true_on_cpu_exports_the_step_ahead_of_time(family):
+    """compile=True on CPU with one rank compiles the step with AOTInductor (ds_infer/aot.py, [Note:
+    ahead-of-time step]); the tokens equal the eager decoder's through the rows kernel and the MoE
+    path, across a span change (slots 64 and 128), and again for a second prompt with other padding
+    (the cache's mask and keys are inputs, not baked in). A dict of torch.compile options keeps
+    torch.compile (with the C++ wrapper unless the user chose options)."""
     hf = make(family, num_hidden_layers=1)
     ids, mask = _padded(2, 58)
-    ref = ds_infer.init_inference(hf, replace_with_kernel_inject=True).generate(
-        ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+    other = torch.randint(3, 60, (2, 40), generator=torch.Generator().manual_seed(5))
+    other_mask = torch.ones_like(other)
+    other_mask[1, :7] = 0
+    eager = ds_infer.init_inference(hf, replace_with_kernel_inject=True)
+    ref = eager.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
+    other_ref = eager.generate(other, attention_mask=other_mask, max_new_tokens=10, eos_token_id=None)
     engine = ds_infer.init_inference(hf, replace_with_kernel_inject=True, compile=True)
-    out = engine.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
-    assert engine.decoder().compile_options == {"options": {"cpp_wrapper": True}}
-    assert torch.equal(out, ref)
+    dec = engine.decoder()
+    assert dec.capture == "export"
+    assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None), ref)
+    assert dec.capture == "export" and dec.export_failure is None
+    assert sorted(dec._exported) == [64, 128]
+    out = engine.generate(other, attention_mask=other_mask, max_new_tokens=10, eos_token_id=None)
+    assert torch.equal(out, other_ref)
+    assert sorted(dec._exported) == [64, 128]  # same cache: nothing rebuilt
+    compiled = ds_infer.init_inference(hf, replace_with_kernel_inject=True, compile={"fullgraph": True})
+    assert compiled.decoder().capture == "compile"
+    assert compiled.decoder().compile_options == {"fullgraph": True, "options": {"cpp_wrapper": True}}
+    assert torch.equal(compiled.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None), ref)
     user = ds_infer.init_inference(hf, replace_with_kernel_inject=True, compile={"mode": "default"})
     assert user.decoder().compile_options == {"mode": "default"}  # the user's choice stands
+
+
+def test_exported_step_sees_weight_changes_and_rebuilds_after_a_replaced_weight():
+    """The exported step holds the model's weights by reference: an in-place change is used by the
+    next step with no rebuild; a replaced weight (load_state_dict(assign=True)) is noticed at the
+    next generate, which rebuilds the step rather than compute with the old tensor."""
+    hf = make("llama", num_hidden_layers=1)
+    ids = torch.randint(3, 60, (1, 12), generator=torch.Generator().manual_seed(2))
+    engine = ds_infer.init_inference(hf, replace_with_kernel_inject=True, compile=True)
+    eager = ds_infer.init_inference(hf, replace_with_kernel_inject=True)
+    engine.generate(ids, max_new_tokens=4, eos_token_id=None)
+    dec = engine.decoder()
+    built = dict(dec._exported)
+    assert built and all(s.current() for s in built.values())
+    with torch.no_grad():
+        for m in (engine.module, eager.module):
+            m.lm_head.weight.mul_(-1.5)  # in place: the exported step reads the same memory
+    out = engine.generate(ids, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(out, eager.generate(ids, max_new_tokens=6, eos_token_id=None))
+    assert dec._exported == built
+    state = {k: v.clone() * 0.5 for k, v in engine.module.state_dict().items()}
+    engine.module.load_state_dict(state, assign=True)
+    eager.module.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+    assert not any(s.current() for s in built.values())
+    out = engine.generate(ids, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(out, eager.generate(ids, max_new_tokens=6, eos_token_id=None))
+    assert dec._exported and all(s not in built.values() for s in dec._exported.values())
+
+
+def test_exported_step_runs_quantized_weights_and_leaves_streamed_layers_to_torch_compile(tmp_path):
+    """int8 weight-only layers (their packed weights and scales are parameters/buffers, the
+    woq_linear op a custom op) export like dense ones and give the eager quantized tokens. A
+    ZeRO-Inference model swaps its layers' weights every step, which an exported library would not
+    see: compile=True keeps torch.compile there, and a module with forward hooks is refused."""
+    from ds_infer.aot import ExportedStep, NotExportable
+
+    hf = make("llama", num_hidden_layers=1)
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(4))
+    ref = ds_infer.init_inference(hf, replace_with_kernel_inject=True, quant="int8").generate(
+        ids, max_new_tokens=6, eos_token_id=None)
+    engine = ds_infer.init_inference(hf, replace_with_kernel_inject=True, quant="int8", compile=True)
+    assert torch.equal(engine.generate(ids, max_new_tokens=6, eos_token_id=None), ref)
+    assert engine.decoder().capture == "export" and engine.decoder()._exported
+    streamed = ds_infer.init_inference(hf, replace_with_kernel_inject=True, compile=True,
+                                       zero={"offload": "cpu"})
+    assert streamed.decoder().capture == "compile"
+    cache = engine.decoder().cache
+    handle = engine.module.lm_head.register_forward_pre_hook(lambda m, a: None)
+    with pytest.raises(NotExportable, match="forward hooks: lm_head"):
+        ExportedStep(engine.module, cache, 64)
+    handle.remove()

@@ -23,15 +23,22 @@ kernels and the extern ones (GEMMs, attention) in turn. By default that wrapper 
 On CPU with one rank, and when ``compile_options`` set neither ``options`` nor ``mode`` nor another
 backend, the step is compiled with inductor's ``cpp_wrapper`` (the wrapper in C++; the first
 compile of a span takes a few seconds longer). Tensor-parallel steps keep the Python wrapper.
+
+``capture="export"`` (CPU, one rank; what ``init_inference(compile=True)`` picks there) compiles the
+same static step ahead of time with AOTInductor and calls it without ``torch.compile``'s guards
+(:mod:`ds_infer.aot`, [Note: ahead-of-time step]). A step that can't be exported that way falls
+back to ``torch.compile`` with the C++ wrapper, with a warning that says why.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from .aot import ExportedStep, static_step
 from .models.kv import StaticKVCache
 
 if TYPE_CHECKING:
@@ -39,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Decoder", "CAPTURE_MODES"]
 
-CAPTURE_MODES = (None, "compile", "cuda_graph")
+CAPTURE_MODES = (None, "compile", "export", "cuda_graph")
 _ROUND = 256
 
 
@@ -50,6 +57,9 @@ class Decoder:
             raise ValueError(f"capture {capture!r} must be one of {CAPTURE_MODES}")
         if capture == "cuda_graph" and model.device.type != "cuda":
             raise ValueError("capture='cuda_graph' needs the model on a CUDA device; use capture='compile' on CPU")
+        if capture == "export" and (model.device.type != "cpu" or model.par.size != 1):
+            raise ValueError(f"capture='export' runs on CPU with one rank (this model: {model.device.type}, "
+                             f"{model.par.size} ranks); use capture='compile'")
         rope = getattr(model.arch, "rope", None)
         if capture and rope is not None and rope.type in ("dynamic", "longrope"):
             capture = None  # these scalings read the longest position on the host every step
@@ -59,13 +69,15 @@ class Decoder:
             if not (fused and model.use_rows_kernel()):
                 model.store_weights_transposed()
         self.compile_options = dict(compile_options or {})
-        if (capture == "compile" and model.device.type == "cpu" and model.par.size == 1
+        if (capture in ("compile", "export") and model.device.type == "cpu" and model.par.size == 1
                 and self.compile_options.get("backend", "inductor") == "inductor"
                 and not {"options", "mode"} & self.compile_options.keys()):
             self.compile_options["options"] = {"cpp_wrapper": True}  # see [Note: C++ wrapper on CPU]
         self.cache_dtype = cache_dtype
         self.cache: StaticKVCache | None = None
         self._step_fn = None
+        self._exported: dict[int | None, ExportedStep] = {}
+        self.export_failure: str | None = None  # why capture="export" fell back to torch.compile
         self._graph: dict[str, Any] | None = None
         self.positions: Tensor | None = None
 
@@ -79,7 +91,7 @@ class Decoder:
         c = self.cache
         if c is None or c.batch != batch or c.max_len < max_len:
             self.cache = StaticKVCache(self.model.kv_spec(self.cache_dtype), batch, size)
-            self._step_fn, self._graph = None, None
+            self._step_fn, self._graph, self._exported = None, None, {}
         rotary = getattr(self.model, "rotary", None)
         if rotary is not None:  # cos/sin tables for every position this cache can hold
             rotary.reserve(self.cache.max_len, self.model.dtype)
@@ -92,6 +104,8 @@ class Decoder:
         b, p = input_ids.shape
         cache = self.ensure_cache(b, p + max_new_tokens)
         cache.reset(attention_mask)
+        if self._exported and not all(step.current() for step in self._exported.values()):
+            self._exported = {}  # a weight was replaced since they were built: rebuild, never run stale
         if attention_mask is not None:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         else:
@@ -119,6 +133,13 @@ class Decoder:
             offset = torch.tensor(cache.offset, device=tokens.device)
             logits = self._step_fn(tokens, positions, offset, cache.static_span(cache.offset))
             cache.offset += 1
+        elif self.capture == "export":
+            span = cache.static_span(cache.offset)
+            step = self._exported.get(span) or self._export(span)
+            if step is None:
+                return self.step(tokens)  # fell back to torch.compile
+            logits = step(tokens, positions, torch.tensor(cache.offset, device=tokens.device))
+            cache.offset += 1
         else:
             logits = self._graph_step(tokens, positions)
             cache.offset += 1
@@ -126,9 +147,18 @@ class Decoder:
         return logits
 
     def _static_step(self, tokens: Tensor, positions: Tensor, offset: Tensor, span: int | None = None) -> Tensor:
-        self.cache.begin_static(offset, span)
-        hidden = self.model(tokens[:, None], positions[:, None], self.cache)
-        return self.model.compute_logits(hidden)
+        return static_step(self.model, self.cache, tokens, positions, offset, span)
+
+    def _export(self, span: int) -> ExportedStep | None:
+        try:
+            step = self._exported[span] = ExportedStep(self.model, self.cache, span)
+        except Exception as e:  # noqa: BLE001 - any export/compile failure: torch.compile still captures it
+            self.export_failure = f"{type(e).__name__}: {e}"
+            warnings.warn(f"ds_infer: the decode step could not be compiled ahead of time ({self.export_failure}); "
+                          f"using torch.compile", stacklevel=3)
+            self.capture, self._exported = "compile", {}
+            return None
+        return step
 
     def _graph_step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         g = self._graph

@@ -217,8 +217,10 @@ class InferenceEngine:
             capture = None
             if self.config.enable_cuda_graph and self.device.type == "cuda":
                 capture = "cuda_graph"
-            elif self.config.compile:
-                capture = "compile"
+            elif self.config.compile:  # True on CPU with one rank: compiled ahead of time (ds_infer.aot)
+                plain = (self.config.compile is True and self.device.type == "cpu" and self.module.par.size == 1
+                         and self.zero.offload == "none")  # streamed layers swap their weights every step
+                capture = "export" if plain else "compile"
             options = self.config.compile if isinstance(self.config.compile, dict) else None
             self._decoder = Decoder(self.module, capture=capture, compile_options=options)
         return self._decoder
