@@ -3,8 +3,8 @@
 DeepSpeed-Inference keys that change behaviour here: ``tensor_parallel`` (``{"tp_size": N}``; the
 older top-level ``mp_size`` is read too), ``dtype``, ``checkpoint``, ``replace_with_kernel_inject``,
 ``max_out_tokens``, ``quant``, ``zero`` (ZeRO-Inference), ``moe`` (``ep_size``) and
-``enable_cuda_graph``. Our additions: ``compile`` (capture the decode step with ``torch.compile``)
-and ``device``. DeepSpeed keys that only tune its own kernels are accepted and ignored
+``enable_cuda_graph``. Our additions: ``compile`` (capture the decode step: ahead of time with
+AOTInductor, or with ``torch.compile``) and ``device``. DeepSpeed keys that only tune its own kernels are accepted and ignored
 (:data:`ACCEPTED_WITHOUT_EFFECT`); anything else fails with the nearest valid key.
 """
 
@@ -90,8 +90,9 @@ class InferenceConfig(_Section):
     zero: ZeroInferenceConfig = Field(default_factory=ZeroInferenceConfig)
     moe: MoEInferenceConfig | bool = Field(default_factory=MoEInferenceConfig)
     enable_cuda_graph: bool = Field(False, description="Capture the decode step in a CUDA graph.")
-    compile: bool | dict = Field(False, description="Capture the decode step with torch.compile "
-                                                    "(True or torch.compile keyword arguments).")
+    compile: bool | dict = Field(False, description="Capture the decode step: True compiles it ahead of time "
+                                                    "(AOTInductor) on CPU with one rank, torch.compile elsewhere; "
+                                                    "a dict of torch.compile keyword arguments uses torch.compile.")
     device: str | None = Field(None, description="Where the model runs (default: cuda if available, else cpu).")
     mp_size: int | None = Field(None, description="DeepSpeed's older name for tensor_parallel.tp_size.")
     ep_size: int | None = Field(None, description="DeepSpeed's top-level ep_size.")
