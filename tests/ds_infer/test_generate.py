@@ -6,6 +6,8 @@ are tiny and random but initialised wide (std 0.2) so next-token logits are far 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -231,7 +233,8 @@ def test_compile_true_on_cpu_exports_the_step_ahead_of_time(family):
 def test_exported_step_sees_weight_changes_and_rebuilds_after_a_replaced_weight():
     """The exported step holds the model's weights by reference: an in-place change is used by the
     next step with no rebuild; a replaced weight (load_state_dict(assign=True)) is noticed at the
-    next generate, which rebuilds the step rather than compute with the old tensor."""
+    next generate, which rebuilds the step rather than compute with the old tensor; so is a replaced
+    layer, or a forward hook the library would skip."""
     hf = make("llama", num_hidden_layers=1)
     ids = torch.randint(3, 60, (1, 12), generator=torch.Generator().manual_seed(2))
     engine = ds_infer.init_inference(hf, replace_with_kernel_inject=True, compile=True)
@@ -246,6 +249,14 @@ def test_exported_step_sees_weight_changes_and_rebuilds_after_a_replaced_weight(
     out = engine.generate(ids, max_new_tokens=6, eos_token_id=None)
     assert torch.equal(out, eager.generate(ids, max_new_tokens=6, eos_token_id=None))
     assert dec._exported == built
+    head = engine.module.lm_head
+    engine.module.lm_head = copy.deepcopy(head)  # same values, another module: its weight is not the one held
+    assert not any(s.current() for s in built.values())
+    engine.module.lm_head = head
+    handle = engine.module.model.norm.register_forward_hook(lambda *args: None)  # would not run in the library
+    assert not any(s.current() for s in built.values())
+    handle.remove()
+    assert all(s.current() for s in built.values())
     state = {k: v.clone() * 0.5 for k, v in engine.module.state_dict().items()}
     engine.module.load_state_dict(state, assign=True)
     eager.module.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)

@@ -15,9 +15,10 @@ What replaces the guards:
 - The step's *constants* are the model's parameters and buffers, handed to the library by
   reference (``user_managed``): in-place changes to a weight are seen at once, and the library
   holds no copy. :meth:`ExportedStep.current` checks that every parameter is still the same tensor
-  over the same memory (one Python loop, ~30 µs for a 75-tensor model); the decoder calls it at
-  each prefill, and drops the library when a weight was replaced (``load_state_dict(assign=True)``,
-  ``module.to(...)``), so a stale weight is never computed with.
+  over the same memory, reached through the same submodules, and that no module has gained a
+  forward hook (one Python loop, well under a millisecond); the decoder calls it at each prefill,
+  and drops the library when it fails (``load_state_dict(assign=True)``, ``module.to(...)``, a
+  replaced layer), so a stale weight is never computed with.
 - A tensor the export would bake in as a constant that is neither a parameter nor a buffer (state
   the step reads from a plain attribute), or a module with forward hooks (which may swap weights
   per call, as ZeRO-Inference's streaming does), is refused (:class:`NotExportable`), and the
@@ -130,22 +131,25 @@ class ExportedStep:
         missing = [n for n in names if n not in owned]
         if missing:
             raise NotExportable(f"the compiled step wants constants the model doesn't hold: {missing}")
-        self._constants = [(n, owned[n], owned[n].data_ptr()) for n in names]
-        self._owners = [self._owner(traced, n) for n in names]
+        self._root = traced
+        self._constants = [(*n.rpartition(".")[::2], owned[n], owned[n].data_ptr()) for n in names]
         library.load_constants({n: owned[n] for n in names}, check_full_update=True, user_managed=True)
         self._library = library  # keeps the loader (and the extracted shared library) alive
         self._run = library.loader.boxed_run
         self._state = state
         self._batch = b
 
-    @staticmethod
-    def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
-        path, _, attr = name.rpartition(".")
-        return (root.get_submodule(path) if path else root), attr
-
     def current(self) -> bool:
-        """True while every constant is still the model's tensor, over the same memory."""
-        for (_, tensor, ptr), (module, attr) in zip(self._constants, self._owners):
+        """True while every constant is still the model's tensor, over the same memory, reached
+        through the same path (a replaced submodule counts), and no module has gained a hook."""
+        root = self._root
+        if any(m._forward_pre_hooks or m._forward_hooks for m in root.modules()):
+            return False
+        for path, attr, tensor, ptr in self._constants:
+            try:
+                module = root.get_submodule(path) if path else root
+            except AttributeError:
+                return False
             live = module._parameters.get(attr)
             if live is None:
                 live = module._buffers.get(attr)
