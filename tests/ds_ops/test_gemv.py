@@ -40,12 +40,26 @@ def test_the_cpu_kernel_is_the_dispatchers_own(op):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16])
-@pytest.mark.parametrize("k,n", [(1, 3), (7, 5), (40, 17), (512, 64), (1537, 9)])
+@pytest.mark.parametrize("k,n", [(1, 3), (7, 5), (40, 17), (512, 64), (1024, 40), (1537, 9)])
 def test_matches_the_product_for_every_row_count_and_tail(op, rows, k, n):
     g = torch.Generator().manual_seed(rows * 1000 + k)
     x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
     close(op(x, w, None), reference(x, w, None), k)
     close(op(x, w, b), reference(x, w, b), k)
+
+
+def test_two_threads_split_the_weight_rows_anywhere(op):
+    """The intra-op pool hands each thread a range of weight rows that may start or end on an odd
+    row: the two-row blocks (4+ tokens, K >= 1024) then finish with a single-row one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(7)
+        for rows, n in ((8, 37), (5, 38), (16, 33)):
+            x, w = torch.randn(rows, 1024, generator=g), torch.randn(n, 1024, generator=g)
+            close(op(x, w, None), reference(x, w, None), 1024)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_leading_dims_and_strided_activations(op):
