@@ -95,7 +95,8 @@ class ExportedStep:
     """One static decode step for one (cache, span), compiled by AOTInductor (see the module note).
 
     ``step(tokens, positions, offset)`` returns the logits and writes the cache in place, like the
-    ``torch.compile``d step. Building it takes as long as compiling the step with inductor."""
+    ``torch.compile``d step. Building it costs more than ``torch.compile``'s first call (small preset:
+    28 s against 18-21 s) and is not cached across processes."""
 
     def __init__(self, model: CausalLM, cache: StaticKVCache, span: int | None) -> None:
         from torch._inductor import aoti_compile_and_package, aoti_load_package
