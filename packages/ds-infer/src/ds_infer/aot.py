@@ -59,6 +59,12 @@ def static_step(model: CausalLM, cache: StaticKVCache, tokens: Tensor, positions
     return model.compute_logits(hidden)
 
 
+def _hooked(root: nn.Module) -> list[str]:
+    """Modules with forward hooks: a hook may swap weights per call (ZeRO-Inference streaming), or
+    expect to run, and the library would do neither."""
+    return [name or "the model" for name, m in root.named_modules() if m._forward_pre_hooks or m._forward_hooks]
+
+
 def _state(model: CausalLM, cache: StaticKVCache) -> list[Tensor]:
     """The per-call tensors, in the library's input order after (tokens, positions, offset)."""
     rotary = getattr(model, "rotary", None)
@@ -101,8 +107,8 @@ class ExportedStep:
     def __init__(self, model: CausalLM, cache: StaticKVCache, span: int | None) -> None:
         from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-        hooked = [name or "the model" for name, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
-        if hooked:  # a hook may swap weights per call (ZeRO-Inference streaming): the library wouldn't see it
+        hooked = _hooked(model)
+        if hooked:
             raise NotExportable(f"modules with forward hooks: {', '.join(hooked[:4])}")
         traced = _Traced(model, cache, span)
         b = cache.batch
@@ -144,7 +150,7 @@ class ExportedStep:
         """True while every constant is still the model's tensor, over the same memory, reached
         through the same path (a replaced submodule counts), and no module has gained a hook."""
         root = self._root
-        if any(m._forward_pre_hooks or m._forward_hooks for m in root.modules()):
+        if _hooked(root):
             return False
         for path, attr, tensor, ptr in self._constants:
             try:
